@@ -1,0 +1,1 @@
+//! Dequantization of every supported block type (the plain reference).

@@ -1,0 +1,6 @@
+//! The op surface models are written against, and its implementations.
+
+pub mod cpu;
+mod dtype;
+
+pub use dtype::GgmlType;

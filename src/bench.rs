@@ -1,0 +1,1 @@
+//! zoe-llm bench.

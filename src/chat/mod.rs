@@ -1,0 +1,3 @@
+//! What every API dialect shares.
+
+pub mod template;

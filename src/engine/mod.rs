@@ -1,0 +1,4 @@
+//! Generation: sampling, detokenization, the loop.
+
+pub mod detokenizer;
+pub mod sampler;

@@ -1,0 +1,1 @@
+//! Model manifests, the models directory, pull.

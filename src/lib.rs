@@ -1,0 +1,17 @@
+//! zoe-llm: an LLM appliance for the Zoe home assistant.
+//!
+//! The crate is a library (everything testable lives here) plus the thin `zoe-llm` binary in
+//! `main.rs`. Module map (see docs/architecture.md for the data flow):
+//! - [`backend`]: the op surface models are written against, and its CPU implementation.
+//! - [`model`]: GGUF reading, model configs, the Llama-family decoder, tokenizers.
+//! - [`chat`]: chat-template rendering shared by every API dialect.
+//! - [`engine`]: sampling, incremental detokenization, the generation loop.
+//! - [`hub`]: model manifests, the models directory, `pull`.
+//! - [`bench`]: `zoe-llm bench`.
+
+pub mod backend;
+pub mod bench;
+pub mod chat;
+pub mod engine;
+pub mod hub;
+pub mod model;

@@ -1,6 +1,137 @@
 //! The op surface models are written against, and its implementations.
+//!
+//! A model (see `model::llama`) is written once over [`Backend`]; each backend decides how tensors
+//! live (host `Vec<f32>` on the CPU, device buffers on CUDA) and how each op runs. The op list is
+//! the subset a Llama-family decoder needs; an op is added only when a model needs it. The CPU
+//! backend is the oracle: every fast path (and later every CUDA kernel) is tested against the plain
+//! CPU loops in `cpu::reference`.
+//!
+//! Shapes: activations are row-major matrices `[rows, cols]`, one row per token. Weights are
+//! matrices `[out_features, in_features]` stored as GGUF stores them (rows of quantization blocks
+//! along `in_features`), so `linear` computes `y = x · Wᵀ`.
 
 pub mod cpu;
 mod dtype;
 
 pub use dtype::GgmlType;
+
+/// Why an op could not run. Shape mismatches are bugs in the model code and assert; this enum is
+/// for what depends on input data (weights from a file, a context that is full).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("weight '{name}': {reason}")]
+    BadWeight { name: String, reason: String },
+    #[error("out of memory allocating {what}: {bytes} bytes")]
+    OutOfMemory { what: String, bytes: usize },
+}
+
+/// How rotary position embedding pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// HF "rotate half": dimension `i` is paired with `i + head_dim/2` (Llama, Qwen2 in HF layout).
+    Neox,
+    /// GPT-J / Meta original: dimension `2i` is paired with `2i+1` (GGUF `llama` rows as stored).
+    Norm,
+}
+
+/// The rotary table of one model: per-frequency inverse wavelengths already adjusted for any
+/// scaling type (llama3, GGUF `rope_freqs`), so every backend applies `angle = pos · inv_freq[i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub head_dim: usize,
+    /// `head_dim / 2` entries.
+    pub inv_freq: Vec<f32>,
+}
+
+/// Where a token's K and V rows live in the cache, and which cached positions a query row sees.
+///
+/// One `AttnSeq` per sequence in the batch. Query rows `q_rows` of the batch belong to the last
+/// `q_rows.len()` positions of the sequence; `slots[p]` is the cache slot holding position `p`
+/// for `p < slots.len()` (the context length including the new tokens). A contiguous cache passes
+/// `0..len`; a paged cache passes slots computed from its block table.
+#[derive(Clone, Debug)]
+pub struct AttnSeq<'a> {
+    pub q_rows: std::ops::Range<usize>,
+    pub slots: &'a [u32],
+}
+
+/// Column layout of a fused QKV activation `[tokens, (n_heads + 2·n_kv_heads) · head_dim]`:
+/// q heads first, then k heads, then v heads (how `model::llama` fuses the projections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QkvLayout {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvLayout {
+    pub fn q_cols(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_cols(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    pub fn k_offset(&self) -> usize {
+        self.q_cols()
+    }
+    pub fn v_offset(&self) -> usize {
+        self.q_cols() + self.kv_cols()
+    }
+    pub fn total_cols(&self) -> usize {
+        self.q_cols() + 2 * self.kv_cols()
+    }
+}
+
+/// The ops a Llama-family decoder needs. Every method is infallible for well-shaped inputs:
+/// shapes are the caller's invariant (asserted), data-dependent failures surface at load time.
+pub trait Backend: Send + Sync + 'static {
+    /// An activation matrix (f32 semantics).
+    type Tensor: Send + Sync;
+    /// A weight matrix in its storage type (quantized blocks or floats).
+    type Weight: Send + Sync;
+    /// K and V storage of one layer: `slots` rows of `kv_cols` values each.
+    type KvLayer: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    /// Runs `f` where this backend's ops are cheapest to call (the CPU backend enters its thread
+    /// pool once per forward pass instead of once per op).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
+    // Memory.
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// A weight `[rows, cols]` from raw bytes in `dtype` (GGUF row layout).
+    fn weight(&self, name: &str, dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self::Weight, BackendError>;
+    fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<Self::KvLayer, BackendError>;
+
+    // Ops.
+    /// `out[i] = table[ids[i]]`; `out` is `[ids.len(), table.cols]`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor);
+    /// `out[:, col0..col0+m] = x · wᵀ` (+ `bias` per column); `x: [n, k]`, `w: [m, k]`,
+    /// `out: [n, ≥ col0+m]`. Writing at a column offset lets a layer whose projections cannot be
+    /// fused into one matrix (different storage types) still produce one fused activation.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Tensor>, out: &mut Self::Tensor, col0: usize);
+    /// `out = x / rms(x) · weight` per row, computed in f32 (HF order: normalize, then scale).
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32, out: &mut Self::Tensor);
+    /// Fused residual step: `residual += x; out = rms_norm(residual)`.
+    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Tensor, eps: f32, out: &mut Self::Tensor);
+    /// `acc += x`.
+    fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor);
+    /// Rotates the first `n_heads` heads of every row of `x` in place; row `r` is at `positions[r]`.
+    fn rope(&self, x: &mut Self::Tensor, n_heads: usize, positions: &[u32], rope: &Rope);
+    /// `out = silu(gu[:, :h]) * gu[:, h:]` where `gu` is the fused gate|up activation `[n, 2h]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor);
+    /// Stores the K and V columns of `qkv` row `r` into cache slot `slots[r]`.
+    fn write_kv(&self, kv: (&mut Self::KvLayer, &mut Self::KvLayer), qkv: &Self::Tensor, layout: QkvLayout, slots: &[u32]);
+    /// Causal grouped-query attention of the q columns of `qkv` over the cache, scale 1/sqrt(d),
+    /// softmax in f32. `out` is `[rows, n_heads·head_dim]`.
+    fn attention(&self, qkv: &Self::Tensor, kv: (&Self::KvLayer, &Self::KvLayer), layout: QkvLayout, seqs: &[AttnSeq<'_>], out: &mut Self::Tensor);
+    /// `out[i] = x[rows[i]]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+}

@@ -1,4 +1,7 @@
 //! Model formats, configs, tokenizers and the architectures written over the backend ops.
 
+pub mod config;
+pub mod kv_cache;
+pub mod llama;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,196 @@
+//! One normalized `ModelConfig` for every Llama-family checkpoint, from GGUF metadata (and, with
+//! the AWQ issue, from HF config.json), plus the rotary table the weights require.
+
+use crate::backend::{Rope, RopeStyle};
+use crate::model::weights::{GgufError, GgufFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown architecture '{0}' (supported: llama, qwen2)")]
+    UnknownArchitecture(String),
+    #[error("model config: {0}")]
+    Invalid(String),
+    #[error("unsupported rope scaling type '{0}' (supported: none, linear, llama3)")]
+    UnsupportedRopeScaling(String),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama and its relatives (SmolLM2, Mistral-style GQA): no attention bias.
+    Llama,
+    /// Qwen2 / Qwen2.5: q, k, v biases.
+    Qwen2,
+}
+
+/// How inverse frequencies are adjusted for long context.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (equivalently every frequency).
+    Linear { factor: f32 },
+    /// Llama 3.x: long wavelengths divided by `factor`, a smooth blend between
+    /// `original_max / low_freq_factor` and `original_max / high_freq_factor`
+    /// (transformers `_compute_llama3_parameters`).
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    /// Per-frequency divisors read from the checkpoint (GGUF `rope_freqs.weight`).
+    Divisors(Vec<f32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+}
+
+impl ModelConfig {
+    /// Reads `<arch>.*` hyper-parameters. Tensor-dependent facts (tied head, biases, rope
+    /// divisors) are filled from the tensor list.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, ConfigError> {
+        let arch_name = f.get_str("general.architecture")?;
+        let architecture = match arch_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => return Err(ConfigError::UnknownArchitecture(other.into())),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let int = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
+        let hidden_size = int("embedding_length")?;
+        let n_heads = int("attention.head_count")?;
+        let n_kv_heads = if f.get(&key("attention.head_count_kv")).is_some() { int("attention.head_count_kv")? } else { n_heads };
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(ConfigError::Invalid(format!("{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads")));
+        }
+        let head_dim = match f.get(&key("attention.key_length")) {
+            Some(_) => int("attention.key_length")?,
+            None => hidden_size / n_heads,
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(ConfigError::Invalid(format!("head dimension {head_dim} must be even and positive")));
+        }
+        let vocab_size = match f.get(&key("vocab_size")) {
+            Some(_) => int("vocab_size")?,
+            None => f.get_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let rope_scaling = match f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => match f.tensor("rope_freqs.weight") {
+                Some(t) => Self::rope_divisors(f, t, head_dim)?,
+                None => RopeScaling::None,
+            },
+            Some("linear") => RopeScaling::Linear { factor: f.get_f64(&key("rope.scaling.factor"))? as f32 },
+            Some(other) => return Err(ConfigError::UnsupportedRopeScaling(other.into())),
+        };
+        let has = |name: &str| f.tensor(name).is_some();
+        Ok(Self {
+            architecture,
+            hidden_size,
+            n_layers: int("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            intermediate_size: int("feed_forward_length")?,
+            vocab_size,
+            context_length: int("context_length")?,
+            rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
+            rope_theta: match f.get(&key("rope.freq_base")) {
+                Some(_) => f.get_f64(&key("rope.freq_base"))? as f32,
+                None => 10000.0,
+            },
+            rope_scaling,
+            tie_word_embeddings: !has("output.weight"),
+            qkv_bias: has("blk.0.attn_q.bias"),
+        })
+    }
+
+    fn rope_divisors(f: &GgufFile, t: &crate::model::weights::TensorInfo, head_dim: usize) -> Result<RopeScaling, ConfigError> {
+        if t.dtype != crate::backend::GgmlType::F32 || t.n_elements() as usize != head_dim / 2 {
+            return Err(ConfigError::Invalid(format!("rope_freqs.weight must be {} F32 values", head_dim / 2)));
+        }
+        let v = f.tensor_data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(RopeScaling::Divisors(v))
+    }
+
+    /// The rotary table: `inv_freq[i] = theta^(−2i/d)` in f32, then the scaling adjustment.
+    pub fn rope(&self, style: RopeStyle) -> Rope {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d / 2).map(|i| self.rope_theta.powf(-((2 * i) as f32) / d as f32)).collect();
+        let inv_freq = match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Divisors(div) => base.iter().zip(div).map(|(f, d)| f / d).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let low_wl = original_max_position / low_freq_factor;
+                let high_wl = original_max_position / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wl {
+                            f
+                        } else if wavelen > low_wl {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Rope { style, head_dim: d, inv_freq }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama32() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            hidden_size: 3072,
+            n_layers: 28,
+            n_heads: 24,
+            n_kv_heads: 8,
+            head_dim: 128,
+            intermediate_size: 8192,
+            vocab_size: 128256,
+            context_length: 131072,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_scaling: RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192.0 },
+            tie_word_embeddings: true,
+            qkv_bias: false,
+        }
+    }
+
+    /// The llama3 rule for d=128, theta=5e5, factor 32 (model-formats.md 2.2): i ≤ 28 unchanged,
+    /// 29..=34 smoothed (i = 30 divided by about 1.651), i ≥ 35 divided by 32.
+    #[test]
+    fn llama3_scaling_matches_the_published_rule() {
+        let cfg = llama32();
+        let scaled = cfg.rope(RopeStyle::Neox).inv_freq;
+        let plain = ModelConfig { rope_scaling: RopeScaling::None, ..cfg }.rope(RopeStyle::Neox).inv_freq;
+        for i in 0..64 {
+            let ratio = plain[i] / scaled[i];
+            match i {
+                0..=28 => assert_eq!(ratio, 1.0, "i={i}"),
+                29..=34 => assert!(ratio > 1.0 && ratio < 32.0, "i={i}: {ratio}"),
+                _ => assert!((ratio - 32.0).abs() < 1e-3, "i={i}: {ratio}"),
+            }
+        }
+        assert!((plain[30] / scaled[30] - 1.651).abs() < 0.01, "{}", plain[30] / scaled[30]);
+    }
+}

@@ -1,0 +1,292 @@
+//! The Llama-family decoder (Llama, SmolLM2, Qwen2), written once over [`Backend`] ops.
+//!
+//! Per layer: `a = RMSNorm(h)`; fused `qkv = a·[Wq;Wk;Wv]ᵀ (+bias)`; RoPE on the q and k heads;
+//! K/V to the cache; causal GQA attention; `h += o(attn)`; `m = RMSNorm(h)`;
+//! `h += down(silu(gate(m)) · up(m))`. Then the final norm and the (possibly tied) head.
+//!
+//! Differences between checkpoints are config, not code: attention biases (Qwen2), tied head
+//! (SmolLM2, Llama 3.2), rope base and scaling. GGUF `llama` files store q/k rows permuted for
+//! GPT-J-style rope (convert_hf_to_gguf `permute`); we undo that at load so every checkpoint uses
+//! HF's rotate-half convention and one rope kernel.
+
+use crate::backend::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
+use crate::model::config::{Architecture, ConfigError, ModelConfig};
+use crate::model::kv_cache::{KvCache, KvError};
+use crate::model::weights::{GgufFile, TensorInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("tensor '{0}' is missing from the model file")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("empty input: at least one token is needed")]
+    Empty,
+}
+
+/// A projection whose output is one activation. Usually one matrix (q|k|v or gate|up rows fused
+/// at load); parts of different storage types stay separate and write at column offsets.
+pub struct Linear<B: Backend> {
+    parts: Vec<(B::Weight, Option<B::Tensor>, usize)>,
+    out_features: usize,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> B::Tensor {
+        let (n, _) = be.shape(x);
+        let mut out = be.zeros(n, self.out_features);
+        for (w, b, col0) in &self.parts {
+            be.linear(x, w, b.as_ref(), &mut out, *col0);
+        }
+        out
+    }
+}
+
+struct Layer<B: Backend> {
+    attn_norm: B::Tensor,
+    qkv: Linear<B>,
+    o: Linear<B>,
+    ffn_norm: B::Tensor,
+    gate_up: Linear<B>,
+    down: Linear<B>,
+}
+
+pub struct Llama<B: Backend> {
+    pub config: ModelConfig,
+    rope: Rope,
+    layout: QkvLayout,
+    embed: B::Weight,
+    /// `None` when the head is tied to the embedding.
+    head: Option<B::Weight>,
+    final_norm: B::Tensor,
+    layers: Vec<Layer<B>>,
+}
+
+/// One raw tensor on its way to the backend: rows of `cols` elements.
+struct Raw {
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+}
+
+impl Raw {
+    fn row_bytes(&self) -> usize {
+        self.bytes.len() / self.rows
+    }
+
+    /// Undoes convert_hf_to_gguf's q/k permutation: within each head, GGUF row 2i is HF row i and
+    /// GGUF row 2i+1 is HF row i + d/2. Rows move whole, so quantized rows need no decoding.
+    fn unpermute_heads(&mut self, head_dim: usize) {
+        let rb = self.row_bytes();
+        let mut out = vec![0u8; self.bytes.len()];
+        for h in 0..self.rows / head_dim {
+            for i in 0..head_dim / 2 {
+                for (src, dst) in [(2 * i, i), (2 * i + 1, i + head_dim / 2)] {
+                    let (s, d) = ((h * head_dim + src) * rb, (h * head_dim + dst) * rb);
+                    out[d..d + rb].copy_from_slice(&self.bytes[s..s + rb]);
+                }
+            }
+        }
+        self.bytes = out;
+    }
+}
+
+fn read_f32(dtype: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    crate::backend::cpu::blocks::dequantize_row(dtype, bytes, &mut v);
+    v
+}
+
+struct Loader<'a, B: Backend> {
+    file: &'a GgufFile,
+    be: &'a B,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
+        self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))
+    }
+
+    fn raw(&self, name: &str, rows: usize, cols: usize) -> Result<Raw, ModelError> {
+        let t = self.info(name)?;
+        let (r, c) = t.rows_cols();
+        if (r, c) != (rows, cols) || t.dims.len() > 2 {
+            return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![cols as u64, rows as u64] });
+        }
+        Ok(Raw { dtype: t.dtype, rows, cols, bytes: self.file.tensor_data(t).to_vec() })
+    }
+
+    /// A 1-D tensor (norm weight, bias) as f32 on the backend.
+    fn vector(&self, name: &str, n: usize) -> Result<B::Tensor, ModelError> {
+        let t = self.info(name)?;
+        if t.n_elements() as usize != n || t.dims.len() != 1 {
+            return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] });
+        }
+        Ok(self.be.upload(&read_f32(t.dtype, self.file.tensor_data(t), n), 1, n))
+    }
+
+    fn weight(&self, name: &str, raw: &Raw) -> Result<B::Weight, ModelError> {
+        Ok(self.be.weight(name, raw.dtype, raw.rows, raw.cols, &raw.bytes)?)
+    }
+
+    /// Builds one Linear from parts stacked along the output dimension, fusing runs of parts
+    /// that share a storage type into one matrix.
+    fn linear(&self, name: &str, parts: Vec<(Raw, Option<Vec<f32>>)>) -> Result<Linear<B>, ModelError> {
+        let out_features = parts.iter().map(|(r, _)| r.rows).sum();
+        let mut fused: Vec<(Raw, Option<Vec<f32>>, usize)> = Vec::new();
+        let mut col0 = 0;
+        let any_bias = parts.iter().any(|(_, b)| b.is_some());
+        for (raw, bias) in parts {
+            let bias = if any_bias { Some(bias.unwrap_or_else(|| vec![0.0; raw.rows])) } else { None };
+            let rows = raw.rows;
+            match fused.last_mut() {
+                Some((prev, pb, _)) if prev.dtype == raw.dtype && prev.cols == raw.cols => {
+                    prev.bytes.extend_from_slice(&raw.bytes);
+                    prev.rows += raw.rows;
+                    if let (Some(pb), Some(b)) = (pb.as_mut(), bias) {
+                        pb.extend(b);
+                    }
+                }
+                _ => fused.push((raw, bias, col0)),
+            }
+            col0 += rows;
+        }
+        let parts = fused
+            .into_iter()
+            .map(|(raw, bias, col0)| {
+                let b = bias.map(|b| self.be.upload(&b, 1, b.len()));
+                Ok((self.weight(name, &raw)?, b, col0))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Linear { parts, out_features })
+    }
+
+    fn bias(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        match self.file.tensor(name) {
+            None => Ok(None),
+            Some(t) if t.n_elements() as usize == n => Ok(Some(read_f32(t.dtype, self.file.tensor_data(t), n))),
+            Some(t) => Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] }),
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads a GGUF `llama` or `qwen2` checkpoint onto the backend.
+    pub fn from_gguf(file: &GgufFile, be: &B) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_gguf(file)?;
+        let ld = Loader { file, be };
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let layout = QkvLayout { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: d };
+        let permuted = cfg.architecture == Architecture::Llama;
+
+        let embed = ld.raw("token_embd.weight", cfg.vocab_size, h)?;
+        let head = if cfg.tie_word_embeddings { None } else { Some(ld.raw("output.weight", cfg.vocab_size, h)?) };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            let mut q = ld.raw(&p("attn_q.weight"), layout.q_cols(), h)?;
+            let mut k = ld.raw(&p("attn_k.weight"), layout.kv_cols(), h)?;
+            let v = ld.raw(&p("attn_v.weight"), layout.kv_cols(), h)?;
+            let mut qb = ld.bias(&p("attn_q.bias"), layout.q_cols())?;
+            let mut kb = ld.bias(&p("attn_k.bias"), layout.kv_cols())?;
+            let vb = ld.bias(&p("attn_v.bias"), layout.kv_cols())?;
+            if permuted {
+                q.unpermute_heads(d);
+                k.unpermute_heads(d);
+                for b in [qb.as_mut(), kb.as_mut()].into_iter().flatten() {
+                    let mut raw = Raw { dtype: GgmlType::F32, rows: b.len(), cols: 1, bytes: b.iter().flat_map(|v| v.to_le_bytes()).collect() };
+                    raw.unpermute_heads(d);
+                    *b = read_f32(GgmlType::F32, &raw.bytes, b.len());
+                }
+            }
+            let gate = ld.raw(&p("ffn_gate.weight"), cfg.intermediate_size, h)?;
+            let up = ld.raw(&p("ffn_up.weight"), cfg.intermediate_size, h)?;
+            layers.push(Layer {
+                attn_norm: ld.vector(&p("attn_norm.weight"), h)?,
+                qkv: ld.linear(&p("attn_qkv"), vec![(q, qb), (k, kb), (v, vb)])?,
+                o: ld.linear(&p("attn_output.weight"), vec![(ld.raw(&p("attn_output.weight"), h, layout.q_cols())?, None)])?,
+                ffn_norm: ld.vector(&p("ffn_norm.weight"), h)?,
+                gate_up: ld.linear(&p("ffn_gate_up"), vec![(gate, None), (up, None)])?,
+                down: ld.linear(&p("ffn_down.weight"), vec![(ld.raw(&p("ffn_down.weight"), h, cfg.intermediate_size)?, None)])?,
+            });
+        }
+        Ok(Self {
+            rope: cfg.rope(RopeStyle::Neox),
+            layout,
+            embed: ld.weight("token_embd.weight", &embed)?,
+            head: head.map(|raw| ld.weight("output.weight", &raw)).transpose()?,
+            final_norm: ld.vector("output_norm.weight", h)?,
+            layers,
+            config: cfg,
+        })
+    }
+
+    pub fn layout(&self) -> QkvLayout {
+        self.layout
+    }
+
+    /// Runs `tokens` (the next positions of the sequence in `cache`) and returns the logits of
+    /// the last token (`vocab_size` values). With `all_logits`, returns logits of every token,
+    /// row after row (for tests and scoring).
+    pub fn forward<C: KvCache<B> + Send + ?Sized>(&self, be: &B, tokens: &[u32], cache: &mut C, all_logits: bool) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Empty);
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
+        }
+        let first = cache.len();
+        let new_slots = cache.append(tokens.len())?;
+        let slots = cache.slots().to_vec();
+        let positions: Vec<u32> = (first as u32..(first + tokens.len()) as u32).collect();
+        let n = tokens.len();
+        Ok(be.run(|| {
+            let cfg = &self.config;
+            let eps = cfg.rms_norm_eps;
+            let seqs = [AttnSeq { q_rows: 0..n, slots: &slots }];
+            let mut h = be.zeros(n, cfg.hidden_size);
+            be.embedding(&self.embed, tokens, &mut h);
+            let mut normed = be.zeros(n, cfg.hidden_size);
+            let mut attn = be.zeros(n, self.layout.q_cols());
+            let mut act = be.zeros(n, cfg.intermediate_size);
+            // `pending` is the previous block's output, added to the residual by the next fused
+            // add+norm (saves one pass over h per block).
+            let mut pending: Option<B::Tensor> = None;
+            for (l, layer) in self.layers.iter().enumerate() {
+                match pending.take() {
+                    None => be.rms_norm(&h, &layer.attn_norm, eps, &mut normed),
+                    Some(p) => be.add_rms_norm(&mut h, &p, &layer.attn_norm, eps, &mut normed),
+                }
+                let mut qkv = layer.qkv.forward(be, &normed);
+                be.rope(&mut qkv, self.layout.n_heads + self.layout.n_kv_heads, &positions, &self.rope);
+                let (kc, vc) = cache.layer(l);
+                be.write_kv((&mut *kc, &mut *vc), &qkv, self.layout, &new_slots);
+                be.attention(&qkv, (&*kc, &*vc), self.layout, &seqs, &mut attn);
+                let o = layer.o.forward(be, &attn);
+                be.add_rms_norm(&mut h, &o, &layer.ffn_norm, eps, &mut normed);
+                let gu = layer.gate_up.forward(be, &normed);
+                be.silu_mul(&gu, &mut act);
+                pending = Some(layer.down.forward(be, &act));
+            }
+            if let Some(p) = pending {
+                be.add(&mut h, &p);
+            }
+            let rows: Vec<usize> = if all_logits { (0..n).collect() } else { vec![n - 1] };
+            let last = be.gather_rows(&h, &rows);
+            let mut normed = be.zeros(rows.len(), cfg.hidden_size);
+            be.rms_norm(&last, &self.final_norm, eps, &mut normed);
+            let mut logits = be.zeros(rows.len(), cfg.vocab_size);
+            be.linear(&normed, self.head.as_ref().unwrap_or(&self.embed), None, &mut logits, 0);
+            be.download(&logits)
+        }))
+    }
+}

@@ -6,10 +6,12 @@
 //! tensor data, each tensor at data_start + offset. Strings are u64 length + UTF-8 bytes.
 //! v1 used u32 counts and lengths; it is refused (no v1 files exist in the wild any more).
 //!
-//! Every length read from the file is checked against the bytes that remain before anything is
-//! allocated, so a corrupt or truncated file is an error naming what was being read, never a panic
-//! or a huge allocation.
+//! Every length and count read from the file is checked against the bytes that remain before
+//! anything is allocated, so a corrupt or truncated file is an error naming what was being read,
+//! never a panic or a huge allocation. A count too large for the rest of the file is reported as
+//! `Truncated` (a file cut short and a corrupt count are indistinguishable here).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::ops::Deref;
@@ -204,13 +206,17 @@ impl GgufFile {
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
-        // Each kv needs at least 8 (key len) + 4 (type) + 1 bytes; each tensor info at least 8+4+4+8.
+        // Each kv needs at least 8 (key len) + 4 (type) + 1 bytes.
         r.check_count(n_kv, 13, "metadata entries")?;
-        r.check_count(n_tensors, 24, "tensor infos")?;
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
+        let mut keys = HashSet::with_capacity(n_kv as usize);
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;
+            // A second value for a key would make `get` silently pick one; ggml refuses too.
+            if !keys.insert(key.clone()) {
+                return Err(GgufError::Corrupt(format!("duplicate metadata key '{key}'")));
+            }
             let ty = r.u32(&format!("type of '{key}'"))?;
             let value = r.value(ty, &key, 0)?;
             metadata.push((key, value));
@@ -224,6 +230,9 @@ impl GgufFile {
             },
         };
 
+        // Each tensor info needs at least 8 (name len) + 4 (n_dims) + 8 (one dim) + 4 (type) + 8
+        // (offset); checked here, after the metadata, so a cut inside the metadata is reported there.
+        r.check_count(n_tensors, 32, "tensor infos")?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         for i in 0..n_tensors {
             let name = r.string(&format!("name of tensor {i}"))?;
@@ -270,15 +279,17 @@ impl GgufFile {
                 _ => {
                     return Err(GgufError::Truncated {
                         what: format!("data of tensor '{}'", t.name),
-                        offset: (data_start + t.offset) as usize,
+                        // Saturating: `offset` comes from the file and may be near u64::MAX.
+                        offset: data_start.saturating_add(t.offset) as usize,
                         needed: bytes.unwrap_or(u64::MAX),
                         len: len as usize,
                     })
                 }
             }
         }
-        if tensors.iter().enumerate().any(|(i, t)| tensors[..i].iter().any(|u| u.name == t.name)) {
-            return Err(GgufError::Corrupt("duplicate tensor name".into()));
+        let mut names = HashSet::with_capacity(tensors.len());
+        if let Some(dup) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+            return Err(GgufError::Corrupt(format!("duplicate tensor name '{}'", dup.name)));
         }
 
         Ok(Self { version, metadata, tensors, alignment, data_start: data_start as usize, storage })
@@ -357,6 +368,19 @@ impl GgufFile {
     }
 }
 
+/// The smallest encoding of one metadata value of type `ty` (a string is at least its u64
+/// length, an array its u32 type and u64 count); `None` for unknown types.
+fn min_value_bytes(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
 fn align(x: u64, a: u64) -> u64 {
     x + (a - x % a) % a
 }
@@ -377,14 +401,18 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    /// Rejects counts that could not possibly fit in the rest of the file before allocating.
+    /// Rejects counts that could not possibly fit in the rest of the file before allocating, so
+    /// a `Vec::with_capacity(count)` afterwards is bounded by the file size.
     fn check_count(&self, count: u64, min_bytes_each: u64, what: &str) -> Result<()> {
         let remaining = (self.buf.len() - self.pos) as u64;
-        if count.saturating_mul(min_bytes_each) > remaining {
-            return Err(GgufError::Corrupt(format!(
-                "{count} {what} cannot fit in the {remaining} bytes left at offset {}",
-                self.pos
-            )));
+        let needed = count.saturating_mul(min_bytes_each);
+        if needed > remaining {
+            return Err(GgufError::Truncated {
+                what: format!("{count} {what} (at least {min_bytes_each} bytes each)"),
+                offset: self.pos,
+                needed,
+                len: self.buf.len(),
+            });
         }
         Ok(())
     }
@@ -427,8 +455,11 @@ impl<'a> Reader<'a> {
                     return Err(GgufError::Corrupt(format!("arrays nested deeper than 8 in '{key}'")));
                 }
                 let elem = self.u32(key)?;
+                // Checked before the count so an empty array cannot hide a bogus element type.
+                let min_bytes = min_value_bytes(elem)
+                    .ok_or_else(|| GgufError::Corrupt(format!("unknown metadata value type {elem} for '{key}'")))?;
                 let n = self.u64(key)?;
-                self.check_count(n, 1, &format!("elements of array '{key}'"))?;
+                self.check_count(n, min_bytes, &format!("elements of array '{key}'"))?;
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     items.push(self.value(elem, key, depth + 1)?);

@@ -227,3 +227,168 @@ fn spm_decode_token_bytes_and_specials_match_llama_cpp() {
     assert_eq!(tok.bos_token(), Some("<s>"));
     assert_eq!(tok.eos_token(), Some("</s>"));
 }
+
+/// Goldens for the small byte-level BPE fixtures (tests/fixtures/make_bpe_fixtures.py).
+#[derive(Deserialize)]
+struct BpeGoldens {
+    gguf: std::collections::BTreeMap<String, BpeGguf>,
+    tokenizer_json: std::collections::BTreeMap<String, BpeJson>,
+}
+
+#[derive(Deserialize)]
+struct BpeGguf {
+    add_bos: bool,
+    eos: u32,
+    eog_ids: Vec<u32>,
+    encode: Vec<EncodeCase>,
+}
+
+#[derive(Deserialize)]
+struct BpeJson {
+    encode: Vec<EncodeCase>,
+    decode: Vec<DecodeCase>,
+}
+
+fn bpe_goldens() -> BpeGoldens {
+    let path = fixtures().join("bpe_tiny/goldens.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn encode_failures(tok: &Tokenizer, cases: &[EncodeCase], label: &str) -> Vec<String> {
+    cases
+        .iter()
+        .filter_map(|case| {
+            let got = tok.encode(&case.text, case.parse_special).expect("encode");
+            (got != case.ids).then(|| {
+                format!(
+                    "{label}: text {:?} parse_special={}:\n  expected {:?}\n  got      {:?}",
+                    case.text, case.parse_special, case.ids, got
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_gguf_pre_tokenizer_matches_llama_cpp() {
+    let g = bpe_goldens();
+    let expected = ["default", "gpt-2", "llama-bpe", "qwen2", "smollm"];
+    assert_eq!(
+        g.gguf.keys().map(String::as_str).collect::<Vec<_>>(),
+        expected
+    );
+    let mut failures = Vec::new();
+    for (pre, golden) in &g.gguf {
+        let tok = load(&fixtures().join(format!("bpe_tiny/{pre}.gguf")));
+        assert_eq!(tok.add_bos(), golden.add_bos, "{pre}: add_bos");
+        assert_eq!(tok.eos_ids().first(), Some(&golden.eos), "{pre}: EOS first");
+        let mut eog = tok.eos_ids().to_vec();
+        eog.sort_unstable();
+        assert_eq!(eog, golden.eog_ids, "{pre}: end-of-generation ids");
+        failures.extend(encode_failures(&tok, &golden.encode, pre));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn tokenizer_json_matches_hf_tokenizers() {
+    let g = bpe_goldens();
+    let mut failures = Vec::new();
+    for (style, golden) in &g.tokenizer_json {
+        let dir = fixtures().join("bpe_tiny").join(style);
+        let tok = Tokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            Some(&dir.join("tokenizer_config.json")),
+        )
+        .unwrap_or_else(|e| panic!("{style}: {e}"));
+        assert_eq!(tok.family(), TokenizerFamily::ByteLevelBpe, "{style}");
+        failures.extend(encode_failures(&tok, &golden.encode, style));
+        for case in &golden.decode {
+            let got = tok.decode(&case.ids, case.skip_special);
+            if got != case.text {
+                failures.push(format!(
+                    "{style}: decode {:?} skip={}: expected {:?}, got {:?}",
+                    case.ids, case.skip_special, case.text, got
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn tokenizer_config_supplies_tokens_bos_policy_and_template() {
+    let dir = fixtures().join("bpe_tiny/llama3-style");
+    let llama = Tokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        Some(&dir.join("tokenizer_config.json")),
+    )
+    .unwrap();
+    assert_eq!(llama.bos_token(), Some("<|begin_of_text|>"));
+    assert_eq!(llama.bos_id(), llama.token_id("<|begin_of_text|>"));
+    assert_eq!(llama.eos_token(), Some("<|eot_id|>"));
+    assert!(llama.add_bos(), "the post-processor prepends BOS");
+    let want = std::fs::read_to_string(fixtures().join("chat_templates/llama-3.2-instruct.jinja"))
+        .unwrap();
+    assert_eq!(llama.chat_template(), Some(want.as_str()));
+    let eot = llama.token_id("<|eot_id|>").unwrap();
+    let end = llama.token_id("<|end_of_text|>").unwrap();
+    assert_eq!(
+        llama.eos_ids(),
+        [eot, end],
+        "EOS first, then the other end-of-generation specials"
+    );
+    assert!(llama.is_special(eot));
+    let tool_call = llama.token_id("<tool_call>").unwrap();
+    assert!(!llama.is_special(tool_call), "user-defined tokens are text");
+    assert_eq!(llama.decode(&[tool_call, eot], true), "<tool_call>");
+
+    let dir = fixtures().join("bpe_tiny/qwen2-style");
+    let qwen = Tokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        Some(&dir.join("tokenizer_config.json")),
+    )
+    .unwrap();
+    assert_eq!(qwen.bos_token(), None);
+    assert!(!qwen.add_bos());
+    assert_eq!(
+        qwen.eos_token(),
+        Some("<|eot_id|>"),
+        "the {{content: …}} spelling"
+    );
+    let want =
+        std::fs::read_to_string(fixtures().join("chat_templates/qwen2.5-instruct.jinja")).unwrap();
+    assert_eq!(
+        qwen.chat_template(),
+        Some(want.as_str()),
+        "the 'default' entry of a template list"
+    );
+
+    // Without a config there is no template and no BOS string, but the vocabulary still works.
+    let bare = Tokenizer::from_file(&dir.join("tokenizer.json"), None).unwrap();
+    assert_eq!(bare.chat_template(), None);
+    assert_eq!(
+        bare.encode("Hello", false).unwrap(),
+        qwen.encode("Hello", false).unwrap()
+    );
+}
+
+#[test]
+fn bad_tokenizer_files_are_errors() {
+    let missing = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"), None).unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/tokenizer.json"),
+        "{missing}"
+    );
+    let garbage = Tokenizer::from_json_bytes(b"{not json", None).unwrap_err();
+    assert!(garbage.to_string().contains("tokenizer.json"), "{garbage}");
+    let dir = fixtures().join("bpe_tiny/qwen2-style");
+    let json = std::fs::read(dir.join("tokenizer.json")).unwrap();
+    let bad_config =
+        Tokenizer::from_json_bytes(&json, Some(br#"{"chat_template": 5}"#)).unwrap_err();
+    assert!(
+        bad_config.to_string().contains("chat_template"),
+        "{bad_config}"
+    );
+}

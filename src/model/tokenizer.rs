@@ -259,7 +259,8 @@ impl Tokenizer {
         self.kinds.get(id as usize).is_some_and(|k| k.is_special())
     }
 
-    /// The text of a special token (`<|im_end|>`), or `None` for ordinary and unknown ids.
+    /// The text of a special token (`<|im_end|>`), or `None` for ordinary tokens and ids outside
+    /// the vocabulary.
     pub fn special_token_text(&self, id: u32) -> Option<&str> {
         self.is_special(id)
             .then(|| self.texts[id as usize].as_str())
@@ -470,6 +471,14 @@ fn spm_piece(text: &str, kind: TokenKind) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine shares one tokenizer between the HTTP side and the engine thread.
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<crate::chat::ChatTemplate>();
+    }
 
     #[test]
     fn gpt2_byte_table_matches_known_points() {

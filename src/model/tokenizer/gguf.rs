@@ -377,3 +377,163 @@ fn build_spm(
         .map_err(backend)?;
     Ok(tok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tokenizer::Tokenizer;
+
+    /// Metadata values for the in-memory GGUF writer below.
+    enum Kv {
+        Str(&'static str),
+        Strs(Vec<&'static str>),
+        I32s(Vec<i32>),
+        U32(u32),
+        Bool(bool),
+    }
+
+    /// A GGUF v3 file with the given metadata and no tensors (layout: ggml docs/gguf.md).
+    fn gguf(kvs: &[(&str, Kv)]) -> GgufFile {
+        fn s(out: &mut Vec<u8>, v: &str) {
+            out.extend((v.len() as u64).to_le_bytes());
+            out.extend(v.as_bytes());
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        out.extend((kvs.len() as u64).to_le_bytes());
+        for (key, v) in kvs {
+            s(&mut out, key);
+            match v {
+                Kv::Str(v) => {
+                    out.extend(8u32.to_le_bytes());
+                    s(&mut out, v);
+                }
+                Kv::Strs(vs) => {
+                    out.extend(9u32.to_le_bytes());
+                    out.extend(8u32.to_le_bytes());
+                    out.extend((vs.len() as u64).to_le_bytes());
+                    vs.iter().for_each(|v| s(&mut out, v));
+                }
+                Kv::I32s(vs) => {
+                    out.extend(9u32.to_le_bytes());
+                    out.extend(5u32.to_le_bytes());
+                    out.extend((vs.len() as u64).to_le_bytes());
+                    vs.iter().for_each(|v| out.extend(v.to_le_bytes()));
+                }
+                Kv::U32(v) => {
+                    out.extend(4u32.to_le_bytes());
+                    out.extend(v.to_le_bytes());
+                }
+                Kv::Bool(v) => {
+                    out.extend(7u32.to_le_bytes());
+                    out.push(*v as u8);
+                }
+            }
+        }
+        GgufFile::from_bytes(out).expect("well-formed test GGUF")
+    }
+
+    /// A four-token byte-level vocabulary: a, b, ab (one merge) and a control token.
+    fn tiny(overrides: Vec<(&'static str, Kv)>) -> Result<Tokenizer> {
+        let mut kvs = vec![
+            ("tokenizer.ggml.model", Kv::Str("gpt2")),
+            ("tokenizer.ggml.pre", Kv::Str("gpt-2")),
+            (
+                "tokenizer.ggml.tokens",
+                Kv::Strs(vec!["a", "b", "ab", "<|eot|>"]),
+            ),
+            ("tokenizer.ggml.token_type", Kv::I32s(vec![1, 1, 1, 3])),
+            ("tokenizer.ggml.merges", Kv::Strs(vec!["a b"])),
+            ("tokenizer.ggml.eos_token_id", Kv::U32(3)),
+        ];
+        for (k, v) in overrides {
+            kvs.retain(|(key, _)| *key != k);
+            kvs.push((k, v));
+        }
+        Tokenizer::from_gguf(&gguf(&kvs))
+    }
+
+    fn err(overrides: Vec<(&'static str, Kv)>) -> String {
+        tiny(overrides).expect_err("should be rejected").to_string()
+    }
+
+    #[test]
+    fn tiny_vocabulary_works() {
+        let tok = tiny(vec![]).unwrap();
+        assert_eq!(tok.encode("abba", false).unwrap(), [2, 1, 0]);
+        assert_eq!(tok.encode("ab<|eot|>", true).unwrap(), [2, 3]);
+        // Unparsed, the control token is plain text whose characters are not in this vocabulary;
+        // like llama.cpp, characters without a token are dropped.
+        assert_eq!(tok.encode("<|eot|>", false).unwrap(), Vec::<u32>::new());
+        assert_eq!(tok.eos_ids(), [3]);
+        assert_eq!(tok.bos_id(), None);
+        assert!(!tok.add_bos());
+        assert_eq!(tok.chat_template(), None);
+    }
+
+    #[test]
+    fn unknown_models_and_pre_tokenizers_are_named() {
+        let e = err(vec![("tokenizer.ggml.model", Kv::Str("bert"))]);
+        assert!(e.contains("'bert'") && e.contains("gpt2, llama"), "{e}");
+        let e = err(vec![("tokenizer.ggml.pre", Kv::Str("tekken"))]);
+        assert!(e.contains("'tekken'") && e.contains("smollm"), "{e}");
+    }
+
+    #[test]
+    fn malformed_metadata_is_an_error() {
+        let e = err(vec![("tokenizer.ggml.tokens", Kv::I32s(vec![1, 2]))]);
+        assert!(e.contains("tokenizer.ggml.tokens"), "{e}");
+        let e = err(vec![(
+            "tokenizer.ggml.token_type",
+            Kv::I32s(vec![1, 1, 9, 3]),
+        )]);
+        assert!(e.contains("token 2") && e.contains('9'), "{e}");
+        let e = err(vec![("tokenizer.ggml.token_type", Kv::I32s(vec![1, 1]))]);
+        assert!(e.contains("2 entries for 4 tokens"), "{e}");
+        let e = err(vec![("tokenizer.ggml.merges", Kv::Strs(vec!["ab"]))]);
+        assert!(e.contains("merge 0"), "{e}");
+        let e = err(vec![("tokenizer.ggml.merges", Kv::Strs(vec!["a c"]))]);
+        assert!(e.contains("tokenizer.ggml.merges"), "{e}");
+        let e = err(vec![(
+            "tokenizer.ggml.tokens",
+            Kv::Strs(vec!["a", "b", "a", "<|eot|>"]),
+        )]);
+        assert!(e.contains("duplicate token"), "{e}");
+        let e = err(vec![("tokenizer.ggml.eos_token_id", Kv::U32(99))]);
+        assert!(e.contains("eos_token_id = 99"), "{e}");
+        let e = err(vec![("tokenizer.ggml.add_bos_token", Kv::Str("yes"))]);
+        assert!(e.contains("add_bos_token"), "{e}");
+        let e = err(vec![("tokenizer.ggml.tokens", Kv::Strs(vec![]))]);
+        assert!(e.contains("0 entries"), "{e}");
+        let missing =
+            Tokenizer::from_gguf(&gguf(&[("tokenizer.ggml.model", Kv::Str("gpt2"))])).unwrap_err();
+        assert!(
+            missing.to_string().contains("tokenizer.ggml.tokens"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn add_bos_follows_metadata_then_llama_cpp_defaults() {
+        assert!(tiny(vec![
+            ("tokenizer.ggml.pre", Kv::Str("llama-bpe")),
+            ("tokenizer.ggml.bos_token_id", Kv::U32(3))
+        ])
+        .unwrap()
+        .add_bos());
+        assert!(!tiny(vec![
+            ("tokenizer.ggml.pre", Kv::Str("llama-bpe")),
+            ("tokenizer.ggml.bos_token_id", Kv::U32(3)),
+            ("tokenizer.ggml.add_bos_token", Kv::Bool(false)),
+        ])
+        .unwrap()
+        .add_bos());
+        // Asking for BOS without a BOS id cannot add anything.
+        assert!(
+            !tiny(vec![("tokenizer.ggml.add_bos_token", Kv::Bool(true))])
+                .unwrap()
+                .add_bos()
+        );
+    }
+}

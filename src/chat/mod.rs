@@ -1,3 +1,6 @@
 //! What every API dialect shares.
 
+pub mod pyfmt;
 pub mod template;
+
+pub use template::{ChatTemplate, TemplateError};

@@ -73,3 +73,19 @@ fn greedy_tokens_and_logits_match_llama_cpp() {
     assert!(max_dlogit <= LOGIT_TOL, "first-step logits differ by {max_dlogit} > {LOGIT_TOL}");
     assert!(full_matches >= 4, "only {full_matches} of {} prompts matched all 32 greedy tokens", cases.len());
 }
+
+#[test]
+fn dump_logits_for_debugging() {
+    let Ok(dir) = std::env::var("DUMP") else { return };
+    let Some(path) = common::smollm2_gguf("dump") else { return };
+    let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let be = CpuBackend::new(2);
+    let model = Llama::from_gguf(&file, &be).unwrap();
+    for (i, case) in goldens["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let mut cache = ContiguousKvCache::new(&be, model.config.n_layers, model.layout().kv_cols(), 512).unwrap();
+        let logits = model.forward(&be, &prompt, &mut cache, false).unwrap();
+        std::fs::write(format!("{dir}/ours{i}.json"), serde_json::to_string(&logits).unwrap()).unwrap();
+    }
+}

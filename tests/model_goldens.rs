@@ -5,7 +5,7 @@
 mod common;
 
 use serde_json::Value;
-use zoe_llm::backend::cpu::CpuBackend;
+use zoe_llm::backend::cpu::{CpuBackend, Precision};
 use zoe_llm::model::kv_cache::{ContiguousKvCache, KvCache};
 use zoe_llm::model::llama::Llama;
 use zoe_llm::model::weights::GgufFile;
@@ -18,40 +18,50 @@ fn argmax(v: &[f32]) -> u32 {
     v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0 as u32
 }
 
-/// First-step logits: both implementations quantize activations to 8 bits per 32-block and
-/// accumulate in f32 in different orders (and llama.cpp keeps K/V in f16), so logits differ
-/// by rounding. Measured max |Δ| over the sampled ids is about 0.05 on logits of magnitude ~20;
-/// the bound below leaves 4× margin while still catching any real defect (a wrong rope, a
-/// mis-permuted head or a missing bias moves logits by whole units).
-const LOGIT_TOL: f32 = 0.25;
+fn goldens() -> Value {
+    serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap()
+}
+
+fn load(precision: Precision, test: &str) -> Option<(CpuBackend, Llama<CpuBackend>)> {
+    let path = common::smollm2_gguf(test)?;
+    let file = GgufFile::open(&path).unwrap();
+    let be = CpuBackend::with_precision(2, precision);
+    let model = Llama::from_gguf(&file, &be).unwrap();
+    Some((be, model))
+}
+
+/// Largest |ours − reference| over the sampled ids and the reference's top 20.
+fn max_logit_delta(ours: &[f32], case: &Value, sample_ids: &[u32]) -> f32 {
+    let mut d = 0.0f32;
+    for (id, want) in sample_ids.iter().zip(case["sample_logits"].as_array().unwrap()) {
+        d = d.max((ours[*id as usize] - want.as_f64().unwrap() as f32).abs());
+    }
+    for pair in case["top20"].as_array().unwrap() {
+        d = d.max((ours[pair[0].as_u64().unwrap() as usize] - pair[1].as_f64().unwrap() as f32).abs());
+    }
+    d
+}
+
+/// `Precision::F32` is the exact model; llama.cpp on the F32-dequantized weights computes the same
+/// thing in a different summation order. Measured max |Δ| ≈ 2e-5 on logits of magnitude ≤ 35; the
+/// bound allows 100× that and still catches any real defect (a wrong rope pairing, a mis-permuted
+/// head, a missing bias move logits by whole units).
+const EXACT_LOGIT_TOL: f32 = 2e-3;
 
 #[test]
-fn greedy_tokens_and_logits_match_llama_cpp() {
-    let Some(path) = common::smollm2_gguf("greedy_tokens_and_logits_match_llama_cpp") else { return };
-    let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
-    let file = GgufFile::open(&path).unwrap();
-    let be = CpuBackend::new(2);
-    let model = Llama::from_gguf(&file, &be).unwrap();
-    let cases = goldens["cases"].as_array().unwrap();
+fn exact_precision_matches_llama_cpp_greedy_and_logits() {
+    let Some((be, model)) = load(Precision::F32, "exact_precision_matches_llama_cpp_greedy_and_logits") else { return };
+    let g = goldens();
+    let sample_ids = ids(&g["sample_ids"]);
+    let cases = g["exact"].as_array().unwrap();
     assert!(cases.len() >= 5);
     let mut full_matches = 0;
-    let mut max_dlogit = 0.0f32;
     for case in cases {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["greedy"]);
         let mut cache = ContiguousKvCache::new(&be, model.config.n_layers, model.layout().kv_cols(), 512).unwrap();
         let mut logits = model.forward(&be, &prompt, &mut cache, false).unwrap();
-        let before = max_dlogit;
-        max_dlogit = 0.0;
-        for (id, want_logit) in ids(&case["sample_ids"]).iter().zip(case["sample_logits"].as_array().unwrap()) {
-            max_dlogit = max_dlogit.max((logits[*id as usize] - want_logit.as_f64().unwrap() as f32).abs());
-        }
-        for pair in case["top20"].as_array().unwrap() {
-            let (id, l) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-            max_dlogit = max_dlogit.max((logits[id] - l).abs());
-        }
-        eprintln!("case max |Δlogit| {max_dlogit}");
-        max_dlogit = max_dlogit.max(before);
+        let delta = max_logit_delta(&logits, case, &sample_ids);
         let mut got = Vec::new();
         for _ in 0..want.len() {
             let t = argmax(&logits);
@@ -59,33 +69,57 @@ fn greedy_tokens_and_logits_match_llama_cpp() {
             logits = model.forward(&be, &[t], &mut cache, false).unwrap();
         }
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!("{:?}: {same}/{} greedy tokens equal", case["prompt"].as_str().unwrap().chars().take(40).collect::<String>(), want.len());
-        if same < want.len() {
-            eprintln!("  diverged at {same}: ours {} ref {}", got[same], want[same]);
-        }
+        eprintln!("{:?}: first-step max |Δlogit| {delta:.2e}, {same}/{} greedy tokens equal", short(case), want.len());
+        assert!(delta <= EXACT_LOGIT_TOL, "first-step logits differ by {delta} for {:?}", case["prompt"]);
         assert!(same >= 16, "first 16 greedy tokens differ for {:?}:\n ours {got:?}\n ref  {want:?}", case["prompt"]);
-        if same == want.len() {
-            full_matches += 1;
-        }
+        full_matches += usize::from(same == want.len());
         assert_eq!(cache.len(), prompt.len() + want.len());
     }
-    eprintln!("max |Δlogit| on first step: {max_dlogit}");
-    assert!(max_dlogit <= LOGIT_TOL, "first-step logits differ by {max_dlogit} > {LOGIT_TOL}");
     assert!(full_matches >= 4, "only {full_matches} of {} prompts matched all 32 greedy tokens", cases.len());
 }
 
+/// `Precision::Q8` quantizes activations like llama.cpp does on the Q4_1 file; the rounding noise
+/// of that scheme is chaotic in this model (llama.cpp moves its own logits by up to 0.83 just by
+/// switching its KV cache between f16 and f32; we measured up to 0.64 between us and it), so
+/// the bound is that noise level with margin, and the top choice must agree (the goldens' top-2
+/// gaps are ≥ 0.17).
+const Q8_LOGIT_TOL: f32 = 1.5;
+
 #[test]
-fn dump_logits_for_debugging() {
-    let Ok(dir) = std::env::var("DUMP") else { return };
-    let Some(path) = common::smollm2_gguf("dump") else { return };
-    let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
-    let file = GgufFile::open(&path).unwrap();
-    let be = CpuBackend::new(2);
-    let model = Llama::from_gguf(&file, &be).unwrap();
-    for (i, case) in goldens["cases"].as_array().unwrap().iter().enumerate() {
+fn q8_precision_matches_llama_cpp_within_quantization_noise() {
+    let Some((be, model)) = load(Precision::Q8, "q8_precision_matches_llama_cpp_within_quantization_noise") else { return };
+    let g = goldens();
+    let sample_ids = ids(&g["sample_ids"]);
+    for case in g["q8"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let mut cache = ContiguousKvCache::new(&be, model.config.n_layers, model.layout().kv_cols(), 512).unwrap();
         let logits = model.forward(&be, &prompt, &mut cache, false).unwrap();
-        std::fs::write(format!("{dir}/ours{i}.json"), serde_json::to_string(&logits).unwrap()).unwrap();
+        let delta = max_logit_delta(&logits, case, &sample_ids);
+        eprintln!("{:?}: first-step max |Δlogit| {delta:.3}", short(case));
+        assert!(delta <= Q8_LOGIT_TOL, "first-step logits differ by {delta} for {:?}", case["prompt"]);
+        assert_eq!(argmax(&logits), ids(&case["greedy"])[0], "top choice differs for {:?}", case["prompt"]);
     }
+}
+
+/// Prefill of n tokens at once equals n single-token steps (the batched path and the decode path
+/// are the same model), and all_logits returns every row.
+#[test]
+fn batched_prefill_equals_token_by_token() {
+    let Some((be, model)) = load(Precision::F32, "batched_prefill_equals_token_by_token") else { return };
+    let prompt = ids(&goldens()["exact"][0]["prompt_ids"]);
+    let v = model.config.vocab_size;
+    let mut c1 = ContiguousKvCache::new(&be, model.config.n_layers, model.layout().kv_cols(), 64).unwrap();
+    let all = model.forward(&be, &prompt, &mut c1, true).unwrap();
+    assert_eq!(all.len(), prompt.len() * v);
+    let mut c2 = ContiguousKvCache::new(&be, model.config.n_layers, model.layout().kv_cols(), 64).unwrap();
+    for (i, &t) in prompt.iter().enumerate() {
+        let step = model.forward(&be, &[t], &mut c2, false).unwrap();
+        let row = &all[i * v..(i + 1) * v];
+        let d = step.iter().zip(row).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d < 1e-3, "position {i}: batched and stepwise logits differ by {d}");
+    }
+}
+
+fn short(case: &Value) -> String {
+    case["prompt"].as_str().unwrap().chars().take(36).collect()
 }

@@ -1,3 +1,1 @@
-fn main() {
-    println!("zoe-llm");
-}
+fn main() {}

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod kv_cache;
+pub mod loaded;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;

@@ -14,7 +14,7 @@ pub(crate) mod test_util;
 use rayon::prelude::*;
 
 use self::blocks::dequantize_row;
-use self::dot::{dot_f32, dot_q8_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
+use self::dot::{dot_f32, dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
 use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
 
 /// A host activation matrix.
@@ -197,26 +197,40 @@ impl Backend for CpuBackend {
         let oc = out.cols;
         let bias = bias.map(|b| &b.data[..m]);
         let ptr = SyncPtr(out.data.as_mut_ptr());
-        let tasks = m.div_ceil(ROWS_PER_TASK);
+        // About 8 tasks per thread (load balance) but at least ROWS_PER_TASK rows each, a multiple
+        // of 4 for the four-row kernels: a 49k-row head is ~16 tasks, not 3000.
+        let rows_per_task = (m.div_ceil(8 * self.threads())).max(ROWS_PER_TASK).next_multiple_of(4);
+        let tasks = m.div_ceil(rows_per_task);
         // Each task owns output columns [j0, j1) of every row: disjoint writes through `ptr`.
         let store = move |t: usize, j: usize, v: f32| unsafe { ptr.write(t * oc + col0 + j, v) };
         if self.precision == Precision::Q8 && uses_q8_activations(w.dtype) {
             let nb = k / QK;
             let mut xq = vec![BlockQ8::default(); n * nb];
             xq.par_chunks_mut(nb).zip(x.data.par_chunks(k)).for_each(|(q, xr)| quantize_row_q8(xr, q));
-            let kernel = dot_q8_kernel(w.dtype);
+            let (one, four) = (dot_q8_kernel(w.dtype), dot_q8_x4_kernel(w.dtype));
             (0..tasks).into_par_iter().for_each(|c| {
-                for j in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(m) {
+                let (j0, j1) = (c * rows_per_task, ((c + 1) * rows_per_task).min(m));
+                let mut j = j0;
+                while j + 4 <= j1 {
+                    let rows = [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)];
+                    for (t, xr) in xq.chunks_exact(nb).enumerate() {
+                        for (r, v) in four(rows, xr).into_iter().enumerate() {
+                            store(t, j + r, v + bias.map_or(0.0, |b| b[j + r]));
+                        }
+                    }
+                    j += 4;
+                }
+                for j in j..j1 {
                     let wr = w.row(j);
                     let b = bias.map_or(0.0, |b| b[j]);
                     for (t, xr) in xq.chunks_exact(nb).enumerate() {
-                        store(t, j, kernel(wr, xr) + b);
+                        store(t, j, one(wr, xr) + b);
                     }
                 }
             });
         } else {
             (0..tasks).into_par_iter().for_each(|c| {
-                for j in c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(m) {
+                for j in c * rows_per_task..((c + 1) * rows_per_task).min(m) {
                     let wr = w.row(j);
                     let b = bias.map_or(0.0, |b| b[j]);
                     for (t, xr) in x.data.chunks_exact(k).enumerate() {

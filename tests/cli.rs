@@ -1,0 +1,139 @@
+//! The `zoe-llm` binary end to end on the real SmolLM2 model, and the errors a user can run into.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use zoe_llm::backend::cpu::Precision;
+use zoe_llm::model::loaded::{LoadError, LoadedModel};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zoe-llm");
+/// Nothing listens on the discard port of loopback: a stand-in for "offline".
+const DEAD_INDEX: &str = "http://127.0.0.1:9/simple";
+
+/// A models directory holding SmolLM2 (a symlink to the test model: `pull` verifies a file found
+/// in place instead of downloading it).
+fn models_dir(gguf: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("smollm2-135m");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::os::unix::fs::symlink(gguf, model_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    dir
+}
+
+fn zoe(models: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--models-dir")
+        .arg(models)
+        .args(args)
+        .env("ZOE_PYPI_INDEX", DEAD_INDEX)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn model() -> Option<PathBuf> {
+    common::smollm2_gguf(std::thread::current().name().unwrap_or("cli"))
+}
+
+#[test]
+fn run_raw_greedy_prints_exactly_the_reference_continuation() {
+    let Some(gguf) = model() else { return };
+    let dir = models_dir(&gguf);
+    let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
+    let case = &goldens["exact"][0];
+    let want_ids: Vec<u32> = case["greedy"].as_array().unwrap()[..12].iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let m = LoadedModel::load_gguf("smollm2", &gguf, 1, Precision::F32, None).unwrap();
+    let want = m.tokenizer.decode(&want_ids, true);
+
+    let prompt = case["prompt"].as_str().unwrap();
+    let args = ["run", "--raw", "--precision", "f32", "--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "12", prompt];
+    let o = zoe(dir.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{want}\n"), "stdout holds the generated text only");
+}
+
+#[test]
+fn run_chat_uses_the_template_and_a_seed_repeats() {
+    let Some(gguf) = model() else { return };
+    let dir = models_dir(&gguf);
+    let args = ["run", "--temperature", "0.9", "--seed", "42", "--max-tokens", "24", "Name a fruit."];
+    let a = zoe(dir.path(), &args);
+    let b = zoe(dir.path(), &args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(!stdout(&a).trim().is_empty());
+    assert_eq!(stdout(&a), stdout(&b), "same seed, same output");
+    // The chat template's end-of-turn token ends generation and never shows as text.
+    assert!(!stdout(&a).contains("<|im_end|>") && !stdout(&a).contains("<|im_start|>"));
+
+    let l = zoe(dir.path(), &["list"]);
+    assert!(l.status.success());
+    let line = stdout(&l).lines().find(|l| l.starts_with("smollm2-135m")).unwrap().to_owned();
+    assert!(line.contains("yes") && line.contains("smollm2:135m"), "{line}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_code() {
+    let Some(gguf) = model() else { return };
+    let dir = models_dir(&gguf);
+
+    let o = zoe(dir.path(), &["run", "-m", "no-such-model", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no-such-model") && stderr(&o).contains("smollm2-135m"), "{}", stderr(&o));
+
+    // 9000 digits are 9000 tokens (SmolLM2 splits digits): longer than the 8192-token context.
+    let long = "7".repeat(9000);
+    let o = zoe(dir.path(), &["run", "--raw", &long]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("9000") && stderr(&o).contains("8192"), "{}", stderr(&o));
+
+    let o = zoe(dir.path(), &["run", "--threads", "0", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("threads"), "{}", stderr(&o));
+
+    let o = zoe(dir.path(), &["run", "--temperature", "-1", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+}
+
+#[test]
+fn missing_model_while_offline_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = zoe(dir.path(), &["run", "hello"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("offline") && e.contains("127.0.0.1:9"), "{e}");
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn corrupt_or_foreign_model_files_are_load_errors() {
+    let Some(gguf) = model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = LoadedModel::load_gguf("t", &truncated, 1, Precision::Q8, None).err().expect("a truncated file must not load");
+    assert!(matches!(e, LoadError::Gguf { .. }) && e.to_string().contains("truncated"), "{e}");
+
+    // Same file, architecture renamed in place ("llama" → "llamb", same length).
+    let mut foreign = bytes.clone();
+    let key = b"general.architecture";
+    let at = foreign.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4 + 8;
+    assert_eq!(&foreign[at..at + 5], b"llama");
+    foreign[at + 4] = b'b';
+    let path = dir.path().join("foreign.gguf");
+    std::fs::write(&path, &foreign).unwrap();
+    let e = LoadedModel::load_gguf("f", &path, 1, Precision::Q8, None).err().expect("an unknown architecture must not load");
+    assert!(e.to_string().contains("unknown architecture 'llamb'"), "{e}");
+}

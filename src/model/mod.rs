@@ -3,5 +3,7 @@
 pub mod config;
 pub mod kv_cache;
 pub mod llama;
+#[cfg(test)]
+pub(crate) mod test_model;
 pub mod tokenizer;
 pub mod weights;

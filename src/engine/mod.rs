@@ -1,4 +1,5 @@
-//! Generation: sampling, detokenization, the loop.
+//! Generation: sampling, detokenization, the single-sequence loop.
 
 pub mod detokenizer;
+pub mod generate;
 pub mod sampler;

@@ -4,5 +4,7 @@ pub mod config;
 pub mod kv_cache;
 pub mod loaded;
 pub mod llama;
+#[cfg(test)]
+pub(crate) mod test_model;
 pub mod tokenizer;
 pub mod weights;

@@ -14,7 +14,8 @@ impl Lcg {
     }
     /// Uniform in [-1, 1).
     pub fn uniform(&mut self) -> f32 {
-        self.next_u32() as f32 / (1u64 << 31) as f32 - 1.0
+        // `next_u32` has 31 random bits: scale [0, 2^31) to [0, 2), then shift.
+        self.next_u32() as f32 / (1u64 << 30) as f32 - 1.0
     }
     /// Roughly normal (sum of uniforms), mean 0, sd ≈ 1.
     pub fn normal(&mut self) -> f32 {
@@ -60,4 +61,13 @@ pub fn random_blocks(dtype: GgmlType, n: usize, rng: &mut Lcg) -> Vec<u8> {
         }
     }
     out
+}
+
+#[test]
+fn normal_has_mean_0_and_sd_1() {
+    let mut rng = Lcg(3);
+    let v: Vec<f32> = (0..20_000).map(|_| rng.normal()).collect();
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
+    assert!(mean.abs() < 0.05 && (sd - 1.0).abs() < 0.05, "mean {mean}, sd {sd}");
 }

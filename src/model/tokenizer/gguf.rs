@@ -382,8 +382,9 @@ fn build_spm(
 mod tests {
     use super::*;
     use crate::model::tokenizer::Tokenizer;
+    use crate::model::weights::gguf_writer::GgufWriter;
 
-    /// Metadata values for the in-memory GGUF writer below.
+    /// Metadata shorthand for the shared test writer.
     enum Kv {
         Str(&'static str),
         Strs(Vec<&'static str>),
@@ -392,46 +393,25 @@ mod tests {
         Bool(bool),
     }
 
-    /// A GGUF v3 file with the given metadata and no tensors (layout: ggml docs/gguf.md).
+    /// A GGUF v3 file with the given metadata and no tensors.
     fn gguf(kvs: &[(&str, Kv)]) -> GgufFile {
-        fn s(out: &mut Vec<u8>, v: &str) {
-            out.extend((v.len() as u64).to_le_bytes());
-            out.extend(v.as_bytes());
-        }
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend(0u64.to_le_bytes());
-        out.extend((kvs.len() as u64).to_le_bytes());
+        let mut w = GgufWriter::new();
         for (key, v) in kvs {
-            s(&mut out, key);
-            match v {
-                Kv::Str(v) => {
-                    out.extend(8u32.to_le_bytes());
-                    s(&mut out, v);
-                }
-                Kv::Strs(vs) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(8u32.to_le_bytes());
-                    out.extend((vs.len() as u64).to_le_bytes());
-                    vs.iter().for_each(|v| s(&mut out, v));
-                }
-                Kv::I32s(vs) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(5u32.to_le_bytes());
-                    out.extend((vs.len() as u64).to_le_bytes());
-                    vs.iter().for_each(|v| out.extend(v.to_le_bytes()));
-                }
-                Kv::U32(v) => {
-                    out.extend(4u32.to_le_bytes());
-                    out.extend(v.to_le_bytes());
-                }
-                Kv::Bool(v) => {
-                    out.extend(7u32.to_le_bytes());
-                    out.push(*v as u8);
-                }
-            }
+            let s = |v: &str| MetaValue::String(v.to_owned());
+            w.kv(
+                key,
+                match v {
+                    Kv::Str(v) => s(v),
+                    Kv::Strs(vs) => MetaValue::Array(vs.iter().map(|v| s(v)).collect()),
+                    Kv::I32s(vs) => {
+                        MetaValue::Array(vs.iter().map(|&v| MetaValue::I32(v)).collect())
+                    }
+                    Kv::U32(v) => MetaValue::U32(*v),
+                    Kv::Bool(v) => MetaValue::Bool(*v),
+                },
+            );
         }
-        GgufFile::from_bytes(out).expect("well-formed test GGUF")
+        w.build()
     }
 
     /// A four-token byte-level vocabulary: a, b, ab (one merge) and a control token.

@@ -1,0 +1,574 @@
+//! One sequence, start to finish: prompt ids in, text and tokens out. This is what `zoe-llm run`
+//! and `zoe-llm bench` drive; the batching engine (scheduler, paged KV cache) replaces it for the
+//! server but keeps its pieces: [`Sampler`], [`Detokenizer`], and the same finish rules.
+//!
+//! The loop: validate, one prefill forward over the whole prompt, then sample → check EOS →
+//! detokenize (stop strings) → forward the new token, until a stop, `max_tokens`, or the context
+//! is full. The last sampled token is never forwarded: nothing would read its logits.
+//!
+//! Finish rules (OpenAI/Ollama `stop` vs `length`): an end-of-generation id
+//! ([`Tokenizer::eos_ids`]) stops without adding text or a token; a stop string stops with the
+//! text cut before it (the token that completed it is kept in `tokens`); running out of
+//! `max_tokens` or of context is `Length`.
+
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::chat::{ChatTemplate, TemplateError};
+use crate::engine::detokenizer::Detokenizer;
+use crate::engine::sampler::{Sampler, SamplingError, SamplingParams};
+use crate::model::kv_cache::{ContiguousKvCache, KvError};
+use crate::model::llama::{Llama, ModelError};
+use crate::model::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateRequest {
+    /// The tokenized prompt, BOS included when the model wants one (see [`raw_prompt_ids`] and
+    /// [`render_chat_prompt`]).
+    pub prompt_ids: Vec<u32>,
+    /// Upper bound on generated tokens; clipped to what the context leaves. 0 = prefill only.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Strings that end generation; the text is cut before the first one that appears.
+    pub stop: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    /// The wire name both OpenAI (`finish_reason`) and Ollama (`done_reason`) use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Wall-clock cost of one generation, split the way llama.cpp reports it (prompt eval vs eval).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Tokens in the prefill forward.
+    pub prompt_tokens: usize,
+    /// Prefill forward plus sampling the first token: the time to first token.
+    pub prompt_ms: f64,
+    /// Forward passes after the prefill, one per generated token except the first.
+    pub decode_tokens: usize,
+    /// Those forward passes plus the sampling after each.
+    pub decode_ms: f64,
+}
+
+impl Timings {
+    /// Prefill throughput; `None` when nothing was timed.
+    pub fn prompt_tokens_per_s(&self) -> Option<f64> {
+        rate(self.prompt_tokens, self.prompt_ms)
+    }
+
+    /// Decode throughput (one token per forward); `None` before a second token.
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        rate(self.decode_tokens, self.decode_ms)
+    }
+
+    pub fn total_ms(&self) -> f64 {
+        self.prompt_ms + self.decode_ms
+    }
+}
+
+fn rate(tokens: usize, ms: f64) -> Option<f64> {
+    (tokens > 0 && ms > 0.0).then(|| tokens as f64 * 1000.0 / ms)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Generated ids, without a final end-of-generation token.
+    pub tokens: Vec<u32>,
+    /// The text, exactly the concatenation of what `on_text` received.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("prompt_ids is empty: at least one prompt token is needed")]
+    EmptyPrompt,
+    #[error(
+        "prompt is {prompt_tokens} tokens, the model's context is {context_len} \
+         (the prompt must leave room for at least one generated token)"
+    )]
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_len: usize,
+    },
+    #[error("the model has no chat template (tokenizer.chat_template); use a raw prompt")]
+    NoChatTemplate,
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+}
+
+/// Generates for one prompt. `context_len` is the sequence's whole budget (prompt + generated);
+/// the KV cache is sized to what this request can use, not to `context_len`. `on_text` receives
+/// each piece of text as soon as it is final (complete UTF-8, not a possible stop-string prefix),
+/// never an empty one.
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    be: &B,
+    tokenizer: &Tokenizer,
+    req: GenerateRequest,
+    context_len: usize,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    let prompt_tokens = req.prompt_ids.len();
+    if prompt_tokens == 0 {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt_tokens >= context_len {
+        return Err(GenerateError::PromptTooLong {
+            prompt_tokens,
+            context_len,
+        });
+    }
+    // Ids past the tokenizer's vocabulary (a padded head) have no text; never sample them.
+    let vocab = tokenizer.vocab_size().min(model.config.vocab_size);
+    let mut sampler = Sampler::new(req.sampling, vocab)?;
+    let max_new = req.max_tokens.min(context_len - prompt_tokens);
+    // Every sampled token but the last is forwarded, so the cache holds at most
+    // prompt + max_new − 1 positions.
+    let capacity = prompt_tokens + max_new.saturating_sub(1);
+    let mut cache = ContiguousKvCache::new(
+        be,
+        model.config.n_layers,
+        model.layout().kv_cols(),
+        capacity,
+    )?;
+    let mut detok = Detokenizer::new(tokenizer, req.stop);
+    let eos = tokenizer.eos_ids();
+
+    // The penalties see the prompt too, as llama.cpp's server feeds prompt tokens to its
+    // sampler: a repetition of the question counts as repetition.
+    let mut history = req.prompt_ids;
+    let mut tokens = Vec::with_capacity(max_new);
+    let mut text = String::new();
+    let mut emit = |piece: &str, text: &mut String| {
+        if !piece.is_empty() {
+            on_text(piece);
+            text.push_str(piece);
+        }
+    };
+    let mut timings = Timings {
+        prompt_tokens,
+        ..Timings::default()
+    };
+
+    let start = Instant::now();
+    let mut logits = model.forward(be, &history, &mut cache, false)?;
+    if max_new == 0 {
+        timings.prompt_ms = ms_since(start);
+        return Ok(Generation {
+            tokens,
+            text,
+            finish_reason: FinishReason::Length,
+            prompt_tokens,
+            timings,
+        });
+    }
+
+    let mut decode_start = None;
+    let mut finish = FinishReason::Length;
+    for i in 0..max_new {
+        let id = sampler.sample(&mut logits, &history);
+        if decode_start.is_none() {
+            timings.prompt_ms = ms_since(start);
+            decode_start = Some(Instant::now());
+        }
+        if eos.contains(&id) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(id);
+        history.push(id);
+        let step = detok.push(id);
+        emit(&step.text, &mut text);
+        if step.stopped.is_some() {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if i + 1 == max_new {
+            break;
+        }
+        logits = model.forward(be, &[id], &mut cache, false)?;
+        timings.decode_tokens += 1;
+    }
+    // Releases text held back as a possible stop-string prefix and any incomplete UTF-8 tail
+    // (nothing after a stop string matched).
+    let tail = detok.finish();
+    emit(&tail, &mut text);
+    if let Some(t) = decode_start {
+        timings.decode_ms = ms_since(t);
+    }
+    Ok(Generation {
+        tokens,
+        text,
+        finish_reason: finish,
+        prompt_tokens,
+        timings,
+    })
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// A one-message conversation for [`render_chat_prompt`].
+pub fn user_message(content: &str) -> serde_json::Value {
+    serde_json::json!({ "role": "user", "content": content })
+}
+
+/// Prompt ids for a conversation in the model's own chat template: rendered with
+/// `add_generation_prompt = true` and the tokenizer's BOS/EOS strings, tokenized with special
+/// tokens parsed (the template's `<|im_start|>` must become one id). BOS is prepended only when
+/// the tokenizer asks for it and the template did not already emit it; llama.cpp warns about the
+/// double BOS that adding it blindly would produce.
+pub fn render_chat_prompt(
+    tokenizer: &Tokenizer,
+    messages: &[serde_json::Value],
+) -> Result<Vec<u32>, GenerateError> {
+    let source = tokenizer
+        .chat_template()
+        .ok_or(GenerateError::NoChatTemplate)?;
+    let template = ChatTemplate::new(source, tokenizer.bos_token(), tokenizer.eos_token())?;
+    let text = template.render(messages, true, None, &serde_json::Map::new())?;
+    let mut ids = tokenizer.encode(&text, true)?;
+    let starts_with_bos = tokenizer
+        .bos_token()
+        .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    add_bos(tokenizer, &mut ids, starts_with_bos);
+    Ok(ids)
+}
+
+/// Prompt ids for text used as-is (no template): special tokens in it are parsed, as llama.cpp's
+/// CLI and server do, and BOS is prepended when the tokenizer asks for it.
+pub fn raw_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, GenerateError> {
+    let mut ids = tokenizer.encode(text, true)?;
+    add_bos(tokenizer, &mut ids, false);
+    Ok(ids)
+}
+
+fn add_bos(tokenizer: &Tokenizer, ids: &mut Vec<u32>, text_has_bos: bool) {
+    if let Some(bos) = tokenizer.bos_id().filter(|_| tokenizer.add_bos()) {
+        if !text_has_bos && ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::kv_cache::ContiguousKvCache;
+    use crate::model::test_model::{self, CHATML, CONTEXT, ENDOFTEXT, IM_END, IM_START};
+    use crate::model::weights::MetaValue;
+
+    struct Fixture {
+        be: CpuBackend,
+        model: Llama<CpuBackend>,
+        tok: Tokenizer,
+    }
+
+    fn fixture() -> Fixture {
+        let file = test_model::gguf(3);
+        let be = CpuBackend::new(1);
+        let model = Llama::from_gguf(&file, &be).unwrap();
+        let tok = Tokenizer::from_gguf(&file).unwrap();
+        Fixture { be, model, tok }
+    }
+
+    /// A tokenizer built from the tiny model's GGUF with some metadata changed.
+    fn tokenizer_with(kvs: &[(&str, MetaValue)]) -> Tokenizer {
+        let mut w = test_model::writer(3);
+        for (k, v) in kvs {
+            w.kv(k, v.clone());
+        }
+        Tokenizer::from_gguf(&w.build()).unwrap()
+    }
+
+    fn sampled(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    fn request(f: &Fixture, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
+        GenerateRequest {
+            prompt_ids: f.tok.encode("Once upon a time", false).unwrap(),
+            max_tokens,
+            sampling,
+            stop: vec![],
+        }
+    }
+
+    fn run(f: &Fixture, req: GenerateRequest, context_len: usize) -> (Generation, Vec<String>) {
+        let mut pieces = Vec::new();
+        let g = generate(&f.model, &f.be, &f.tok, req, context_len, |t| {
+            pieces.push(t.to_owned())
+        })
+        .unwrap();
+        (g, pieces)
+    }
+
+    fn err(f: &Fixture, req: GenerateRequest, context_len: usize) -> GenerateError {
+        generate(&f.model, &f.be, &f.tok, req, context_len, |_| {}).unwrap_err()
+    }
+
+    #[test]
+    fn same_seed_same_generation_different_seed_differs() {
+        let f = fixture();
+        let (a, _) = run(&f, request(&f, 24, sampled(5)), CONTEXT);
+        let (b, _) = run(&f, request(&f, 24, sampled(5)), CONTEXT);
+        let (c, _) = run(&f, request(&f, 24, sampled(6)), CONTEXT);
+        assert_eq!(a.tokens.len(), 24);
+        assert_eq!((&a.tokens, &a.text), (&b.tokens, &b.text));
+        assert_ne!(a.tokens, c.tokens);
+    }
+
+    #[test]
+    fn streamed_text_concatenates_to_the_final_text_and_the_decode() {
+        let f = fixture();
+        let (g, pieces) = run(&f, request(&f, 40, sampled(11)), CONTEXT);
+        assert!(pieces.iter().all(|p| !p.is_empty()));
+        assert!(pieces.len() > 1, "text should stream in several pieces");
+        assert_eq!(pieces.concat(), g.text);
+        assert_eq!(g.text, f.tok.decode(&g.tokens, true));
+        assert!(!g.text.is_empty());
+    }
+
+    /// Greedy generation with the incremental cache equals recomputing the whole sequence from a
+    /// fresh cache at every step: prefill and decode positions line up.
+    #[test]
+    fn greedy_matches_full_recompute() {
+        let f = fixture();
+        let req = request(&f, 8, SamplingParams::greedy());
+        let mut seq = req.prompt_ids.clone();
+        let (g, _) = run(&f, req, CONTEXT);
+        let cols = f.model.layout().kv_cols();
+        for &want in &g.tokens {
+            let mut cache =
+                ContiguousKvCache::new(&f.be, test_model::LAYERS, cols, seq.len()).unwrap();
+            let logits = f.model.forward(&f.be, &seq, &mut cache, false).unwrap();
+            let best =
+                (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
+            assert_eq!(best, Some(want as usize));
+            seq.push(want);
+        }
+    }
+
+    #[test]
+    fn max_tokens_and_a_full_context_finish_with_length() {
+        let f = fixture();
+        let (g, _) = run(&f, request(&f, 5, sampled(1)), CONTEXT);
+        assert_eq!((g.tokens.len(), g.finish_reason), (5, FinishReason::Length));
+        let t = &g.timings;
+        assert_eq!((t.prompt_tokens, t.decode_tokens), (g.prompt_tokens, 4));
+        assert!(t.prompt_ms > 0.0 && t.decode_ms > 0.0);
+        assert!(t.prompt_tokens_per_s().unwrap() > 0.0 && t.decode_tokens_per_s().unwrap() > 0.0);
+
+        // The context leaves 3 tokens: max_tokens is clipped.
+        let req = request(&f, 100, sampled(1));
+        let ctx = req.prompt_ids.len() + 3;
+        let (g3, _) = run(&f, req, ctx);
+        assert_eq!(
+            (g3.tokens.len(), g3.finish_reason),
+            (3, FinishReason::Length)
+        );
+        assert_eq!(
+            g3.tokens,
+            g.tokens[..3],
+            "clipping does not change the draws"
+        );
+
+        // max_tokens = 0: prefill only.
+        let (g0, pieces) = run(&f, request(&f, 0, sampled(1)), CONTEXT);
+        assert_eq!((g0.tokens.len(), g0.text.as_str()), (0, ""));
+        assert_eq!(g0.finish_reason, FinishReason::Length);
+        assert!(pieces.is_empty() && g0.timings.prompt_ms > 0.0);
+        assert_eq!(g0.timings.decode_tokens_per_s(), None);
+    }
+
+    #[test]
+    fn stop_string_cuts_the_text() {
+        let f = fixture();
+        let (full, _) = run(&f, request(&f, 48, sampled(21)), CONTEXT);
+        let chars: Vec<char> = full.text.chars().collect();
+        // A two-character stop whose first occurrence is well inside the text.
+        let (stop, at) = (chars.len() / 3..chars.len() - 2)
+            .map(|i| chars[i..i + 2].iter().collect::<String>())
+            .find_map(|s| full.text.find(&s).filter(|&at| at > 0).map(|at| (s, at)))
+            .expect("random text has a repeated-free pair");
+        let mut req = request(&f, 48, sampled(21));
+        req.stop = vec![stop.clone()];
+        let (g, pieces) = run(&f, req, CONTEXT);
+        assert_eq!(g.finish_reason, FinishReason::Stop);
+        assert_eq!(g.text, full.text[..at], "stop {stop:?}");
+        assert_eq!(pieces.concat(), g.text);
+        // Same draws up to the token that completed the stop string, and no further.
+        assert!(g.tokens.len() < full.tokens.len());
+        assert_eq!(g.tokens, full.tokens[..g.tokens.len()]);
+        let through = f.tok.decode(&g.tokens, true);
+        assert!(
+            through.contains(&stop)
+                && !f
+                    .tok
+                    .decode(&g.tokens[..g.tokens.len() - 1], true)
+                    .contains(&stop)
+        );
+    }
+
+    #[test]
+    fn an_end_of_generation_token_stops_without_text() {
+        let f = fixture();
+        let (g, _) = run(&f, request(&f, 16, SamplingParams::greedy()), CONTEXT);
+        // Make the first token that is new at its position the model's EOS.
+        let i = (1..g.tokens.len())
+            .find(|&i| !g.tokens[..i].contains(&g.tokens[i]))
+            .expect("greedy text uses more than one token");
+        let tok = tokenizer_with(&[("tokenizer.ggml.eos_token_id", MetaValue::U32(g.tokens[i]))]);
+        let mut pieces = Vec::new();
+        let req = request(&f, 16, SamplingParams::greedy());
+        let stopped = generate(&f.model, &f.be, &tok, req, CONTEXT, |t| {
+            pieces.push(t.to_owned())
+        })
+        .unwrap();
+        assert_eq!(stopped.finish_reason, FinishReason::Stop);
+        assert_eq!(stopped.tokens, g.tokens[..i]);
+        assert_eq!(stopped.text, tok.decode(&g.tokens[..i], true));
+        assert_eq!(pieces.concat(), stopped.text);
+    }
+
+    #[test]
+    fn bad_requests_are_errors_naming_the_limit() {
+        let f = fixture();
+        let req = request(&f, 4, sampled(1));
+        let n = req.prompt_ids.len();
+        for ctx in [n, n - 1] {
+            let e = err(&f, req.clone(), ctx);
+            assert!(
+                matches!(e, GenerateError::PromptTooLong { prompt_tokens, context_len } if prompt_tokens == n && context_len == ctx)
+            );
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "prompt is {n} tokens, the model's context is {ctx}"
+                )),
+                "{e}"
+            );
+        }
+        let e = err(
+            &f,
+            GenerateRequest {
+                prompt_ids: vec![],
+                ..req.clone()
+            },
+            CONTEXT,
+        );
+        assert!(
+            matches!(e, GenerateError::EmptyPrompt) && e.to_string().contains("prompt_ids"),
+            "{e}"
+        );
+        let mut bad = req.clone();
+        bad.sampling.top_p = 0.0;
+        let e = err(&f, bad, CONTEXT);
+        assert!(e.to_string().contains("top_p = 0"), "{e}");
+        let vocab = f.tok.vocab_size() as u32;
+        let e = err(
+            &f,
+            GenerateRequest {
+                prompt_ids: vec![3, vocab + 7],
+                ..req
+            },
+            CONTEXT,
+        );
+        assert!(
+            e.to_string().contains(&format!("token id {}", vocab + 7)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn chat_prompt_uses_the_models_template_and_parses_specials() {
+        let chatml = MetaValue::String(CHATML.into());
+        let tok = tokenizer_with(&[("tokenizer.chat_template", chatml.clone())]);
+        let ids = render_chat_prompt(&tok, &[user_message("hi there")]).unwrap();
+        assert_eq!(
+            tok.decode(&ids, false),
+            "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(ids[0], IM_START, "special tokens are single ids");
+        assert_eq!(ids.iter().filter(|&&t| t == IM_END).count(), 1);
+        // No BOS id in this tokenizer: nothing is prepended.
+        assert_eq!(ids, tok.encode(&tok.decode(&ids, false), true).unwrap());
+
+        let e = render_chat_prompt(&fixture().tok, &[user_message("hi")]).unwrap_err();
+        assert!(matches!(e, GenerateError::NoChatTemplate), "{e}");
+    }
+
+    #[test]
+    fn bos_is_added_once_and_only_when_the_tokenizer_asks() {
+        let bos = ("tokenizer.ggml.bos_token_id", MetaValue::U32(ENDOFTEXT));
+        let add = |b: bool| ("tokenizer.ggml.add_bos_token", MetaValue::Bool(b));
+        let template = |t: &str| ("tokenizer.chat_template", MetaValue::String(t.into()));
+        let msgs = [user_message("hi")];
+
+        let tok = tokenizer_with(&[bos.clone(), add(true), template(CHATML)]);
+        let ids = render_chat_prompt(&tok, &msgs).unwrap();
+        assert_eq!(&ids[..2], [ENDOFTEXT, IM_START]);
+        let raw = raw_prompt_ids(&tok, "<|im_start|>hi").unwrap();
+        assert_eq!(
+            raw,
+            [
+                ENDOFTEXT,
+                IM_START,
+                tok.encode("hi", false).unwrap()[0],
+                tok.encode("hi", false).unwrap()[1]
+            ]
+        );
+        // A template that writes BOS itself gets no second one; nor does raw text starting with it.
+        let tok = tokenizer_with(&[
+            bos.clone(),
+            add(true),
+            template(&format!("{{{{ bos_token }}}}{CHATML}")),
+        ]);
+        let ids = render_chat_prompt(&tok, &msgs).unwrap();
+        assert_eq!(&ids[..2], [ENDOFTEXT, IM_START]);
+        assert_eq!(
+            raw_prompt_ids(&tok, "<|endoftext|>hi").unwrap()[..2],
+            [ENDOFTEXT, tok.encode("h", false).unwrap()[0]]
+        );
+
+        let tok = tokenizer_with(&[bos, add(false), template(CHATML)]);
+        assert_eq!(render_chat_prompt(&tok, &msgs).unwrap()[0], IM_START);
+        assert_eq!(
+            raw_prompt_ids(&tok, "hi").unwrap(),
+            tok.encode("hi", false).unwrap()
+        );
+    }
+}

@@ -100,7 +100,7 @@ fn bad_input_gets_a_clear_error_and_exit_code() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("threads"), "{}", stderr(&o));
 
-    let o = zoe(dir.path(), &["run", "--temperature", "-1", "hi"]);
+    let o = zoe(dir.path(), &["run", "--temperature=-1", "hi"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
 }

@@ -57,7 +57,12 @@ fn decode_run<B: Backend>(m: &LoadedModel<B>, n: usize, seed: u64) -> Result<f64
 }
 
 /// Runs `pp prompt_tokens` and `tg gen_tokens` (either may be 0 to skip it).
-pub fn run<B: Backend>(m: &LoadedModel<B>, prompt_tokens: usize, gen_tokens: usize, reps: usize) -> Result<Vec<Throughput>, ModelError> {
+pub fn run<B: Backend>(
+    m: &LoadedModel<B>,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    reps: usize,
+) -> Result<Vec<Throughput>, ModelError> {
     let reps = reps.max(1);
     let mut out = Vec::new();
     if prompt_tokens > 0 {

@@ -122,7 +122,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -162,7 +163,11 @@ fn list(store: &Store, registry: &Registry) {
 }
 
 /// Resolves the model (the default when none is named), pulls it if missing, and loads it.
-fn load(store: &Store, registry: &Registry, args: &EngineArgs) -> Result<(Manifest, LoadedModel<zoe_llm::backend::cpu::CpuBackend>)> {
+fn load(
+    store: &Store,
+    registry: &Registry,
+    args: &EngineArgs,
+) -> Result<(Manifest, LoadedModel<zoe_llm::backend::cpu::CpuBackend>)> {
     let manifest = match &args.model {
         Some(name) => registry.resolve(name)?.clone(),
         None => registry.default_model().context("no default model in the registry")?.clone(),
@@ -201,7 +206,8 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         let messages = [serde_json::json!({"role": "user", "content": args.prompt})];
         render_chat_prompt(&m.tokenizer, &messages)?
     };
-    let req = GenerateRequest { prompt_ids, max_tokens: args.max_tokens, sampling, stop: manifest.defaults.stop.clone() };
+    let req =
+        GenerateRequest { prompt_ids, max_tokens: args.max_tokens, sampling, stop: manifest.defaults.stop.clone() };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let out = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, |text| {

@@ -50,9 +50,8 @@ fn compile(g: &Goldens) -> BTreeMap<&str, ChatTemplate> {
     g.templates
         .iter()
         .map(|(name, t)| {
-            let compiled =
-                ChatTemplate::new(&t.text, t.bos_token.as_deref(), t.eos_token.as_deref())
-                    .unwrap_or_else(|e| panic!("template {name}: {e}"));
+            let compiled = ChatTemplate::new(&t.text, t.bos_token.as_deref(), t.eos_token.as_deref())
+                .unwrap_or_else(|e| panic!("template {name}: {e}"));
             (name.as_str(), compiled)
         })
         .collect()
@@ -60,27 +59,15 @@ fn compile(g: &Goldens) -> BTreeMap<&str, ChatTemplate> {
 
 /// Shows where two renders part, with some context.
 fn first_difference(want: &str, got: &str) -> String {
-    let at = want
-        .bytes()
-        .zip(got.bytes())
-        .position(|(a, b)| a != b)
-        .unwrap_or(want.len().min(got.len()));
+    let at = want.bytes().zip(got.bytes()).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
     let from = at.saturating_sub(60);
     let window = |s: &str| {
-        let start = (from..=at.min(s.len()))
-            .find(|&i| s.is_char_boundary(i))
-            .unwrap_or(at.min(s.len()));
+        let start = (from..=at.min(s.len())).find(|&i| s.is_char_boundary(i)).unwrap_or(at.min(s.len()));
         let end = (at + 60).min(s.len());
-        let end = (end..=s.len())
-            .find(|&i| s.is_char_boundary(i))
-            .unwrap_or(s.len());
+        let end = (end..=s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
         s[start..end].to_owned()
     };
-    format!(
-        "first difference at byte {at}:\n  expected …{:?}…\n  got      …{:?}…",
-        window(want),
-        window(got)
-    )
+    format!("first difference at byte {at}:\n  expected …{:?}…\n  got      …{:?}…", window(want), window(got))
 }
 
 #[test]
@@ -91,12 +78,7 @@ fn renders_match_jinja2_byte_for_byte() {
     let mut compared = 0;
     for case in &g.cases {
         let t = &templates[case.template.as_str()];
-        let got = t.render(
-            &case.messages,
-            case.add_generation_prompt,
-            case.tools.as_ref(),
-            &case.extra,
-        );
+        let got = t.render(&case.messages, case.add_generation_prompt, case.tools.as_ref(), &case.extra);
         match (&case.expected, &case.error, got) {
             (Some(want), _, Ok(got)) => {
                 compared += 1;
@@ -110,10 +92,9 @@ fn renders_match_jinja2_byte_for_byte() {
                     failures.push(format!("{}: raised {got:?}, expected {msg:?}", case.name));
                 }
             }
-            (_, _, Ok(got)) => failures.push(format!(
-                "{}: rendered {got:?} but Jinja2 raised {:?}",
-                case.name, case.error
-            )),
+            (_, _, Ok(got)) => {
+                failures.push(format!("{}: rendered {got:?} but Jinja2 raised {:?}", case.name, case.error))
+            }
             (_, _, Err(e)) => failures.push(format!("{}: {e}", case.name)),
         }
     }
@@ -133,19 +114,10 @@ fn goldens_cover_every_model_template_with_tools_and_errors() {
     // Guards the fixture itself: a regenerated file that lost a family would otherwise pass.
     let g = goldens();
     for name in ["smollm2", "llama-3.2", "qwen2.5", "qwen2-vl"] {
-        assert!(
-            g.cases.iter().any(|c| c.template == name),
-            "no case for {name}"
-        );
+        assert!(g.cases.iter().any(|c| c.template == name), "no case for {name}");
     }
-    assert!(g
-        .cases
-        .iter()
-        .any(|c| c.tools.is_some() && c.template == "llama-3.2"));
-    assert!(g
-        .cases
-        .iter()
-        .any(|c| c.tools.is_some() && c.template == "qwen2.5"));
+    assert!(g.cases.iter().any(|c| c.tools.is_some() && c.template == "llama-3.2"));
+    assert!(g.cases.iter().any(|c| c.tools.is_some() && c.template == "qwen2.5"));
     assert!(g.cases.iter().any(|c| c.error.is_some()));
 }
 

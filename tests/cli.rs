@@ -24,13 +24,7 @@ fn models_dir(gguf: &Path) -> tempfile::TempDir {
 }
 
 fn zoe(models: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--models-dir")
-        .arg(models)
-        .args(args)
-        .env("ZOE_PYPI_INDEX", DEAD_INDEX)
-        .output()
-        .unwrap()
+    Command::new(BIN).arg("--models-dir").arg(models).args(args).env("ZOE_PYPI_INDEX", DEAD_INDEX).output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -51,12 +45,25 @@ fn run_raw_greedy_prints_exactly_the_reference_continuation() {
     let dir = models_dir(&gguf);
     let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
     let case = &goldens["exact"][0];
-    let want_ids: Vec<u32> = case["greedy"].as_array().unwrap()[..12].iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want_ids: Vec<u32> =
+        case["greedy"].as_array().unwrap()[..12].iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let m = LoadedModel::load_gguf("smollm2", &gguf, 1, Precision::F32, None).unwrap();
     let want = m.tokenizer.decode(&want_ids, true);
 
     let prompt = case["prompt"].as_str().unwrap();
-    let args = ["run", "--raw", "--precision", "f32", "--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "12", prompt];
+    let args = [
+        "run",
+        "--raw",
+        "--precision",
+        "f32",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1",
+        "--max-tokens",
+        "12",
+        prompt,
+    ];
     let o = zoe(dir.path(), &args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), format!("{want}\n"), "stdout holds the generated text only");
@@ -123,7 +130,8 @@ fn corrupt_or_foreign_model_files_are_load_errors() {
 
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let e = LoadedModel::load_gguf("t", &truncated, 1, Precision::Q8, None).err().expect("a truncated file must not load");
+    let e =
+        LoadedModel::load_gguf("t", &truncated, 1, Precision::Q8, None).err().expect("a truncated file must not load");
     assert!(matches!(e, LoadError::Gguf { .. }) && e.to_string().contains("truncated"), "{e}");
 
     // Same file, architecture renamed in place ("llama" → "llamb", same length).
@@ -134,6 +142,8 @@ fn corrupt_or_foreign_model_files_are_load_errors() {
     foreign[at + 4] = b'b';
     let path = dir.path().join("foreign.gguf");
     std::fs::write(&path, &foreign).unwrap();
-    let e = LoadedModel::load_gguf("f", &path, 1, Precision::Q8, None).err().expect("an unknown architecture must not load");
+    let e = LoadedModel::load_gguf("f", &path, 1, Precision::Q8, None)
+        .err()
+        .expect("an unknown architecture must not load");
     assert!(e.to_string().contains("unknown architecture 'llamb'"), "{e}");
 }

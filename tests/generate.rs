@@ -16,11 +16,7 @@ use zoe_llm::model::tokenizer::Tokenizer;
 use zoe_llm::model::weights::GgufFile;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn case<'a>(goldens: &'a Value, prompt_starts: &str) -> &'a Value {
@@ -37,8 +33,7 @@ fn chat_generation_follows_llama_cpp() {
     let Some(path) = common::smollm2_gguf("chat_generation_follows_llama_cpp") else {
         return;
     };
-    let goldens: Value =
-        serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
+    let goldens: Value = serde_json::from_str(include_str!("fixtures/smollm2_goldens.json")).unwrap();
     let file = GgufFile::open(&path).unwrap();
     // The exact precision: its greedy path is the reference's (see tests/model_goldens.rs).
     let be = CpuBackend::with_precision(2, Precision::F32);
@@ -47,22 +42,14 @@ fn chat_generation_follows_llama_cpp() {
 
     // SmolLM2's template adds its default system prompt when the conversation has none.
     let chat = case(&goldens, "<|im_start|>system");
-    let prompt =
-        render_chat_prompt(&tok, &[user_message("What is the boiling point of water?")]).unwrap();
-    assert_eq!(
-        prompt,
-        ids(&chat["prompt_ids"]),
-        "chat prompt ids differ from llama.cpp's"
-    );
+    let prompt = render_chat_prompt(&tok, &[user_message("What is the boiling point of water?")]).unwrap();
+    assert_eq!(prompt, ids(&chat["prompt_ids"]), "chat prompt ids differ from llama.cpp's");
     let raw = case(&goldens, "The capital");
     let mut want_raw = ids(&raw["prompt_ids"]);
     if tok.add_bos() {
         want_raw.insert(0, tok.bos_id().unwrap());
     }
-    assert_eq!(
-        raw_prompt_ids(&tok, raw["prompt"].as_str().unwrap()).unwrap(),
-        want_raw
-    );
+    assert_eq!(raw_prompt_ids(&tok, raw["prompt"].as_str().unwrap()).unwrap(), want_raw);
 
     let golden = ids(&chat["greedy"]);
     let req = GenerateRequest {
@@ -76,23 +63,11 @@ fn chat_generation_follows_llama_cpp() {
     eprintln!("{:?} ({:?}): {:?}", g.finish_reason, g.timings, g.text);
     // Greedy through the whole loop (sampler, detokenizer, stops) equals llama.cpp's tokens
     // until it either ends or stops on an end-of-generation id the reference also produced.
-    let same = g
-        .tokens
-        .iter()
-        .zip(&golden)
-        .take_while(|(a, b)| a == b)
-        .count();
-    assert!(
-        same == g.tokens.len(),
-        "greedy diverged at {same}:\n ours {:?}\n ref  {golden:?}",
-        g.tokens
-    );
+    let same = g.tokens.iter().zip(&golden).take_while(|(a, b)| a == b).count();
+    assert!(same == g.tokens.len(), "greedy diverged at {same}:\n ours {:?}\n ref  {golden:?}", g.tokens);
     if same == g.tokens.len() && g.finish_reason == FinishReason::Stop {
         // Stopped on an end-of-generation id: llama.cpp produced that id next.
-        assert!(
-            tok.eos_ids().contains(&golden[same]),
-            "stopped early without EOS in the reference"
-        );
+        assert!(tok.eos_ids().contains(&golden[same]), "stopped early without EOS in the reference");
     }
     assert_eq!(streamed, g.text);
     assert_eq!(g.text, tok.decode(&g.tokens, true));

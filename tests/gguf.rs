@@ -89,12 +89,8 @@ fn expect_err(bytes: Vec<u8>) -> GgufError {
 fn after_string(bytes: &[u8], s: &str) -> usize {
     let mut pat = (s.len() as u64).to_le_bytes().to_vec();
     pat.extend_from_slice(s.as_bytes());
-    let hits: Vec<usize> = bytes
-        .windows(pat.len())
-        .enumerate()
-        .filter(|(_, w)| *w == pat.as_slice())
-        .map(|(i, _)| i)
-        .collect();
+    let hits: Vec<usize> =
+        bytes.windows(pat.len()).enumerate().filter(|(_, w)| *w == pat.as_slice()).map(|(i, _)| i).collect();
     assert_eq!(hits.len(), 1, "string {s:?} occurs {} times", hits.len());
     hits[0] + pat.len()
 }
@@ -160,12 +156,8 @@ fn header_alignment_and_tensor_table() {
     assert_eq!(f.alignment(), 64, "fixture sets general.alignment = 64");
     assert_eq!(f.tensors().len(), 2 * GgmlType::ALL.len());
     for t in GgmlType::ALL {
-        let q = f
-            .tensor(&name_of(t, "q"))
-            .unwrap_or_else(|| panic!("{t}.q missing"));
-        let r = f
-            .tensor(&name_of(t, "ref"))
-            .unwrap_or_else(|| panic!("{t}.ref missing"));
+        let q = f.tensor(&name_of(t, "q")).unwrap_or_else(|| panic!("{t}.q missing"));
+        let r = f.tensor(&name_of(t, "ref")).unwrap_or_else(|| panic!("{t}.ref missing"));
         assert_eq!(q.dtype, t);
         assert_eq!(r.dtype, GgmlType::F32);
         for info in [q, r] {
@@ -185,11 +177,7 @@ fn header_alignment_and_tensor_table() {
     let infos_end = after_string(&bytes, "Q6_K.ref") + 4 + 16 + 4 + 8;
     assert_eq!(start, infos_end.next_multiple_of(64));
     assert_ne!(start, infos_end.next_multiple_of(32));
-    assert_eq!(
-        end,
-        bytes.len(),
-        "the last tensor ends exactly at end of file"
-    );
+    assert_eq!(end, bytes.len(), "the last tensor ends exactly at end of file");
 }
 
 #[test]
@@ -215,37 +203,16 @@ fn metadata_values_and_types() {
         ("zoe.test.f64", MetaValue::F64(-1.25e300)),
         (
             "zoe.test.arr_i32",
-            MetaValue::Array(vec![
-                MetaValue::I32(1),
-                MetaValue::I32(-2),
-                MetaValue::I32(3),
-                MetaValue::I32(i32::MAX),
-            ]),
+            MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(-2), MetaValue::I32(3), MetaValue::I32(i32::MAX)]),
         ),
-        (
-            "zoe.test.arr_u8",
-            MetaValue::Array(vec![MetaValue::U8(0), MetaValue::U8(1), MetaValue::U8(255)]),
-        ),
-        (
-            "zoe.test.arr_u64",
-            MetaValue::Array(vec![MetaValue::U64(0), MetaValue::U64(u64::MAX)]),
-        ),
-        (
-            "zoe.test.arr_f32",
-            MetaValue::Array(vec![MetaValue::F32(0.5), MetaValue::F32(-1.0)]),
-        ),
+        ("zoe.test.arr_u8", MetaValue::Array(vec![MetaValue::U8(0), MetaValue::U8(1), MetaValue::U8(255)])),
+        ("zoe.test.arr_u64", MetaValue::Array(vec![MetaValue::U64(0), MetaValue::U64(u64::MAX)])),
+        ("zoe.test.arr_f32", MetaValue::Array(vec![MetaValue::F32(0.5), MetaValue::F32(-1.0)])),
         (
             "zoe.test.arr_bool",
-            MetaValue::Array(vec![
-                MetaValue::Bool(true),
-                MetaValue::Bool(false),
-                MetaValue::Bool(true),
-            ]),
+            MetaValue::Array(vec![MetaValue::Bool(true), MetaValue::Bool(false), MetaValue::Bool(true)]),
         ),
-        (
-            "zoe.test.arr_str",
-            MetaValue::Array(vec![s("alpha"), s(""), s("Ġhello Ċ")]),
-        ),
+        ("zoe.test.arr_str", MetaValue::Array(vec![s("alpha"), s(""), s("Ġhello Ċ")])),
         (
             "zoe.test.nested",
             MetaValue::Array(vec![
@@ -263,9 +230,8 @@ fn metadata_values_and_types() {
     assert_eq!(
         type_names,
         [
-            "string", "u32", "u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "bool",
-            "string", "string", "u64", "i64", "f64", "array", "array", "array", "array", "array",
-            "array", "array"
+            "string", "u32", "u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "bool", "string", "string", "u64",
+            "i64", "f64", "array", "array", "array", "array", "array", "array", "array"
         ]
     );
 
@@ -281,14 +247,8 @@ fn metadata_values_and_types() {
     assert_eq!(f.get_str("general.architecture").unwrap(), "zoe-test");
     assert_eq!(f.get_str("zoe.test.empty_string").unwrap(), "");
     assert_eq!(f.get_array("zoe.test.arr_u8").unwrap().len(), 3);
-    assert_eq!(
-        f.get_str_array("zoe.test.arr_str").unwrap(),
-        ["alpha", "", "Ġhello Ċ"]
-    );
-    assert_eq!(
-        f.get("zoe.test.i64").and_then(MetaValue::as_int),
-        Some(-(1 << 62) - 7)
-    );
+    assert_eq!(f.get_str_array("zoe.test.arr_str").unwrap(), ["alpha", "", "Ġhello Ċ"]);
+    assert_eq!(f.get("zoe.test.i64").and_then(MetaValue::as_int), Some(-(1 << 62) - 7));
 
     // Getter errors name the key and both types.
     match f.get_u64("zoe.test.i8") {
@@ -300,24 +260,10 @@ fn metadata_values_and_types() {
     }
     assert!(matches!(
         f.get_bool("zoe.test.string"),
-        Err(GgufError::WrongType {
-            found: "string",
-            expected: "bool",
-            ..
-        })
+        Err(GgufError::WrongType { found: "string", expected: "bool", .. })
     ));
-    assert!(matches!(
-        f.get_str_array("zoe.test.arr_i32"),
-        Err(GgufError::WrongType { found: "i32", .. })
-    ));
-    assert!(matches!(
-        f.get_array("zoe.test.u16"),
-        Err(GgufError::WrongType {
-            found: "u16",
-            expected: "array",
-            ..
-        })
-    ));
+    assert!(matches!(f.get_str_array("zoe.test.arr_i32"), Err(GgufError::WrongType { found: "i32", .. })));
+    assert!(matches!(f.get_array("zoe.test.u16"), Err(GgufError::WrongType { found: "u16", expected: "array", .. })));
     match f.get_str("zoe.test.nope") {
         Err(e @ GgufError::MissingKey { .. }) => assert!(e.to_string().contains("zoe.test.nope")),
         other => panic!("missing key: {other:?}"),
@@ -325,9 +271,7 @@ fn metadata_values_and_types() {
 }
 
 fn read_f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 /// Exact equality is required for every type: our decoder performs the same f32 operations in
@@ -370,16 +314,9 @@ fn dequantize_matches_gguf_py_reference() {
         let mut distinct: Vec<u32> = all.iter().map(|x| x.to_bits()).collect();
         distinct.sort_unstable();
         distinct.dedup();
-        assert!(
-            distinct.len() > 100,
-            "{t}: only {} distinct values",
-            distinct.len()
-        );
+        assert!(distinct.len() > 100, "{t}: only {} distinct values", distinct.len());
         if t.is_quantized() {
-            assert!(
-                all.iter().all(|x| x.is_finite()),
-                "{t} has non-finite values"
-            );
+            assert!(all.iter().all(|x| x.is_finite()), "{t} has non-finite values");
         } else {
             assert!(all[4].is_nan() && all[2] == f32::INFINITY && all[3] == f32::NEG_INFINITY);
             assert!(all[1] == 0.0 && all[1].is_sign_negative());
@@ -397,9 +334,8 @@ fn every_truncated_prefix_is_an_error() {
     assert_eq!(data_end, bytes.len());
     // Every length through the header, metadata, tensor infos, padding and the start of the
     // data; a stride through the rest of the data; the last bytes of the file.
-    let lens = (0..data_start + 200)
-        .chain((data_start + 200..bytes.len()).step_by(37))
-        .chain(bytes.len() - 4..bytes.len());
+    let lens =
+        (0..data_start + 200).chain((data_start + 200..bytes.len()).step_by(37)).chain(bytes.len() - 4..bytes.len());
     let mut checked = 0;
     for n in lens {
         let (r, largest) = parse_measured(bytes[..n].to_vec());
@@ -428,10 +364,7 @@ fn every_truncated_prefix_is_an_error() {
     assert_eq!(what(in_infos), "n_dims of 'Q5_K.q'");
     assert_eq!(what(bytes.len() - 1), "data of tensor 'Q6_K.ref'");
     let msg = expect_err(bytes[..bytes.len() - 1].to_vec()).to_string();
-    assert!(
-        msg.contains("truncated") && msg.contains("Q6_K.ref"),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated") && msg.contains("Q6_K.ref"), "{msg}");
 
     assert!(parse(bytes).is_ok(), "the whole file parses");
 }
@@ -480,10 +413,7 @@ fn unknown_tensor_type_id_is_rejected() {
         match e {
             GgufError::UnknownType { name, id: found } => {
                 assert_eq!((name.as_str(), found), ("Q4_1.q", id));
-                assert!(
-                    msg.contains("Q4_1.q") && msg.contains(&format!("id {id}")),
-                    "{msg}"
-                );
+                assert!(msg.contains("Q4_1.q") && msg.contains(&format!("id {id}")), "{msg}");
             }
             e => panic!("type id {id}: {e:?}"),
         }
@@ -496,28 +426,17 @@ fn expect_truncated_without_alloc(bytes: Vec<u8>, needle: &str) {
     match r {
         Err(e @ GgufError::Truncated { .. }) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains(needle),
-                "message should name {needle:?}: {msg}"
-            );
+            assert!(msg.contains(needle), "message should name {needle:?}: {msg}");
         }
         other => panic!("expected Truncated naming {needle:?}, got {other:?}"),
     }
-    assert!(
-        largest < 1 << 20,
-        "allocated {largest} bytes for {needle:?}"
-    );
+    assert!(largest < 1 << 20, "allocated {largest} bytes for {needle:?}");
 }
 
 #[test]
 fn huge_array_counts_are_rejected_without_allocating() {
     let counts = [u64::MAX, u64::MAX / 32, 1 << 40, 1 << 28, 100_000];
-    for key in [
-        "zoe.test.arr_i32",
-        "zoe.test.arr_u8",
-        "zoe.test.arr_str",
-        "zoe.test.nested",
-    ] {
+    for key in ["zoe.test.arr_i32", "zoe.test.arr_u8", "zoe.test.arr_str", "zoe.test.nested"] {
         for count in counts {
             let mut b = fixture_bytes();
             // value: u32 element type, u64 count, elements
@@ -713,15 +632,7 @@ fn real_smollm2_q4_1_file() {
     assert!(f.tensor("output.weight").is_none(), "tied output");
     assert_eq!(f.tensor("output_norm.weight").unwrap().dtype, GgmlType::F32);
     for blk in 0..30 {
-        for lin in [
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ] {
+        for lin in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
             let name = format!("blk.{blk}.{lin}.weight");
             let t = f.tensor(&name).unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(t.dtype, GgmlType::Q4_1, "{name}");
@@ -740,11 +651,7 @@ fn real_smollm2_q4_1_file() {
         assert!(row < rows);
         let rb = t.dtype.row_bytes(cols).unwrap();
         let mut out = vec![0.0f32; cols];
-        dequantize_row(
-            t.dtype,
-            &f.tensor_data(t)[row * rb..(row + 1) * rb],
-            &mut out,
-        );
+        dequantize_row(t.dtype, &f.tensor_data(t)[row * rb..(row + 1) * rb], &mut out);
         out
     };
     for (name, row) in [
@@ -755,10 +662,7 @@ fn real_smollm2_q4_1_file() {
         ("output_norm.weight", 0),
     ] {
         let v = row_of(name, row);
-        assert!(
-            v.iter().all(|x| x.is_finite() && x.abs() < 100.0),
-            "{name} row {row}"
-        );
+        assert!(v.iter().all(|x| x.is_finite() && x.abs() < 100.0), "{name} row {row}");
         assert!(v.iter().any(|&x| x != 0.0), "{name} row {row} is all zeros");
     }
 }

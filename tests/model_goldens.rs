@@ -15,7 +15,8 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0 as u32
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+        as u32
 }
 
 fn goldens() -> Value {
@@ -87,7 +88,9 @@ const Q8_LOGIT_TOL: f32 = 1.5;
 
 #[test]
 fn q8_precision_matches_llama_cpp_within_quantization_noise() {
-    let Some((be, model)) = load(Precision::Q8, "q8_precision_matches_llama_cpp_within_quantization_noise") else { return };
+    let Some((be, model)) = load(Precision::Q8, "q8_precision_matches_llama_cpp_within_quantization_noise") else {
+        return;
+    };
     let g = goldens();
     let sample_ids = ids(&g["sample_ids"]);
     for case in g["q8"].as_array().unwrap() {

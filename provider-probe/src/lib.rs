@@ -46,9 +46,7 @@ pub enum Board {
 /// Probes this machine. Never fails: what cannot be read is reported as unknown.
 pub fn probe() -> Probe {
     let system = System::new_with_specifics(
-        RefreshKind::nothing()
-            .with_cpu(CpuRefreshKind::nothing())
-            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        RefreshKind::nothing().with_cpu(CpuRefreshKind::nothing()).with_memory(MemoryRefreshKind::nothing().with_ram()),
     )
     .ok();
     let cpu_model = system
@@ -73,27 +71,18 @@ pub fn probe() -> Probe {
 
 /// The board from the device-tree `model` string and the NUL-separated `compatible` list.
 pub fn detect_board(model: Option<&str>, compatible: Option<&str>) -> Board {
-    let model = model
-        .map(|m| m.trim_matches(|c: char| c == '\0' || c.is_whitespace()))
-        .filter(|m| !m.is_empty());
+    let model = model.map(|m| m.trim_matches(|c: char| c == '\0' || c.is_whitespace())).filter(|m| !m.is_empty());
     let lower = model.map(str::to_lowercase).unwrap_or_default();
     // Tegra234 is the Orin SoC; the compatible list names it even when a vendor carrier board
     // renames the model string.
-    let tegra234 =
-        compatible.is_some_and(|c| c.split('\0').any(|entry| entry.trim() == "nvidia,tegra234"));
+    let tegra234 = compatible.is_some_and(|c| c.split('\0').any(|entry| entry.trim() == "nvidia,tegra234"));
     if tegra234 || (lower.contains("jetson") && lower.contains("orin")) {
-        return Board::JetsonOrin {
-            model: model.unwrap_or("NVIDIA Jetson Orin").to_owned(),
-        };
+        return Board::JetsonOrin { model: model.unwrap_or("NVIDIA Jetson Orin").to_owned() };
     }
     if lower.starts_with("raspberry pi") {
-        return Board::RaspberryPi {
-            model: model.unwrap_or_default().to_owned(),
-        };
+        return Board::RaspberryPi { model: model.unwrap_or_default().to_owned() };
     }
-    Board::Other {
-        model: model.map(str::to_owned),
-    }
+    Board::Other { model: model.map(str::to_owned) }
 }
 
 /// Logical CPUs available to this process: std accounts for the affinity mask and cgroup quota.
@@ -110,25 +99,18 @@ pub fn logical_cores() -> usize {
 pub fn physical_cores() -> usize {
     let usable = logical_cores();
     let cpu_root = Path::new("/sys/devices/system/cpu");
-    let allowed = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| cpus_allowed(&s));
-    let physical =
-        cores_from_sysfs(cpu_root, allowed.as_ref()).or_else(|| System::physical_core_count().ok());
+    let allowed = fs::read_to_string("/proc/self/status").ok().and_then(|s| cpus_allowed(&s));
+    let physical = cores_from_sysfs(cpu_root, allowed.as_ref()).or_else(|| System::physical_core_count().ok());
     physical.unwrap_or(usable).clamp(1, usable)
 }
 
 fn read_device_tree(path: &str) -> Option<String> {
-    fs::read(path)
-        .ok()
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    fs::read(path).ok().map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// `Cpus_allowed_list` from /proc/self/status.
 fn cpus_allowed(status: &str) -> Option<BTreeSet<usize>> {
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
     parse_cpu_list(line)
 }
 
@@ -136,10 +118,7 @@ fn cpus_allowed(status: &str) -> Option<BTreeSet<usize>> {
 fn cores_from_sysfs(root: &Path, allowed: Option<&BTreeSet<usize>>) -> Option<usize> {
     let online = parse_cpu_list(&fs::read_to_string(root.join("online")).ok()?)?;
     let mut groups = BTreeSet::new();
-    for cpu in online
-        .iter()
-        .filter(|cpu| allowed.is_none_or(|a| a.contains(cpu)))
-    {
+    for cpu in online.iter().filter(|cpu| allowed.is_none_or(|a| a.contains(cpu))) {
         let topology = root.join(format!("cpu{cpu}/topology"));
         let siblings = ["core_cpus_list", "thread_siblings_list"]
             .iter()
@@ -189,28 +168,18 @@ mod tests {
             "NVIDIA Jetson Orin Nano Developer Kit",
             "Jetson AGX Orin",
         ] {
-            assert_eq!(
-                model(name),
-                Board::JetsonOrin {
-                    model: name.to_owned()
-                },
-                "{name}"
-            );
+            assert_eq!(model(name), Board::JetsonOrin { model: name.to_owned() }, "{name}");
         }
         // The device tree's trailing NUL is not part of the name.
         assert_eq!(
             model("NVIDIA Jetson AGX Orin Developer Kit\0"),
-            Board::JetsonOrin {
-                model: "NVIDIA Jetson AGX Orin Developer Kit".to_owned()
-            }
+            Board::JetsonOrin { model: "NVIDIA Jetson AGX Orin Developer Kit".to_owned() }
         );
         // A carrier board with its own name is still Orin by its SoC.
         let compat = "vendor,carrier\0nvidia,p3767-0000\0nvidia,tegra234\0";
         assert_eq!(
             detect_board(Some("Acme Edge Box"), Some(compat)),
-            Board::JetsonOrin {
-                model: "Acme Edge Box".to_owned()
-            }
+            Board::JetsonOrin { model: "Acme Edge Box".to_owned() }
         );
     }
 
@@ -221,13 +190,7 @@ mod tests {
             "Raspberry Pi 4 Model B Rev 1.4",
             "Raspberry Pi Compute Module 4 Rev 1.0",
         ] {
-            assert_eq!(
-                model(name),
-                Board::RaspberryPi {
-                    model: name.to_owned()
-                },
-                "{name}"
-            );
+            assert_eq!(model(name), Board::RaspberryPi { model: name.to_owned() }, "{name}");
         }
     }
 
@@ -236,35 +199,22 @@ mod tests {
         // Older Jetsons cannot run the Orin plan (sm_87 kernels).
         assert_eq!(
             model("NVIDIA Jetson Xavier NX Developer Kit"),
-            Board::Other {
-                model: Some("NVIDIA Jetson Xavier NX Developer Kit".to_owned())
-            }
+            Board::Other { model: Some("NVIDIA Jetson Xavier NX Developer Kit".to_owned()) }
         );
-        assert_eq!(
-            model("Rockchip RK3588 EVB"),
-            Board::Other {
-                model: Some("Rockchip RK3588 EVB".to_owned())
-            }
-        );
+        assert_eq!(model("Rockchip RK3588 EVB"), Board::Other { model: Some("Rockchip RK3588 EVB".to_owned()) });
         assert_eq!(detect_board(None, None), Board::Other { model: None });
         assert_eq!(model(" \0"), Board::Other { model: None });
     }
 
     #[test]
     fn board_json_is_tagged() {
-        let json = serde_json::to_string(&Board::JetsonOrin {
-            model: "Jetson AGX Orin".to_owned(),
-        })
-        .unwrap();
+        let json = serde_json::to_string(&Board::JetsonOrin { model: "Jetson AGX Orin".to_owned() }).unwrap();
         assert_eq!(json, r#"{"kind":"jetson_orin","model":"Jetson AGX Orin"}"#);
     }
 
     #[test]
     fn cpu_lists() {
-        assert_eq!(
-            parse_cpu_list("0-3,8,10-11\n"),
-            Some(BTreeSet::from([0, 1, 2, 3, 8, 10, 11]))
-        );
+        assert_eq!(parse_cpu_list("0-3,8,10-11\n"), Some(BTreeSet::from([0, 1, 2, 3, 8, 10, 11])));
         assert_eq!(parse_cpu_list("5"), Some(BTreeSet::from([5])));
         assert_eq!(parse_cpu_list(""), Some(BTreeSet::new()));
         assert_eq!(parse_cpu_list("3-1"), None);
@@ -299,10 +249,7 @@ mod tests {
         );
         // Orin-like ARM: 3 clusters of 4, no SMT; core_id would repeat 0..3 per cluster.
         let lists: Vec<String> = (0..12).map(|c| format!("{c}\n")).collect();
-        let arm = fake_sysfs(
-            "0-11",
-            &lists.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let arm = fake_sysfs("0-11", &lists.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(cores_from_sysfs(arm.path(), None), Some(12));
         // Offline CPUs (a power mode that parks cores) are not counted.
         let parked = fake_sysfs("0-5", &lists.iter().map(String::as_str).collect::<Vec<_>>());
@@ -314,10 +261,7 @@ mod tests {
     #[test]
     fn this_machine_probes_consistently() {
         let p = probe();
-        assert!(
-            p.physical_cores >= 1 && p.physical_cores <= p.logical_cores,
-            "{p:?}"
-        );
+        assert!(p.physical_cores >= 1 && p.physical_cores <= p.logical_cores, "{p:?}");
         assert_eq!(p.logical_cores, logical_cores());
         assert!(!p.arch.is_empty());
         if let (Some(total), Some(avail)) = (p.total_memory_bytes, p.available_memory_bytes) {

@@ -107,7 +107,14 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, t: &Self::Tensor) -> Vec<f32>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     /// A weight `[rows, cols]` from raw bytes in `dtype` (GGUF row layout).
-    fn weight(&self, name: &str, dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self::Weight, BackendError>;
+    fn weight(
+        &self,
+        name: &str,
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self::Weight, BackendError>;
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<Self::KvLayer, BackendError>;
 
     // Ops.
@@ -116,11 +123,25 @@ pub trait Backend: Send + Sync + 'static {
     /// `out[:, col0..col0+m] = x · wᵀ` (+ `bias` per column); `x: [n, k]`, `w: [m, k]`,
     /// `out: [n, ≥ col0+m]`. Writing at a column offset lets a layer whose projections cannot be
     /// fused into one matrix (different storage types) still produce one fused activation.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Tensor>, out: &mut Self::Tensor, col0: usize);
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Tensor>,
+        out: &mut Self::Tensor,
+        col0: usize,
+    );
     /// `out = x / rms(x) · weight` per row, computed in f32 (HF order: normalize, then scale).
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32, out: &mut Self::Tensor);
     /// Fused residual step: `residual += x; out = rms_norm(residual)`.
-    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Tensor, eps: f32, out: &mut Self::Tensor);
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+        out: &mut Self::Tensor,
+    );
     /// `acc += x`.
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor);
     /// Rotates the first `n_heads` heads of every row of `x` in place; row `r` is at `positions[r]`.
@@ -128,10 +149,23 @@ pub trait Backend: Send + Sync + 'static {
     /// `out = silu(gu[:, :h]) * gu[:, h:]` where `gu` is the fused gate|up activation `[n, 2h]`.
     fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor);
     /// Stores the K and V columns of `qkv` row `r` into cache slot `slots[r]`.
-    fn write_kv(&self, kv: (&mut Self::KvLayer, &mut Self::KvLayer), qkv: &Self::Tensor, layout: QkvLayout, slots: &[u32]);
+    fn write_kv(
+        &self,
+        kv: (&mut Self::KvLayer, &mut Self::KvLayer),
+        qkv: &Self::Tensor,
+        layout: QkvLayout,
+        slots: &[u32],
+    );
     /// Causal grouped-query attention of the q columns of `qkv` over the cache, scale 1/sqrt(d),
     /// softmax in f32. `out` is `[rows, n_heads·head_dim]`.
-    fn attention(&self, qkv: &Self::Tensor, kv: (&Self::KvLayer, &Self::KvLayer), layout: QkvLayout, seqs: &[AttnSeq<'_>], out: &mut Self::Tensor);
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        kv: (&Self::KvLayer, &Self::KvLayer),
+        layout: QkvLayout,
+        seqs: &[AttnSeq<'_>],
+        out: &mut Self::Tensor,
+    );
     /// `out[i] = x[rows[i]]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
 }

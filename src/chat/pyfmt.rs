@@ -34,12 +34,7 @@ pub fn dumps(value: &Value, opts: &DumpOptions) -> Result<String, Error> {
         (None, None) => (", ".to_owned(), ": ".to_owned()),
     };
     let mut out = String::new();
-    let mut enc = Encoder {
-        opts,
-        item_sep,
-        key_sep,
-        out: &mut out,
-    };
+    let mut enc = Encoder { opts, item_sep, key_sep, out: &mut out };
     enc.value(value, 0)?;
     Ok(out)
 }
@@ -64,26 +59,16 @@ impl Encoder<'_> {
     fn value(&mut self, v: &Value, level: usize) -> Result<(), Error> {
         match v.kind() {
             ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self
-                .out
-                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number => self.out.push_str(&number(v, true)),
-            ValueKind::String => quote(
-                self.out,
-                v.as_str().unwrap_or_default(),
-                self.opts.ensure_ascii,
-            ),
+            ValueKind::String => quote(self.out, v.as_str().unwrap_or_default(), self.opts.ensure_ascii),
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = v.try_iter()?.collect();
                 self.seq(&items, level)?
             }
             ValueKind::Map => self.map(v, level)?,
             ValueKind::Undefined => return Err(type_error("tojson: value is undefined".into())),
-            kind => {
-                return Err(type_error(format!(
-                    "tojson: object of type {kind} is not JSON serializable"
-                )))
-            }
+            kind => return Err(type_error(format!("tojson: object of type {kind} is not JSON serializable"))),
         }
         Ok(())
     }
@@ -145,11 +130,7 @@ fn json_key(key: &Value) -> Result<String, Error> {
         ValueKind::Bool => (if key.is_true() { "true" } else { "false" }).to_owned(),
         ValueKind::None => "null".to_owned(),
         ValueKind::Number => number(key, true),
-        kind => {
-            return Err(type_error(format!(
-                "tojson: keys must be str, int, float, bool or None, not {kind}"
-            )))
-        }
+        kind => return Err(type_error(format!("tojson: keys must be str, int, float, bool or None, not {kind}"))),
     })
 }
 
@@ -165,11 +146,7 @@ fn number(v: &Value, json: bool) -> String {
     }
     if x.is_infinite() {
         let s = if json { "Infinity" } else { "inf" };
-        return if x < 0.0 {
-            format!("-{s}")
-        } else {
-            s.to_owned()
-        };
+        return if x < 0.0 { format!("-{s}") } else { s.to_owned() };
     }
     float_repr(x)
 }
@@ -178,17 +155,11 @@ fn number(v: &Value, json: bool) -> String {
 /// the decimal exponent is in [-4, 16), otherwise as `d.ddde±XX`.
 pub fn float_repr(x: f64) -> String {
     if x == 0.0 {
-        return if x.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Rust's `{:e}` prints the shortest round-trip digits: "-1.2345e-7", "1e16".
     let sci = format!("{x:e}");
-    let (mantissa, exp) = sci
-        .split_once('e')
-        .expect("LowerExp always has an exponent");
+    let (mantissa, exp) = sci.split_once('e').expect("LowerExp always has an exponent");
     let exp: i32 = exp.parse().expect("integer exponent");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(m) => ("-", m),
@@ -204,25 +175,13 @@ pub fn float_repr(x: f64) -> String {
         } else if decpt >= n {
             format!("{digits}{}.0", "0".repeat((decpt - n) as usize))
         } else {
-            format!(
-                "{}.{}",
-                &digits[..decpt as usize],
-                &digits[decpt as usize..]
-            )
+            format!("{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
         }
     } else {
         let (first, rest) = digits.split_at(1);
         let e = decpt - 1;
-        let frac = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
-        format!(
-            "{first}{frac}e{}{:02}",
-            if e < 0 { '-' } else { '+' },
-            e.abs()
-        )
+        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        format!("{first}{frac}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
     };
     format!("{sign}{body}")
 }
@@ -278,10 +237,7 @@ pub fn py_repr(v: &Value) -> String {
         ValueKind::Number => number(v, false),
         ValueKind::String => str_repr(v.as_str().unwrap_or_default()),
         ValueKind::Seq | ValueKind::Iterable => match v.try_iter() {
-            Ok(items) => format!(
-                "[{}]",
-                items.map(|i| py_repr(&i)).collect::<Vec<_>>().join(", ")
-            ),
+            Ok(items) => format!("[{}]", items.map(|i| py_repr(&i)).collect::<Vec<_>>().join(", ")),
             Err(_) => v.to_string(),
         },
         ValueKind::Map => match v.try_iter() {
@@ -301,11 +257,7 @@ pub fn py_repr(v: &Value) -> String {
 }
 
 fn str_repr(s: &str) -> String {
-    let q = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let q = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(q);
     for c in s.chars() {
@@ -360,41 +312,20 @@ mod tests {
 
     #[test]
     fn dumps_defaults_match_python() {
-        let v = Value::from_serialize(
-            serde_json::json!({"b": [1, 2.0, null, true], "a": "x\"y\\z\n\u{1}é😀<>&'"}),
-        );
+        let v = Value::from_serialize(serde_json::json!({"b": [1, 2.0, null, true], "a": "x\"y\\z\n\u{1}é😀<>&'"}));
         let got = dumps(&v, &DumpOptions::default()).unwrap();
-        assert_eq!(
-            got,
-            r#"{"b": [1, 2.0, null, true], "a": "x\"y\\z\n\u0001é😀<>&'"}"#
-        );
-        let ascii = dumps(
-            &Value::from("é😀\u{7f}"),
-            &DumpOptions {
-                ensure_ascii: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        assert_eq!(got, r#"{"b": [1, 2.0, null, true], "a": "x\"y\\z\n\u0001é😀<>&'"}"#);
+        let ascii =
+            dumps(&Value::from("é😀\u{7f}"), &DumpOptions { ensure_ascii: true, ..Default::default() }).unwrap();
         assert_eq!(ascii, r#""\u00e9\ud83d\ude00\u007f""#);
     }
 
     #[test]
     fn dumps_indent_and_separators_match_python() {
         let v = Value::from_serialize(serde_json::json!({"k": [1, {}], "e": []}));
-        let opts = DumpOptions {
-            indent: Some("  ".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            dumps(&v, &opts).unwrap(),
-            "{\n  \"k\": [\n    1,\n    {}\n  ],\n  \"e\": []\n}"
-        );
-        let opts = DumpOptions {
-            separators: Some((",".into(), ":".into())),
-            sort_keys: true,
-            ..Default::default()
-        };
+        let opts = DumpOptions { indent: Some("  ".into()), ..Default::default() };
+        assert_eq!(dumps(&v, &opts).unwrap(), "{\n  \"k\": [\n    1,\n    {}\n  ],\n  \"e\": []\n}");
+        let opts = DumpOptions { separators: Some((",".into(), ":".into())), sort_keys: true, ..Default::default() };
         assert_eq!(dumps(&v, &opts).unwrap(), r#"{"e":[],"k":[1,{}]}"#);
     }
 

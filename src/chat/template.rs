@@ -68,21 +68,14 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
     }
 }
 
 impl ChatTemplate {
     /// Compiles `source`. `bos_token`/`eos_token` are the strings the tokenizer defines (absent
     /// ones stay undefined in the template, as in HF where `special_tokens_map` omits them).
-    pub fn new(
-        source: &str,
-        bos_token: Option<&str>,
-        eos_token: Option<&str>,
-    ) -> Result<Self, TemplateError> {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -99,13 +92,8 @@ impl ChatTemplate {
         env.add_filter("string", |v: Value| Value::from(pyfmt::py_str(&v)));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(NAME, source.to_owned())
-            .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.map(str::to_owned),
-            eos_token: eos_token.map(str::to_owned),
-        })
+        env.add_template_owned(NAME, source.to_owned()).map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        Ok(Self { env, bos_token: bos_token.map(str::to_owned), eos_token: eos_token.map(str::to_owned) })
     }
 
     /// Renders the conversation. `messages` and `tools` are OpenAI/HF-shaped JSON (tool-call
@@ -119,10 +107,7 @@ impl ChatTemplate {
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, TemplateError> {
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
-        for (tok, value) in [
-            ("bos_token", &self.bos_token),
-            ("eos_token", &self.eos_token),
-        ] {
+        for (tok, value) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token)] {
             if let Some(v) = value {
                 ctx.insert(tok.to_owned(), Value::from(v.as_str()));
             }
@@ -134,20 +119,11 @@ impl ChatTemplate {
             ctx.insert(k.clone(), Value::from_serialize(v));
         }
         ctx.insert("messages".into(), Value::from_serialize(messages));
-        ctx.insert(
-            "tools".into(),
-            tools.map(Value::from_serialize).unwrap_or(Value::from(())),
-        );
+        ctx.insert("tools".into(), tools.map(Value::from_serialize).unwrap_or(Value::from(())));
         ctx.insert("documents".into(), Value::from(()));
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::from(add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
 
-        let template = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        let template = self.env.get_template(NAME).map_err(|e| TemplateError::Render(describe(&e)))?;
         template.render(ctx).map_err(|e| match raised_message(&e) {
             Some(msg) => TemplateError::Raised(msg),
             None => TemplateError::Render(describe(&e)),
@@ -178,22 +154,15 @@ fn raised_message(e: &Error) -> Option<String> {
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
-    Err(
-        Error::new(ErrorKind::InvalidOperation, "raise_exception called")
-            .with_source(RaisedByTemplate(msg)),
-    )
+    Err(Error::new(ErrorKind::InvalidOperation, "raise_exception called").with_source(RaisedByTemplate(msg)))
 }
 
 /// `datetime.now().strftime(fmt)` in local time. An invalid format is an error, not a panic
 /// (chrono reports bad specifiers through `fmt::Error`).
 fn strftime_now(fmt: String) -> Result<Value, Error> {
     let mut out = String::new();
-    write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| {
-        Error::new(
-            ErrorKind::InvalidOperation,
-            format!("strftime_now: invalid format {fmt:?}"),
-        )
-    })?;
+    write!(out, "{}", chrono::Local::now().format(&fmt))
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {fmt:?}")))?;
     Ok(Value::from(out))
 }
 
@@ -213,8 +182,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
             ValueKind::None => None,
             // Python: an int is that many spaces (negative: none); a str is used as is.
             ValueKind::Number => {
-                let n = i64::try_from(v.clone())
-                    .map_err(|_| bad("indent must be an integer or a string"))?;
+                let n = i64::try_from(v.clone()).map_err(|_| bad("indent must be an integer or a string"))?;
                 Some(" ".repeat(n.clamp(0, 64) as usize))
             }
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_owned()),
@@ -223,16 +191,10 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     }
     if let Some(v) = kwargs.get::<Option<Value>>("separators")? {
         if !v.is_none() {
-            let parts: Vec<Value> = v
-                .try_iter()
-                .map_err(|_| bad("separators must be a pair of strings"))?
-                .collect();
+            let parts: Vec<Value> = v.try_iter().map_err(|_| bad("separators must be a pair of strings"))?.collect();
             match parts.as_slice() {
                 [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
-                    opts.separators = Some((
-                        a.as_str().unwrap().to_owned(),
-                        b.as_str().unwrap().to_owned(),
-                    ));
+                    opts.separators = Some((a.as_str().unwrap().to_owned(), b.as_str().unwrap().to_owned()));
                 }
                 _ => return Err(bad("separators must be a pair of strings")),
             }
@@ -256,18 +218,14 @@ mod tests {
     #[test]
     fn raise_exception_becomes_a_raised_error_with_the_message() {
         let err = render("{{ raise_exception('roles must alternate') }}", json!([])).unwrap_err();
-        assert!(
-            matches!(&err, TemplateError::Raised(m) if m == "roles must alternate"),
-            "{err}"
-        );
+        assert!(matches!(&err, TemplateError::Raised(m) if m == "roles must alternate"), "{err}");
     }
 
     #[test]
     fn syntax_errors_are_reported_at_compile_time() {
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
         assert!(matches!(err, TemplateError::Syntax(_)), "{err}");
-        let err =
-            ChatTemplate::new("{% generation %}x{% endgeneration %}", None, None).unwrap_err();
+        let err = ChatTemplate::new("{% generation %}x{% endgeneration %}", None, None).unwrap_err();
         assert!(matches!(err, TemplateError::Syntax(_)), "{err}");
     }
 
@@ -295,16 +253,10 @@ mod tests {
         let got = render("{{ strftime_now('%Y') }}", json!([])).unwrap();
         // Around midnight on new year's eve the two clocks may straddle the change.
         assert!(
-            got == year
-                || got
-                    .parse::<i32>()
-                    .is_ok_and(|y| (y - year.parse::<i32>().unwrap()).abs() == 1),
+            got == year || got.parse::<i32>().is_ok_and(|y| (y - year.parse::<i32>().unwrap()).abs() == 1),
             "{got}"
         );
-        assert!(matches!(
-            render("{{ strftime_now('%Q') }}", json!([])),
-            Err(TemplateError::Render(_))
-        ));
+        assert!(matches!(render("{{ strftime_now('%Q') }}", json!([])), Err(TemplateError::Render(_))));
     }
 
     #[test]
@@ -315,8 +267,6 @@ mod tests {
         extra.insert("eos_token".into(), json!("<e>"));
         assert_eq!(t.render(&[], false, None, &extra).unwrap(), "<s>|<e>");
         extra.insert("messages".into(), json!([]));
-        assert!(
-            matches!(t.render(&[], false, None, &extra), Err(TemplateError::ReservedKey(k)) if k == "messages")
-        );
+        assert!(matches!(t.render(&[], false, None, &extra), Err(TemplateError::ReservedKey(k)) if k == "messages"));
     }
 }

@@ -80,14 +80,7 @@ impl<S: TokenSource> Detokenizer<S> {
     /// ignored (they would match before any output).
     pub fn new(source: S, stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self {
-            source,
-            stops,
-            emit_special: false,
-            pending: Vec::new(),
-            held: String::new(),
-            stopped: None,
-        }
+        Self { source, stops, emit_special: false, pending: Vec::new(), held: String::new(), stopped: None }
     }
 
     /// Emit the text of special tokens too (for raw completions that want `<|im_end|>` shown).
@@ -146,24 +139,13 @@ impl<S: TokenSource> Detokenizer<S> {
             text.truncate(at);
             self.pending.clear();
             self.stopped = Some(stop.clone());
-            return Step {
-                text,
-                stopped: Some(stop),
-            };
+            return Step { text, stopped: Some(stop) };
         }
         if !at_end {
-            let keep = self
-                .stops
-                .iter()
-                .map(|s| partial_stop_suffix(&text, s))
-                .max()
-                .unwrap_or(0);
+            let keep = self.stops.iter().map(|s| partial_stop_suffix(&text, s)).max().unwrap_or(0);
             self.held = text.split_off(text.len() - keep);
         }
-        Step {
-            text,
-            stopped: None,
-        }
+        Step { text, stopped: None }
     }
 }
 
@@ -212,10 +194,7 @@ fn partial_stop_suffix(text: &str, stop: &str) -> usize {
     (1..=max)
         .rev()
         .find(|&k| {
-            text.is_char_boundary(text.len() - k)
-                && stop
-                    .as_bytes()
-                    .starts_with(&text.as_bytes()[text.len() - k..])
+            text.is_char_boundary(text.len() - k) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - k..])
         })
         .unwrap_or(0)
 }
@@ -244,10 +223,7 @@ mod tests {
         let mut all: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
         all.resize(1000, Vec::new());
         all.extend((0..=255u8).map(|b| vec![b]));
-        Table {
-            pieces: all,
-            special: special.to_vec(),
-        }
+        Table { pieces: all, special: special.to_vec() }
     }
 
     fn byte(b: u8) -> u32 {
@@ -265,14 +241,7 @@ mod tests {
         let t = table(&[b"Hi "], &[]);
         let mut d = Detokenizer::new(&t, vec![]);
         let smile = "😀".as_bytes(); // F0 9F 98 80
-        let ids = [
-            0,
-            byte(smile[0]),
-            byte(smile[1]),
-            byte(smile[2]),
-            byte(smile[3]),
-            byte(b'!'),
-        ];
+        let ids = [0, byte(smile[0]), byte(smile[1]), byte(smile[2]), byte(smile[3]), byte(b'!')];
         let (steps, rest) = run(&mut d, &ids);
         assert_eq!(steps, ["Hi ", "", "", "", "😀", "!"]);
         assert_eq!(rest, "");
@@ -310,18 +279,11 @@ mod tests {
     #[test]
     fn streamed_text_equals_lossy_decode_for_every_split() {
         // Every way of cutting a byte string into two-token chunks gives the same total.
-        let text = "a😀é\u{FFFD}日\u{80}"
-            .as_bytes()
-            .iter()
-            .copied()
-            .chain([0xF0, 0x9F, 0xff, 0xC3])
-            .collect::<Vec<u8>>();
+        let text =
+            "a😀é\u{FFFD}日\u{80}".as_bytes().iter().copied().chain([0xF0, 0x9F, 0xff, 0xC3]).collect::<Vec<u8>>();
         let expected = String::from_utf8_lossy(&text).into_owned();
         for cut in 0..=text.len() {
-            let t = Table {
-                pieces: vec![text[..cut].to_vec(), text[cut..].to_vec()],
-                special: vec![],
-            };
+            let t = Table { pieces: vec![text[..cut].to_vec(), text[cut..].to_vec()], special: vec![] };
             let mut d = Detokenizer::new(&t, vec![]);
             let (steps, rest) = run(&mut d, &[0, 1]);
             assert_eq!(steps.concat() + &rest, expected, "cut at {cut}");
@@ -330,29 +292,14 @@ mod tests {
 
     #[test]
     fn stop_string_spanning_tokens_cuts_output() {
-        let t = table(
-            &[b"Hello", b" wor", b"ld", b"! ##", b"#END", b" after"],
-            &[],
-        );
+        let t = table(&[b"Hello", b" wor", b"ld", b"! ##", b"#END", b" after"], &[]);
         let mut d = Detokenizer::new(&t, vec!["###END".into()]);
         assert_eq!(d.push(0).text, "Hello");
         assert_eq!(d.push(1).text, " wor");
         assert_eq!(d.push(2).text, "ld");
         // "! ##" ends with a prefix of the stop: "##" is held back.
-        assert_eq!(
-            d.push(3),
-            Step {
-                text: "! ".into(),
-                stopped: None
-            }
-        );
-        assert_eq!(
-            d.push(4),
-            Step {
-                text: String::new(),
-                stopped: Some("###END".into())
-            }
-        );
+        assert_eq!(d.push(3), Step { text: "! ".into(), stopped: None });
+        assert_eq!(d.push(4), Step { text: String::new(), stopped: Some("###END".into()) });
         assert_eq!(d.push(5), Step::default(), "nothing after a stop");
         assert_eq!(d.finish(), "");
         assert_eq!(d.stopped(), Some("###END"));
@@ -374,13 +321,7 @@ mod tests {
     fn stop_string_at_the_very_start() {
         let t = table(&[b"STOP", b"more"], &[]);
         let mut d = Detokenizer::new(&t, vec!["STOP".into()]);
-        assert_eq!(
-            d.push(0),
-            Step {
-                text: String::new(),
-                stopped: Some("STOP".into())
-            }
-        );
+        assert_eq!(d.push(0), Step { text: String::new(), stopped: Some("STOP".into()) });
         assert_eq!(d.push(1), Step::default());
     }
 
@@ -388,13 +329,7 @@ mod tests {
     fn stop_inside_one_token_keeps_text_before_it() {
         let t = table(&[b"answer: 42\nUser: hi"], &[]);
         let mut d = Detokenizer::new(&t, vec!["\nUser:".into(), "zzz".into()]);
-        assert_eq!(
-            d.push(0),
-            Step {
-                text: "answer: 42".into(),
-                stopped: Some("\nUser:".into())
-            }
-        );
+        assert_eq!(d.push(0), Step { text: "answer: 42".into(), stopped: Some("\nUser:".into()) });
     }
 
     #[test]
@@ -403,23 +338,14 @@ mod tests {
         let mut d = Detokenizer::new(&t, vec!["STOP".into(), "— y".into(), "".into()]);
         assert_eq!(d.push(0).text, "x ");
         // "— y" (completed by this token) starts before "STOP".
-        assert_eq!(
-            d.push(1),
-            Step {
-                text: String::new(),
-                stopped: Some("— y".into())
-            }
-        );
+        assert_eq!(d.push(1), Step { text: String::new(), stopped: Some("— y".into()) });
     }
 
     #[test]
     fn special_tokens_are_silent_unless_asked() {
         let t = table(&[b"Hi", b"<|im_end|>"], &[1]);
         let mut d = Detokenizer::new(&t, vec![]);
-        assert_eq!(
-            run(&mut d, &[0, 1]),
-            (vec!["Hi".to_string(), String::new()], String::new())
-        );
+        assert_eq!(run(&mut d, &[0, 1]), (vec!["Hi".to_string(), String::new()], String::new()));
         let mut d = Detokenizer::new(&t, vec![]).with_special_tokens(true);
         assert_eq!(run(&mut d, &[0, 1]).0, ["Hi", "<|im_end|>"]);
         // A stop string written as a special token's text matches only when specials are shown.

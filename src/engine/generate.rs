@@ -103,10 +103,7 @@ pub enum GenerateError {
         "prompt is {prompt_tokens} tokens, the model's context is {context_len} \
          (the prompt must leave room for at least one generated token)"
     )]
-    PromptTooLong {
-        prompt_tokens: usize,
-        context_len: usize,
-    },
+    PromptTooLong { prompt_tokens: usize, context_len: usize },
     #[error("the model has no chat template (tokenizer.chat_template); use a raw prompt")]
     NoChatTemplate,
     #[error(transparent)]
@@ -138,10 +135,7 @@ pub fn generate<B: Backend>(
         return Err(GenerateError::EmptyPrompt);
     }
     if prompt_tokens >= context_len {
-        return Err(GenerateError::PromptTooLong {
-            prompt_tokens,
-            context_len,
-        });
+        return Err(GenerateError::PromptTooLong { prompt_tokens, context_len });
     }
     // Ids past the tokenizer's vocabulary (a padded head) have no text; never sample them.
     let vocab = tokenizer.vocab_size().min(model.config.vocab_size);
@@ -150,12 +144,7 @@ pub fn generate<B: Backend>(
     // Every sampled token but the last is forwarded, so the cache holds at most
     // prompt + max_new − 1 positions.
     let capacity = prompt_tokens + max_new.saturating_sub(1);
-    let mut cache = ContiguousKvCache::new(
-        be,
-        model.config.n_layers,
-        model.layout().kv_cols(),
-        capacity,
-    )?;
+    let mut cache = ContiguousKvCache::new(be, model.config.n_layers, model.layout().kv_cols(), capacity)?;
     let mut detok = Detokenizer::new(tokenizer, req.stop);
     let eos = tokenizer.eos_ids();
 
@@ -170,22 +159,13 @@ pub fn generate<B: Backend>(
             text.push_str(piece);
         }
     };
-    let mut timings = Timings {
-        prompt_tokens,
-        ..Timings::default()
-    };
+    let mut timings = Timings { prompt_tokens, ..Timings::default() };
 
     let start = Instant::now();
     let mut logits = model.forward(be, &history, &mut cache, false)?;
     if max_new == 0 {
         timings.prompt_ms = ms_since(start);
-        return Ok(Generation {
-            tokens,
-            text,
-            finish_reason: FinishReason::Length,
-            prompt_tokens,
-            timings,
-        });
+        return Ok(Generation { tokens, text, finish_reason: FinishReason::Length, prompt_tokens, timings });
     }
 
     let mut decode_start = None;
@@ -221,13 +201,7 @@ pub fn generate<B: Backend>(
     if let Some(t) = decode_start {
         timings.decode_ms = ms_since(t);
     }
-    Ok(Generation {
-        tokens,
-        text,
-        finish_reason: finish,
-        prompt_tokens,
-        timings,
-    })
+    Ok(Generation { tokens, text, finish_reason: finish, prompt_tokens, timings })
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -244,19 +218,12 @@ pub fn user_message(content: &str) -> serde_json::Value {
 /// tokens parsed (the template's `<|im_start|>` must become one id). BOS is prepended only when
 /// the tokenizer asks for it and the template did not already emit it; llama.cpp warns about the
 /// double BOS that adding it blindly would produce.
-pub fn render_chat_prompt(
-    tokenizer: &Tokenizer,
-    messages: &[serde_json::Value],
-) -> Result<Vec<u32>, GenerateError> {
-    let source = tokenizer
-        .chat_template()
-        .ok_or(GenerateError::NoChatTemplate)?;
+pub fn render_chat_prompt(tokenizer: &Tokenizer, messages: &[serde_json::Value]) -> Result<Vec<u32>, GenerateError> {
+    let source = tokenizer.chat_template().ok_or(GenerateError::NoChatTemplate)?;
     let template = ChatTemplate::new(source, tokenizer.bos_token(), tokenizer.eos_token())?;
     let text = template.render(messages, true, None, &serde_json::Map::new())?;
     let mut ids = tokenizer.encode(&text, true)?;
-    let starts_with_bos = tokenizer
-        .bos_token()
-        .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    let starts_with_bos = tokenizer.bos_token().is_some_and(|b| !b.is_empty() && text.starts_with(b));
     add_bos(tokenizer, &mut ids, starts_with_bos);
     Ok(ids)
 }
@@ -330,10 +297,7 @@ mod tests {
 
     fn run(f: &Fixture, req: GenerateRequest, context_len: usize) -> (Generation, Vec<String>) {
         let mut pieces = Vec::new();
-        let g = generate(&f.model, &f.be, &f.tok, req, context_len, |t| {
-            pieces.push(t.to_owned())
-        })
-        .unwrap();
+        let g = generate(&f.model, &f.be, &f.tok, req, context_len, |t| pieces.push(t.to_owned())).unwrap();
         (g, pieces)
     }
 
@@ -373,11 +337,9 @@ mod tests {
         let (g, _) = run(&f, req, CONTEXT);
         let cols = f.model.layout().kv_cols();
         for &want in &g.tokens {
-            let mut cache =
-                ContiguousKvCache::new(&f.be, test_model::LAYERS, cols, seq.len()).unwrap();
+            let mut cache = ContiguousKvCache::new(&f.be, test_model::LAYERS, cols, seq.len()).unwrap();
             let logits = f.model.forward(&f.be, &seq, &mut cache, false).unwrap();
-            let best =
-                (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
+            let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
             assert_eq!(best, Some(want as usize));
             seq.push(want);
         }
@@ -397,15 +359,8 @@ mod tests {
         let req = request(&f, 100, sampled(1));
         let ctx = req.prompt_ids.len() + 3;
         let (g3, _) = run(&f, req, ctx);
-        assert_eq!(
-            (g3.tokens.len(), g3.finish_reason),
-            (3, FinishReason::Length)
-        );
-        assert_eq!(
-            g3.tokens,
-            g.tokens[..3],
-            "clipping does not change the draws"
-        );
+        assert_eq!((g3.tokens.len(), g3.finish_reason), (3, FinishReason::Length));
+        assert_eq!(g3.tokens, g.tokens[..3], "clipping does not change the draws");
 
         // max_tokens = 0: prefill only.
         let (g0, pieces) = run(&f, request(&f, 0, sampled(1)), CONTEXT);
@@ -435,13 +390,7 @@ mod tests {
         assert!(g.tokens.len() < full.tokens.len());
         assert_eq!(g.tokens, full.tokens[..g.tokens.len()]);
         let through = f.tok.decode(&g.tokens, true);
-        assert!(
-            through.contains(&stop)
-                && !f
-                    .tok
-                    .decode(&g.tokens[..g.tokens.len() - 1], true)
-                    .contains(&stop)
-        );
+        assert!(through.contains(&stop) && !f.tok.decode(&g.tokens[..g.tokens.len() - 1], true).contains(&stop));
     }
 
     #[test]
@@ -455,10 +404,7 @@ mod tests {
         let tok = tokenizer_with(&[("tokenizer.ggml.eos_token_id", MetaValue::U32(g.tokens[i]))]);
         let mut pieces = Vec::new();
         let req = request(&f, 16, SamplingParams::greedy());
-        let stopped = generate(&f.model, &f.be, &tok, req, CONTEXT, |t| {
-            pieces.push(t.to_owned())
-        })
-        .unwrap();
+        let stopped = generate(&f.model, &f.be, &tok, req, CONTEXT, |t| pieces.push(t.to_owned())).unwrap();
         assert_eq!(stopped.finish_reason, FinishReason::Stop);
         assert_eq!(stopped.tokens, g.tokens[..i]);
         assert_eq!(stopped.text, tok.decode(&g.tokens[..i], true));
@@ -475,42 +421,17 @@ mod tests {
             assert!(
                 matches!(e, GenerateError::PromptTooLong { prompt_tokens, context_len } if prompt_tokens == n && context_len == ctx)
             );
-            assert!(
-                e.to_string().starts_with(&format!(
-                    "prompt is {n} tokens, the model's context is {ctx}"
-                )),
-                "{e}"
-            );
+            assert!(e.to_string().starts_with(&format!("prompt is {n} tokens, the model's context is {ctx}")), "{e}");
         }
-        let e = err(
-            &f,
-            GenerateRequest {
-                prompt_ids: vec![],
-                ..req.clone()
-            },
-            CONTEXT,
-        );
-        assert!(
-            matches!(e, GenerateError::EmptyPrompt) && e.to_string().contains("prompt_ids"),
-            "{e}"
-        );
+        let e = err(&f, GenerateRequest { prompt_ids: vec![], ..req.clone() }, CONTEXT);
+        assert!(matches!(e, GenerateError::EmptyPrompt) && e.to_string().contains("prompt_ids"), "{e}");
         let mut bad = req.clone();
         bad.sampling.top_p = 0.0;
         let e = err(&f, bad, CONTEXT);
         assert!(e.to_string().contains("top_p = 0"), "{e}");
         let vocab = f.tok.vocab_size() as u32;
-        let e = err(
-            &f,
-            GenerateRequest {
-                prompt_ids: vec![3, vocab + 7],
-                ..req
-            },
-            CONTEXT,
-        );
-        assert!(
-            e.to_string().contains(&format!("token id {}", vocab + 7)),
-            "{e}"
-        );
+        let e = err(&f, GenerateRequest { prompt_ids: vec![3, vocab + 7], ..req }, CONTEXT);
+        assert!(e.to_string().contains(&format!("token id {}", vocab + 7)), "{e}");
     }
 
     #[test]
@@ -518,10 +439,7 @@ mod tests {
         let chatml = MetaValue::String(CHATML.into());
         let tok = tokenizer_with(&[("tokenizer.chat_template", chatml.clone())]);
         let ids = render_chat_prompt(&tok, &[user_message("hi there")]).unwrap();
-        assert_eq!(
-            tok.decode(&ids, false),
-            "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(tok.decode(&ids, false), "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(ids[0], IM_START, "special tokens are single ids");
         assert_eq!(ids.iter().filter(|&&t| t == IM_END).count(), 1);
         // No BOS id in this tokenizer: nothing is prepended.
@@ -544,19 +462,10 @@ mod tests {
         let raw = raw_prompt_ids(&tok, "<|im_start|>hi").unwrap();
         assert_eq!(
             raw,
-            [
-                ENDOFTEXT,
-                IM_START,
-                tok.encode("hi", false).unwrap()[0],
-                tok.encode("hi", false).unwrap()[1]
-            ]
+            [ENDOFTEXT, IM_START, tok.encode("hi", false).unwrap()[0], tok.encode("hi", false).unwrap()[1]]
         );
         // A template that writes BOS itself gets no second one; nor does raw text starting with it.
-        let tok = tokenizer_with(&[
-            bos.clone(),
-            add(true),
-            template(&format!("{{{{ bos_token }}}}{CHATML}")),
-        ]);
+        let tok = tokenizer_with(&[bos.clone(), add(true), template(&format!("{{{{ bos_token }}}}{CHATML}"))]);
         let ids = render_chat_prompt(&tok, &msgs).unwrap();
         assert_eq!(&ids[..2], [ENDOFTEXT, IM_START]);
         assert_eq!(
@@ -566,9 +475,6 @@ mod tests {
 
         let tok = tokenizer_with(&[bos, add(false), template(CHATML)]);
         assert_eq!(render_chat_prompt(&tok, &msgs).unwrap()[0], IM_START);
-        assert_eq!(
-            raw_prompt_ids(&tok, "hi").unwrap(),
-            tok.encode("hi", false).unwrap()
-        );
+        assert_eq!(raw_prompt_ids(&tok, "hi").unwrap(), tok.encode("hi", false).unwrap());
     }
 }

@@ -97,11 +97,7 @@ impl SamplingParams {
             if v.is_finite() && ok {
                 Ok(())
             } else {
-                Err(SamplingError::OutOfRange {
-                    field,
-                    value: v.to_string(),
-                    allowed,
-                })
+                Err(SamplingError::OutOfRange { field, value: v.to_string(), allowed })
             }
         };
         let t = self.temperature;
@@ -112,10 +108,7 @@ impl SamplingParams {
         check("min_p", m, (0.0..=1.0).contains(&m), "[0, 1]")?;
         let r = self.repeat_penalty;
         check("repeat_penalty", r, r > 0.0, "a finite number > 0")?;
-        for (field, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             check(field, v, (-2.0..=2.0).contains(&v), "[-2, 2]")?;
         }
         Ok(())
@@ -123,20 +116,14 @@ impl SamplingParams {
 
     fn penalties_active(&self) -> bool {
         self.repeat_last_n > 0
-            && (self.repeat_penalty != 1.0
-                || self.presence_penalty != 0.0
-                || self.frequency_penalty != 0.0)
+            && (self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
     #[error("{field} = {value} is out of range: allowed is {allowed}")]
-    OutOfRange {
-        field: &'static str,
-        value: String,
-        allowed: &'static str,
-    },
+    OutOfRange { field: &'static str, value: String, allowed: &'static str },
 }
 
 /// One sequence's sampler: its parameters, its random stream and reusable scratch space (no
@@ -171,14 +158,7 @@ impl Sampler {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Ok(Self {
-            params,
-            vocab_size,
-            rng,
-            cands: Vec::new(),
-            weights: Vec::new(),
-            window: Vec::new(),
-        })
+        Ok(Self { params, vocab_size, rng, cands: Vec::new(), weights: Vec::new(), window: Vec::new() })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -216,13 +196,8 @@ impl Sampler {
         }
 
         self.cands.clear();
-        self.cands.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, &l)| l > f32::NEG_INFINITY)
-                .map(|(i, &l)| (i as u32, l)),
-        );
+        self.cands
+            .extend(logits.iter().enumerate().filter(|(_, &l)| l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)));
         if self.cands.is_empty() {
             return raw_argmax;
         }
@@ -259,12 +234,7 @@ impl Sampler {
         let p = &self.params;
         let start = history.len().saturating_sub(p.repeat_last_n);
         self.window.clear();
-        self.window.extend(
-            history[start..]
-                .iter()
-                .copied()
-                .filter(|&id| (id as usize) < logits.len()),
-        );
+        self.window.extend(history[start..].iter().copied().filter(|&id| (id as usize) < logits.len()));
         self.window.sort_unstable();
         for run in self.window.chunk_by(|a, b| a == b) {
             let l = &mut logits[run[0] as usize];
@@ -325,8 +295,7 @@ impl Sampler {
         self.weights.clear();
         // (l − max) ≤ 0, so every weight is in [0, 1] and the max has weight 1: no overflow,
         // and the sum is at least 1.
-        self.weights
-            .extend(cands.iter().map(|&(_, l)| ((l - max) / t).exp()));
+        self.weights.extend(cands.iter().map(|&(_, l)| ((l - max) / t).exp()));
         let total: f64 = self.weights.iter().map(|&w| w as f64).sum();
         let r = self.rng.random::<f64>() * total;
         let mut acc = 0.0f64;
@@ -339,11 +308,7 @@ impl Sampler {
         }
         // `acc` ends at exactly `total` (same sum, same order), so this is reached only when
         // u·total rounds up to total for u just below 1: take the most likely candidate.
-        cands
-            .iter()
-            .max_by(|a, b| by_logit_desc(b, a))
-            .map(|c| c.0)
-            .expect("draw runs on a non-empty candidate list")
+        cands.iter().max_by(|a, b| by_logit_desc(b, a)).map(|c| c.0).expect("draw runs on a non-empty candidate list")
     }
 }
 
@@ -393,17 +358,12 @@ mod tests {
 
     /// Draws `n` tokens from fresh copies of `logits` with an empty history.
     fn draws(s: &mut Sampler, logits: &[f32], n: usize) -> Vec<u32> {
-        (0..n)
-            .map(|_| s.sample(&mut logits.to_vec(), &[]))
-            .collect()
+        (0..n).map(|_| s.sample(&mut logits.to_vec(), &[])).collect()
     }
 
     fn softmax(logits: &[f32], t: f32) -> Vec<f64> {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let e: Vec<f64> = logits
-            .iter()
-            .map(|&l| ((l as f64 - max) / t as f64).exp())
-            .collect();
+        let e: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t as f64).exp()).collect();
         let z: f64 = e.iter().sum();
         e.iter().map(|v| v / z).collect()
     }
@@ -443,15 +403,9 @@ mod tests {
     #[test]
     fn defaults_are_ollamas_and_valid() {
         let d = SamplingParams::default();
-        assert_eq!(
-            (d.temperature, d.top_k, d.top_p, d.min_p),
-            (0.8, 40, 0.9, 0.0)
-        );
+        assert_eq!((d.temperature, d.top_k, d.top_p, d.min_p), (0.8, 40, 0.9, 0.0));
         assert_eq!((d.repeat_penalty, d.repeat_last_n), (1.1, 64));
-        assert_eq!(
-            (d.presence_penalty, d.frequency_penalty, d.seed),
-            (0.0, 0.0, None)
-        );
+        assert_eq!((d.presence_penalty, d.frequency_penalty, d.seed), (0.0, 0.0, None));
         d.validate().unwrap();
         SamplingParams::greedy().validate().unwrap();
     }
@@ -506,17 +460,9 @@ mod tests {
             let logits = spread_logits(5_000, salt);
             let want = argmax(&logits).unwrap();
             let mut k1 = sampler(params(|p| (p.top_k, p.temperature) = (1, 1.5)), 5_000);
-            assert_eq!(
-                draws(&mut k1, &logits, 5),
-                vec![want; 5],
-                "top_k=1, salt {salt}"
-            );
+            assert_eq!(draws(&mut k1, &logits, 5), vec![want; 5], "top_k=1, salt {salt}");
             let mut p0 = sampler(params(|p| (p.top_p, p.temperature) = (1e-6, 1.5)), 5_000);
-            assert_eq!(
-                draws(&mut p0, &logits, 5),
-                vec![want; 5],
-                "top_p tiny, salt {salt}"
-            );
+            assert_eq!(draws(&mut p0, &logits, 5), vec![want; 5], "top_p tiny, salt {salt}");
         }
     }
 
@@ -576,10 +522,7 @@ mod tests {
             })
             .unwrap()
             + 1;
-        assert!(
-            keep > 128,
-            "the case must need several doublings, needs {keep}"
-        );
+        assert!(keep > 128, "the case must need several doublings, needs {keep}");
         let mut s = sampler(params(|p| p.top_p = 0.9), n);
         s.sample(&mut logits.clone(), &[]);
         let mut got: Vec<u32> = s.cands.iter().map(|c| c.0).collect();
@@ -620,10 +563,7 @@ mod tests {
         assert_eq!(s.sample(&mut logits, &[0, 2, 0]), 1);
         assert_eq!(logits, [2.0 / 1.25, 1.9, -1.25, -1.1, 0.5]);
         // Among negatives, the penalized one falls below its neighbour.
-        let mut s = sampler(
-            params(|p| (p.temperature, p.repeat_penalty) = (0.0, 1.25)),
-            2,
-        );
+        let mut s = sampler(params(|p| (p.temperature, p.repeat_penalty) = (0.0, 1.25)), 2);
         assert_eq!(s.sample(&mut [-1.0, -1.1], &[0]), 1);
     }
 
@@ -635,14 +575,7 @@ mod tests {
         assert_eq!(s.sample(&mut [2.0, 1.5, 0.0], &[0, 2, 2]), 0);
         assert_eq!(s.sample(&mut [2.0, 1.5, 0.0], &[2, 0]), 1);
         // repeat_last_n = 0 switches every penalty off.
-        let p = params(|p| {
-            (
-                p.temperature,
-                p.repeat_penalty,
-                p.presence_penalty,
-                p.repeat_last_n,
-            ) = (0.0, 2.0, 2.0, 0)
-        });
+        let p = params(|p| (p.temperature, p.repeat_penalty, p.presence_penalty, p.repeat_last_n) = (0.0, 2.0, 2.0, 0));
         let mut logits = [2.0, 1.5, 0.0];
         assert_eq!(sampler(p, 3).sample(&mut logits, &[0, 0]), 0);
         assert_eq!(logits, [2.0, 1.5, 0.0]);
@@ -650,8 +583,7 @@ mod tests {
 
     #[test]
     fn presence_and_frequency_subtract_openai_style() {
-        let p =
-            params(|p| (p.temperature, p.presence_penalty, p.frequency_penalty) = (0.0, 0.5, 0.25));
+        let p = params(|p| (p.temperature, p.presence_penalty, p.frequency_penalty) = (0.0, 0.5, 0.25));
         let mut s = sampler(p, 4);
         let mut logits = [3.0, 2.5, 1.0, 0.0];
         // Token 0 four times: 3 − 0.5 − 4·0.25 = 1.5, below token 1 seen once: 2.5 − 0.75.
@@ -675,59 +607,34 @@ mod tests {
             let mut s = sampler(params(|p| (p.temperature, p.seed) = (t, Some(seed))), 5);
             let c = counts(&draws(&mut s, &logits, N), 5);
             let chi = chi_square(&c, &softmax(&logits, t));
-            assert!(
-                chi < BOUND,
-                "T={t}: chi-square {chi} ≥ {BOUND}, counts {c:?}"
-            );
+            assert!(chi < BOUND, "T={t}: chi-square {chi} ≥ {BOUND}, counts {c:?}");
             // The statistic has power: the T=1 distribution is rejected at other temperatures.
             if t != 1.0 {
                 assert!(chi_square(&c, &softmax(&logits, 1.0)) > 10.0 * BOUND);
             }
         }
         // After top-k the draw follows the renormalized softmax of the survivors (2 dof: 13.82).
-        let mut s = sampler(
-            params(|p| (p.top_k, p.temperature, p.seed) = (3, 0.8, Some(9))),
-            5,
-        );
+        let mut s = sampler(params(|p| (p.top_k, p.temperature, p.seed) = (3, 0.8, Some(9))), 5);
         let c = counts(&draws(&mut s, &logits, N), 5);
-        assert_eq!(
-            (c[2], c[3]),
-            (0, 0),
-            "tokens outside the top 3 were drawn: {c:?}"
-        );
+        assert_eq!((c[2], c[3]), (0, 0), "tokens outside the top 3 were drawn: {c:?}");
         let kept = [c[4], c[1], c[0]];
         let chi = chi_square(&kept, &softmax(&[3.0, 2.0, 1.0], 0.8));
-        assert!(
-            chi < 13.82,
-            "top-k renormalization: chi-square {chi}, counts {c:?}"
-        );
+        assert!(chi < 13.82, "top-k renormalization: chi-square {chi}, counts {c:?}");
     }
 
     #[test]
     fn nan_and_infinite_logits_do_not_panic() {
         let nan = f32::NAN;
         let inf = f32::INFINITY;
-        for p in [
-            SamplingParams::greedy(),
-            params(|_| {}),
-            SamplingParams::default(),
-        ] {
+        for p in [SamplingParams::greedy(), params(|_| {}), SamplingParams::default()] {
             let mut s = sampler(p, 4);
             for _ in 0..50 {
                 let t = s.sample(&mut [nan, 1.0, nan, 0.5], &[]);
                 assert!(t == 1 || t == 3, "NaN chosen: {t}");
             }
-            assert_eq!(
-                s.sample(&mut [nan; 4], &[]),
-                0,
-                "all NaN falls back to id 0"
-            );
+            assert_eq!(s.sample(&mut [nan; 4], &[]), 0, "all NaN falls back to id 0");
             assert_eq!(s.sample(&mut [f32::NEG_INFINITY; 4], &[]), 0);
-            assert_eq!(
-                s.sample(&mut [0.0, inf, nan, f32::MAX], &[1]),
-                1,
-                "+inf dominates"
-            );
+            assert_eq!(s.sample(&mut [0.0, inf, nan, f32::MAX], &[1]), 1, "+inf dominates");
         }
         // Logits so large that softmax without the max shift would overflow.
         let mut s = sampler(params(|_| {}), 3);
@@ -746,40 +653,16 @@ mod tests {
     #[test]
     fn validation_names_the_field_and_the_range() {
         let bad: [(SamplingParams, &str, &str); 10] = [
-            (
-                params(|p| p.temperature = -0.1),
-                "temperature = -0.1",
-                "≥ 0",
-            ),
-            (
-                params(|p| p.temperature = f32::NAN),
-                "temperature = NaN",
-                "finite",
-            ),
-            (
-                params(|p| p.temperature = f32::INFINITY),
-                "temperature = inf",
-                "finite",
-            ),
+            (params(|p| p.temperature = -0.1), "temperature = -0.1", "≥ 0"),
+            (params(|p| p.temperature = f32::NAN), "temperature = NaN", "finite"),
+            (params(|p| p.temperature = f32::INFINITY), "temperature = inf", "finite"),
             (params(|p| p.top_p = 0.0), "top_p = 0", "(0, 1]"),
             (params(|p| p.top_p = 1.5), "top_p = 1.5", "(0, 1]"),
             (params(|p| p.min_p = -0.5), "min_p = -0.5", "[0, 1]"),
             (params(|p| p.min_p = 2.0), "min_p = 2", "[0, 1]"),
-            (
-                params(|p| p.repeat_penalty = 0.0),
-                "repeat_penalty = 0",
-                "> 0",
-            ),
-            (
-                params(|p| p.presence_penalty = 2.5),
-                "presence_penalty = 2.5",
-                "[-2, 2]",
-            ),
-            (
-                params(|p| p.frequency_penalty = -3.0),
-                "frequency_penalty = -3",
-                "[-2, 2]",
-            ),
+            (params(|p| p.repeat_penalty = 0.0), "repeat_penalty = 0", "> 0"),
+            (params(|p| p.presence_penalty = 2.5), "presence_penalty = 2.5", "[-2, 2]"),
+            (params(|p| p.frequency_penalty = -3.0), "frequency_penalty = -3", "[-2, 2]"),
         ];
         for (p, head, range) in bad {
             let msg = p.validate().unwrap_err().to_string();

@@ -118,11 +118,7 @@ impl Http {
                         dir: manual.dir.clone(),
                     }
                 } else {
-                    HubError::Network {
-                        url: url.to_owned(),
-                        attempts: attempt,
-                        reason,
-                    }
+                    HubError::Network { url: url.to_owned(), attempts: attempt, reason }
                 });
             }
             let delay = backoff(self.retry_delay, attempt);
@@ -133,27 +129,15 @@ impl Http {
 
     /// GETs a small document (an index page), with `accept` as the Accept header.
     pub fn get_page(&self, url: &str, accept: &str, what: &str) -> Result<Vec<u8>, Failure> {
-        let resp = self
-            .client
-            .get(url)
-            .header(ACCEPT, accept)
-            .send()
-            .map_err(classify)?;
+        let resp = self.client.get(url).header(ACCEPT, accept).send().map_err(classify)?;
         check_status(url, resp.status().as_u16(), what)?;
         let mut body = Vec::new();
-        resp.take(MAX_PAGE_BYTES)
-            .read_to_end(&mut body)
-            .map_err(|e| Failure::Retry(format!("reading {url}: {e}")))?;
+        resp.take(MAX_PAGE_BYTES).read_to_end(&mut body).map_err(|e| Failure::Retry(format!("reading {url}: {e}")))?;
         Ok(body)
     }
 
     /// HEAD without following redirects: the status and headers of the first answer.
-    pub fn head(
-        &self,
-        url: &str,
-        auth: Option<&str>,
-        what: &str,
-    ) -> Result<(u16, HeaderMap), Failure> {
+    pub fn head(&self, url: &str, auth: Option<&str>, what: &str) -> Result<(u16, HeaderMap), Failure> {
         let mut req = self.no_redirect.head(url);
         if let Some(token) = auth {
             req = req.bearer_auth(token);
@@ -170,15 +154,9 @@ impl Http {
     pub fn download(&self, d: &Download) -> Result<Fetched, HubError> {
         let part = part_path(d.dest);
         if let Some(parent) = part.parent() {
-            fs::create_dir_all(parent).map_err(|source| HubError::Write {
-                path: parent.to_path_buf(),
-                source,
-            })?;
+            fs::create_dir_all(parent).map_err(|source| HubError::Write { path: parent.to_path_buf(), source })?;
         }
-        let name = d
-            .dest
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let name = d.dest.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let bar = self.progress_bar(&name, d.size);
         tracing::info!(url = d.url, dest = %d.dest.display(), size = ?d.size, "downloading");
         let fetched = self.retry(d.url, d.manual, || self.fetch_once(d, &part, &bar));
@@ -196,37 +174,20 @@ impl Http {
         }
         if let Some(size) = d.size.filter(|&size| size != fetched.size) {
             remove_quietly(&part);
-            return Err(HubError::SizeMismatch {
-                path: d.dest.to_path_buf(),
-                expected: size,
-                actual: fetched.size,
-            });
+            return Err(HubError::SizeMismatch { path: d.dest.to_path_buf(), expected: size, actual: fetched.size });
         }
-        fs::rename(&part, d.dest).map_err(|source| HubError::Write {
-            path: d.dest.to_path_buf(),
-            source,
-        })?;
+        fs::rename(&part, d.dest).map_err(|source| HubError::Write { path: d.dest.to_path_buf(), source })?;
         tracing::info!(dest = %d.dest.display(), sha256 = %fetched.sha256, "downloaded");
         Ok(fetched)
     }
 
     /// One request: continue or restart `part`, stream the body into it, and hash.
     fn fetch_once(&self, d: &Download, part: &Path, bar: &ProgressBar) -> Result<Fetched, Failure> {
-        let write_err = |source| {
-            Failure::Fatal(HubError::Write {
-                path: part.to_path_buf(),
-                source,
-            })
-        };
+        let write_err = |source| Failure::Fatal(HubError::Write { path: part.to_path_buf(), source });
         let mut offset = match fs::metadata(part) {
             Ok(meta) => meta.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(source) => {
-                return Err(Failure::Fatal(HubError::Read {
-                    path: part.to_path_buf(),
-                    source,
-                }))
-            }
+            Err(source) => return Err(Failure::Fatal(HubError::Read { path: part.to_path_buf(), source })),
         };
         match d.size {
             Some(size) if offset > size => {
@@ -235,12 +196,8 @@ impl Http {
             }
             // Complete from an earlier run (killed before the rename): just verify it.
             Some(size) if offset == size && size > 0 => {
-                let (sha256, size) = hash_file(part).map_err(|source| {
-                    Failure::Fatal(HubError::Read {
-                        path: part.to_path_buf(),
-                        source,
-                    })
-                })?;
+                let (sha256, size) = hash_file(part)
+                    .map_err(|source| Failure::Fatal(HubError::Read { path: part.to_path_buf(), source }))?;
                 return Ok(Fetched { sha256, size });
             }
             _ => {}
@@ -259,55 +216,34 @@ impl Http {
             206 => {
                 let start = content_range_start(resp.headers());
                 if start != Some(offset) {
-                    fs::remove_file(part)
-                        .or_else(ignore_not_found)
-                        .map_err(write_err)?;
+                    fs::remove_file(part).or_else(ignore_not_found).map_err(write_err)?;
                     return Err(Failure::Retry(format!(
                         "server resumed at byte {start:?} instead of {offset}; starting over"
                     )));
                 }
                 tracing::info!(url = d.url, offset, "resuming a partial download");
-                let hasher = hash_prefix(part).map_err(|source| {
-                    Failure::Fatal(HubError::Read {
-                        path: part.to_path_buf(),
-                        source,
-                    })
-                })?;
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(part)
-                    .map_err(write_err)?;
+                let hasher = hash_prefix(part)
+                    .map_err(|source| Failure::Fatal(HubError::Read { path: part.to_path_buf(), source }))?;
+                let file = OpenOptions::new().create(true).append(true).open(part).map_err(write_err)?;
                 (file, hasher)
             }
             200 => {
                 if offset > 0 {
-                    tracing::info!(
-                        url = d.url,
-                        "server ignored the range request; starting over"
-                    );
+                    tracing::info!(url = d.url, "server ignored the range request; starting over");
                     offset = 0;
                 }
                 (File::create(part).map_err(write_err)?, Sha256::new())
             }
             416 => {
-                fs::remove_file(part)
-                    .or_else(ignore_not_found)
-                    .map_err(write_err)?;
+                fs::remove_file(part).or_else(ignore_not_found).map_err(write_err)?;
                 return Err(Failure::Retry(
-                    "HTTP 416: the partial file does not fit the remote one; starting over"
-                        .to_owned(),
+                    "HTTP 416: the partial file does not fit the remote one; starting over".to_owned(),
                 ));
             }
             _ => {
-                let unexpected = HubError::HttpStatus {
-                    url: d.url.to_owned(),
-                    status,
-                    hint: " (expected 200 or 206)".to_owned(),
-                };
-                return Err(check_status(d.url, status, d.what)
-                    .err()
-                    .unwrap_or(Failure::Fatal(unexpected)));
+                let unexpected =
+                    HubError::HttpStatus { url: d.url.to_owned(), status, hint: " (expected 200 or 206)".to_owned() };
+                return Err(check_status(d.url, status, d.what).err().unwrap_or(Failure::Fatal(unexpected)));
             }
         };
 
@@ -336,10 +272,7 @@ impl Http {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // What arrived is on disk; the next attempt resumes after it.
                 Err(e) => {
-                    return Err(Failure::Retry(format!(
-                        "connection lost after {} bytes: {e}",
-                        offset + received
-                    )))
+                    return Err(Failure::Retry(format!("connection lost after {} bytes: {e}", offset + received)))
                 }
             };
             file.write_all(&buf[..n]).map_err(write_err)?;
@@ -361,14 +294,9 @@ impl Http {
         let total = offset + received;
         let expected_total = d.size.or(body_len.map(|len| offset + len));
         if let Some(expected) = expected_total.filter(|&expected| total < expected) {
-            return Err(Failure::Retry(format!(
-                "connection closed after {total} of {expected} bytes"
-            )));
+            return Err(Failure::Retry(format!("connection closed after {total} of {expected} bytes")));
         }
-        Ok(Fetched {
-            sha256: hex(hasher),
-            size: total,
-        })
+        Ok(Fetched { sha256: hex(hasher), size: total })
     }
 
     /// A bar on stderr only when someone is watching: hidden for journald, pipes and tests.
@@ -377,11 +305,9 @@ impl Http {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_message(name.to_owned());
         bar
@@ -438,21 +364,14 @@ pub(crate) fn remove_quietly(path: &Path) {
 fn check_status(url: &str, status: u16, what: &str) -> Result<(), Failure> {
     match status {
         200..=299 => Ok(()),
-        404 => Err(Failure::Fatal(HubError::NotFound {
-            url: url.to_owned(),
-            what: what.to_owned(),
-        })),
+        404 => Err(Failure::Fatal(HubError::NotFound { url: url.to_owned(), what: what.to_owned() })),
         408 | 429 | 500..=599 => Err(Failure::Retry(format!("HTTP {status}"))),
         401 | 403 => Err(Failure::Fatal(HubError::HttpStatus {
             url: url.to_owned(),
             status,
             hint: " (a gated or private repository needs a token: set HF_TOKEN)".to_owned(),
         })),
-        _ => Err(Failure::Fatal(HubError::HttpStatus {
-            url: url.to_owned(),
-            status,
-            hint: String::new(),
-        })),
+        _ => Err(Failure::Fatal(HubError::HttpStatus { url: url.to_owned(), status, hint: String::new() })),
     }
 }
 
@@ -461,11 +380,7 @@ fn classify(e: reqwest::Error) -> Failure {
     // An untrusted certificate is not transient and not "offline": say what it is, once. reqwest
     // exposes no typed TLS error, so this reads rustls' message ("invalid peer certificate: ...").
     if reason.contains("certificate") {
-        let host = e
-            .url()
-            .and_then(|u| u.host_str())
-            .unwrap_or("the server")
-            .to_owned();
+        let host = e.url().and_then(|u| u.host_str()).unwrap_or("the server").to_owned();
         return Failure::Fatal(HubError::Tls { host, reason });
     }
     if e.is_connect() {
@@ -495,15 +410,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn backoff(base: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF)
+    base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(MAX_BACKOFF)
 }
 
 fn host_of(url: &str) -> String {
-    reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_else(|| url.to_owned())
+    reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| url.to_owned())
 }
 
 pub(crate) fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -544,18 +455,9 @@ mod tests {
     #[test]
     fn statuses_map_to_retry_or_fatal() {
         assert!(check_status("u", 206, "x").is_ok());
-        assert!(matches!(
-            check_status("u", 503, "x"),
-            Err(Failure::Retry(_))
-        ));
-        assert!(matches!(
-            check_status("u", 429, "x"),
-            Err(Failure::Retry(_))
-        ));
-        assert!(matches!(
-            check_status("u", 404, "x"),
-            Err(Failure::Fatal(HubError::NotFound { .. }))
-        ));
+        assert!(matches!(check_status("u", 503, "x"), Err(Failure::Retry(_))));
+        assert!(matches!(check_status("u", 429, "x"), Err(Failure::Retry(_))));
+        assert!(matches!(check_status("u", 404, "x"), Err(Failure::Fatal(HubError::NotFound { .. }))));
         match check_status("u", 403, "x") {
             Err(Failure::Fatal(e)) => assert!(e.to_string().contains("HF_TOKEN"), "{e}"),
             _ => panic!("403 must be fatal"),
@@ -567,10 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("abc");
         fs::write(&path, b"abc").unwrap();
-        let expected = (
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_owned(),
-            3,
-        );
+        let expected = ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_owned(), 3);
         assert_eq!(hash_file(&path).unwrap(), expected);
         assert_eq!(part_path(&path), dir.path().join("abc.part"));
         assert_eq!(host_of("https://pypi.org/simple/x/"), "pypi.org");

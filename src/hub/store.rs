@@ -38,11 +38,7 @@ impl Store {
 
     /// `flag` (`--models-dir`) if given, else `$ZOE_MODELS`, else `<data dir>/zoe-llm/models`.
     pub fn locate(flag: Option<&Path>) -> Result<Store, HubError> {
-        locate_with(
-            flag,
-            std::env::var_os(MODELS_ENV).map(PathBuf::from),
-            dirs::data_dir(),
-        )
+        locate_with(flag, std::env::var_os(MODELS_ENV).map(PathBuf::from), dirs::data_dir())
     }
 
     pub fn root(&self) -> &Path {
@@ -75,10 +71,7 @@ impl Store {
 
     /// The files of `m` that `is_present` would not accept.
     pub fn missing<'m>(&self, m: &'m Manifest) -> Vec<&'m FileSpec> {
-        m.files
-            .iter()
-            .filter(|f| !self.is_verified(&self.file_path(m, f), f))
-            .collect()
+        m.files.iter().filter(|f| !self.is_verified(&self.file_path(m, f), f)).collect()
     }
 
     /// `path` holds `f` as last verified: record present, same size and mtime, same pinned hash.
@@ -99,22 +92,11 @@ impl Store {
 
     /// Records that `path` (already in its final place) hashed to `sha256`.
     pub(crate) fn mark_verified(&self, path: &Path, sha256: &str) -> Result<(), HubError> {
-        let meta = fs::metadata(path).map_err(|source| HubError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let marker = Marker {
-            sha256: sha256.to_owned(),
-            size: meta.len(),
-            mtime_ns: mtime_ns(&meta).unwrap_or(0),
-        };
+        let meta = fs::metadata(path).map_err(|source| HubError::Read { path: path.to_path_buf(), source })?;
+        let marker = Marker { sha256: sha256.to_owned(), size: meta.len(), mtime_ns: mtime_ns(&meta).unwrap_or(0) };
         let marker_path = marker_path(path);
-        let json =
-            serde_json::to_string(&marker).expect("a struct of strings and integers serializes");
-        fs::write(&marker_path, json).map_err(|source| HubError::Write {
-            path: marker_path,
-            source,
-        })
+        let json = serde_json::to_string(&marker).expect("a struct of strings and integers serializes");
+        fs::write(&marker_path, json).map_err(|source| HubError::Write { path: marker_path, source })
     }
 
     /// Removes a file and its record; a file that is already gone is fine.
@@ -130,11 +112,7 @@ impl Store {
     }
 }
 
-fn locate_with(
-    flag: Option<&Path>,
-    env: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-) -> Result<Store, HubError> {
+fn locate_with(flag: Option<&Path>, env: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<Store, HubError> {
     if let Some(dir) = flag {
         return Ok(Store::new(dir));
     }
@@ -142,9 +120,7 @@ fn locate_with(
     if let Some(dir) = env.filter(|d| !d.as_os_str().is_empty()) {
         return Ok(Store::new(dir));
     }
-    data_dir
-        .map(|d| Store::new(d.join("zoe-llm").join("models")))
-        .ok_or(HubError::NoModelsDir)
+    data_dir.map(|d| Store::new(d.join("zoe-llm").join("models"))).ok_or(HubError::NoModelsDir)
 }
 
 fn marker_path(path: &Path) -> PathBuf {
@@ -159,13 +135,7 @@ fn read_marker(path: &Path) -> Option<Marker> {
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> Option<u128> {
-    Some(
-        meta.modified()
-            .ok()?
-            .duration_since(UNIX_EPOCH)
-            .ok()?
-            .as_nanos(),
-    )
+    Some(meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos())
 }
 
 #[cfg(test)]
@@ -202,30 +172,14 @@ context_length = 512
         let flag = Path::new("/flag");
         let env = Some(PathBuf::from("/env"));
         let data = Some(PathBuf::from("/data"));
+        assert_eq!(locate_with(Some(flag), env.clone(), data.clone()).unwrap().root(), flag);
+        assert_eq!(locate_with(None, env, data.clone()).unwrap().root(), Path::new("/env"));
         assert_eq!(
-            locate_with(Some(flag), env.clone(), data.clone())
-                .unwrap()
-                .root(),
-            flag
-        );
-        assert_eq!(
-            locate_with(None, env, data.clone()).unwrap().root(),
-            Path::new("/env")
-        );
-        assert_eq!(
-            locate_with(None, Some(PathBuf::new()), data.clone())
-                .unwrap()
-                .root(),
+            locate_with(None, Some(PathBuf::new()), data.clone()).unwrap().root(),
             Path::new("/data/zoe-llm/models")
         );
-        assert_eq!(
-            locate_with(None, None, data).unwrap().root(),
-            Path::new("/data/zoe-llm/models")
-        );
-        assert!(matches!(
-            locate_with(None, None, None),
-            Err(HubError::NoModelsDir)
-        ));
+        assert_eq!(locate_with(None, None, data).unwrap().root(), Path::new("/data/zoe-llm/models"));
+        assert!(matches!(locate_with(None, None, None), Err(HubError::NoModelsDir)));
     }
 
     #[test]
@@ -234,10 +188,7 @@ context_length = 512
         let m = manifest(None);
         assert_eq!(store.model_dir(&m), Path::new("/models/m"));
         assert_eq!(store.primary_path(&m), Path::new("/models/m/w.gguf"));
-        assert_eq!(
-            store.file_path(&m, &m.files[1]),
-            Path::new("/models/m/sub/config.json")
-        );
+        assert_eq!(store.file_path(&m, &m.files[1]), Path::new("/models/m/sub/config.json"));
         assert_eq!(store.manifests_dir(), Path::new("/models/manifests"));
     }
 
@@ -268,8 +219,7 @@ context_length = 512
 
         // Replacing the file (new size) or touching it (new mtime) invalidates the record.
         let f = fs::OpenOptions::new().write(true).open(&weights).unwrap();
-        f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
-            .unwrap();
+        f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)).unwrap();
         drop(f);
         assert!(!store.is_present(&m));
         store.mark_verified(&weights, &"ab".repeat(32)).unwrap();

@@ -29,11 +29,18 @@ pub enum Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (equivalently every frequency).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.x: long wavelengths divided by `factor`, a smooth blend between
     /// `original_max / low_freq_factor` and `original_max / high_freq_factor`
     /// (transformers `_compute_llama3_parameters`).
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
     /// Per-frequency divisors read from the checkpoint (GGUF `rope_freqs.weight`).
     Divisors(Vec<f32>),
 }
@@ -70,9 +77,12 @@ impl ModelConfig {
         let int = |k: &str| f.get_u64(&key(k)).map(|v| v as usize);
         let hidden_size = int("embedding_length")?;
         let n_heads = int("attention.head_count")?;
-        let n_kv_heads = if f.get(&key("attention.head_count_kv")).is_some() { int("attention.head_count_kv")? } else { n_heads };
+        let n_kv_heads =
+            if f.get(&key("attention.head_count_kv")).is_some() { int("attention.head_count_kv")? } else { n_heads };
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(ConfigError::Invalid(format!("{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads")));
+            return Err(ConfigError::Invalid(format!(
+                "{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads"
+            )));
         }
         let head_dim = match f.get(&key("attention.key_length")) {
             Some(_) => int("attention.key_length")?,
@@ -115,7 +125,11 @@ impl ModelConfig {
         })
     }
 
-    fn rope_divisors(f: &GgufFile, t: &crate::model::weights::TensorInfo, head_dim: usize) -> Result<RopeScaling, ConfigError> {
+    fn rope_divisors(
+        f: &GgufFile,
+        t: &crate::model::weights::TensorInfo,
+        head_dim: usize,
+    ) -> Result<RopeScaling, ConfigError> {
         if t.dtype != crate::backend::GgmlType::F32 || t.n_elements() as usize != head_dim / 2 {
             return Err(ConfigError::Invalid(format!("rope_freqs.weight must be {} F32 values", head_dim / 2)));
         }
@@ -142,7 +156,8 @@ impl ModelConfig {
                         } else if wavelen > low_wl {
                             f / factor
                         } else {
-                            let smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (original_max_position / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -170,7 +185,12 @@ mod tests {
             context_length: 131072,
             rms_norm_eps: 1e-5,
             rope_theta: 500000.0,
-            rope_scaling: RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192.0 },
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position: 8192.0,
+            },
             tie_word_embeddings: true,
             qkv_bias: false,
         }

@@ -120,7 +120,11 @@ impl<B: Backend> Loader<'_, B> {
         let t = self.info(name)?;
         let (r, c) = t.rows_cols();
         if (r, c) != (rows, cols) || t.dims.len() > 2 {
-            return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![cols as u64, rows as u64] });
+            return Err(ModelError::Shape {
+                name: name.into(),
+                found: t.dims.clone(),
+                expected: vec![cols as u64, rows as u64],
+            });
         }
         Ok(Raw { dtype: t.dtype, rows, cols, bytes: self.file.tensor_data(t).to_vec() })
     }
@@ -203,7 +207,12 @@ impl<B: Backend> Llama<B> {
                 q.unpermute_heads(d);
                 k.unpermute_heads(d);
                 for b in [qb.as_mut(), kb.as_mut()].into_iter().flatten() {
-                    let mut raw = Raw { dtype: GgmlType::F32, rows: b.len(), cols: 1, bytes: b.iter().flat_map(|v| v.to_le_bytes()).collect() };
+                    let mut raw = Raw {
+                        dtype: GgmlType::F32,
+                        rows: b.len(),
+                        cols: 1,
+                        bytes: b.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    };
                     raw.unpermute_heads(d);
                     *b = read_f32(GgmlType::F32, &raw.bytes, b.len());
                 }
@@ -213,10 +222,16 @@ impl<B: Backend> Llama<B> {
             layers.push(Layer {
                 attn_norm: ld.vector(&p("attn_norm.weight"), h)?,
                 qkv: ld.linear(&p("attn_qkv"), vec![(q, qb), (k, kb), (v, vb)])?,
-                o: ld.linear(&p("attn_output.weight"), vec![(ld.raw(&p("attn_output.weight"), h, layout.q_cols())?, None)])?,
+                o: ld.linear(
+                    &p("attn_output.weight"),
+                    vec![(ld.raw(&p("attn_output.weight"), h, layout.q_cols())?, None)],
+                )?,
                 ffn_norm: ld.vector(&p("ffn_norm.weight"), h)?,
                 gate_up: ld.linear(&p("ffn_gate_up"), vec![(gate, None), (up, None)])?,
-                down: ld.linear(&p("ffn_down.weight"), vec![(ld.raw(&p("ffn_down.weight"), h, cfg.intermediate_size)?, None)])?,
+                down: ld.linear(
+                    &p("ffn_down.weight"),
+                    vec![(ld.raw(&p("ffn_down.weight"), h, cfg.intermediate_size)?, None)],
+                )?,
             });
         }
         Ok(Self {
@@ -237,7 +252,13 @@ impl<B: Backend> Llama<B> {
     /// Runs `tokens` (the next positions of the sequence in `cache`) and returns the logits of
     /// the last token (`vocab_size` values). With `all_logits`, returns logits of every token,
     /// row after row (for tests and scoring).
-    pub fn forward<C: KvCache<B> + Send + ?Sized>(&self, be: &B, tokens: &[u32], cache: &mut C, all_logits: bool) -> Result<Vec<f32>, ModelError> {
+    pub fn forward<C: KvCache<B> + Send + ?Sized>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        cache: &mut C,
+        all_logits: bool,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Empty);
         }

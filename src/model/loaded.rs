@@ -33,7 +33,13 @@ pub struct LoadedModel<B: Backend> {
 
 impl LoadedModel<CpuBackend> {
     /// Loads the GGUF at `path` onto a CPU backend with `threads` workers.
-    pub fn load_gguf(id: &str, path: &Path, threads: usize, precision: Precision, context_limit: Option<usize>) -> Result<Self, LoadError> {
+    pub fn load_gguf(
+        id: &str,
+        path: &Path,
+        threads: usize,
+        precision: Precision,
+        context_limit: Option<usize>,
+    ) -> Result<Self, LoadError> {
         let p = || path.display().to_string();
         let file = GgufFile::open(path).map_err(|source| LoadError::Gguf { path: p(), source })?;
         let tokenizer = Tokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer { path: p(), source })?;
@@ -46,7 +52,9 @@ impl LoadedModel<CpuBackend> {
     /// Loads a manifest's primary file (already present at `path`).
     pub fn load(manifest: &Manifest, path: &Path, threads: usize, precision: Precision) -> Result<Self, LoadError> {
         match manifest.format {
-            Format::Gguf => Self::load_gguf(&manifest.id, path, threads, precision, Some(manifest.defaults.context_length as usize)),
+            Format::Gguf => {
+                Self::load_gguf(&manifest.id, path, threads, precision, Some(manifest.defaults.context_length as usize))
+            }
             format => Err(LoadError::NeedsCuda { id: manifest.id.clone(), format }),
         }
     }

@@ -2,8 +2,8 @@
 
 pub mod config;
 pub mod kv_cache;
-pub mod loaded;
 pub mod llama;
+pub mod loaded;
 #[cfg(test)]
 pub(crate) mod test_model;
 pub mod tokenizer;

@@ -36,16 +36,8 @@ const CONTROL_PUSH: f32 = -20.0;
 pub(crate) const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 pub(crate) fn vocab() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "\u{120}",
-        "\u{10a}",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
+    let mut v: Vec<String> =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\u{120}", "\u{10a}"].into_iter().map(str::to_owned).collect();
     v.extend((b'!'..=b'~').map(|b| (b as char).to_string()));
     v.extend(["he", "\u{120}t"].map(str::to_owned));
     v
@@ -69,26 +61,19 @@ pub(crate) fn writer(seed: u64) -> GgufWriter {
         .kv("llama.feed_forward_length", u32v(FFN))
         .kv("llama.attention.head_count", u32v(HEADS))
         .kv("llama.attention.head_count_kv", u32v(KV_HEADS))
-        .kv(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(1e-5),
-        )
+        .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
         .kv("llama.rope.freq_base", MetaValue::F32(10000.0))
         .kv("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
         .kv("tokenizer.ggml.pre", MetaValue::String("gpt2".into()))
         .kv("tokenizer.ggml.tokens", strs(vocab))
         .kv("tokenizer.ggml.token_type", MetaValue::Array(types))
-        .kv(
-            "tokenizer.ggml.merges",
-            strs(vec!["h e".into(), "\u{120} t".into()]),
-        )
+        .kv("tokenizer.ggml.merges", strs(vec!["h e".into(), "\u{120} t".into()]))
         .kv("tokenizer.ggml.eos_token_id", u32v(IM_END as usize));
 
     let mut rng = Lcg(seed.wrapping_mul(2).wrapping_add(1));
     // Weights with standard deviation `scale`, row-major [rows, cols] (GGUF dims are [cols, rows]).
-    let mut matrix = |rows: usize, cols: usize, scale: f32| -> Vec<f32> {
-        (0..rows * cols).map(|_| rng.normal() * scale).collect()
-    };
+    let mut matrix =
+        |rows: usize, cols: usize, scale: f32| -> Vec<f32> { (0..rows * cols).map(|_| rng.normal() * scale).collect() };
     let dims = |rows: usize, cols: usize| [cols as u64, rows as u64];
     let head_dim = HIDDEN / HEADS;
     let (q_rows, kv_rows) = (HEADS * head_dim, KV_HEADS * head_dim);
@@ -107,34 +92,14 @@ pub(crate) fn writer(seed: u64) -> GgufWriter {
         let p = |s: &str| format!("blk.{l}.{s}");
         w.tensor_f32(&p("attn_norm.weight"), &[HIDDEN as u64], &vec![1.0; HIDDEN]);
         w.tensor_f32(&p("ffn_norm.weight"), &[HIDDEN as u64], &vec![1.0; HIDDEN]);
-        w.tensor_f32(
-            &p("attn_q.weight"),
-            &dims(q_rows, HIDDEN),
-            &matrix(q_rows, HIDDEN, in_scale(HIDDEN)),
-        );
-        w.tensor_f32(
-            &p("attn_k.weight"),
-            &dims(kv_rows, HIDDEN),
-            &matrix(kv_rows, HIDDEN, in_scale(HIDDEN)),
-        );
-        w.tensor_f32(
-            &p("attn_v.weight"),
-            &dims(kv_rows, HIDDEN),
-            &matrix(kv_rows, HIDDEN, in_scale(HIDDEN)),
-        );
+        w.tensor_f32(&p("attn_q.weight"), &dims(q_rows, HIDDEN), &matrix(q_rows, HIDDEN, in_scale(HIDDEN)));
+        w.tensor_f32(&p("attn_k.weight"), &dims(kv_rows, HIDDEN), &matrix(kv_rows, HIDDEN, in_scale(HIDDEN)));
+        w.tensor_f32(&p("attn_v.weight"), &dims(kv_rows, HIDDEN), &matrix(kv_rows, HIDDEN, in_scale(HIDDEN)));
         let mut o = matrix(HIDDEN, q_rows, in_scale(q_rows));
         o[..q_rows].fill(0.0);
         w.tensor_f32(&p("attn_output.weight"), &dims(HIDDEN, q_rows), &o);
-        w.tensor_f32(
-            &p("ffn_gate.weight"),
-            &dims(FFN, HIDDEN),
-            &matrix(FFN, HIDDEN, in_scale(HIDDEN)),
-        );
-        w.tensor_f32(
-            &p("ffn_up.weight"),
-            &dims(FFN, HIDDEN),
-            &matrix(FFN, HIDDEN, in_scale(HIDDEN)),
-        );
+        w.tensor_f32(&p("ffn_gate.weight"), &dims(FFN, HIDDEN), &matrix(FFN, HIDDEN, in_scale(HIDDEN)));
+        w.tensor_f32(&p("ffn_up.weight"), &dims(FFN, HIDDEN), &matrix(FFN, HIDDEN, in_scale(HIDDEN)));
         let mut down = matrix(HIDDEN, FFN, in_scale(FFN));
         down[..FFN].fill(0.0);
         w.tensor_f32(&p("ffn_down.weight"), &dims(HIDDEN, FFN), &down);
@@ -159,11 +124,7 @@ mod tests {
         let file = gguf(1);
         let tok = Tokenizer::from_gguf(&file).unwrap();
         assert_eq!(tok.vocab_size(), vocab().len());
-        assert_eq!(
-            tok.encode("the", false).unwrap().len(),
-            2,
-            "Ġt/he merges apply: 'the' → t, he"
-        );
+        assert_eq!(tok.encode("the", false).unwrap().len(), 2, "Ġt/he merges apply: 'the' → t, he");
         assert_eq!(tok.eos_ids(), [IM_END, ENDOFTEXT]);
         let be = CpuBackend::new(1);
         let model = Llama::from_gguf(&file, &be).unwrap();
@@ -173,10 +134,7 @@ mod tests {
         for row in logits.chunks(vocab().len()) {
             let best_control = row[..3].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let best_other = row[3..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert!(
-                best_control < best_other - 20.0,
-                "{best_control} vs {best_other}"
-            );
+            assert!(best_control < best_other - 20.0, "{best_control} vs {best_other}");
             // The rest of the distribution is not degenerate: several tokens are in play.
             let close = row[3..].iter().filter(|&&l| l > best_other - 3.0).count();
             assert!(close >= 3, "only {close} tokens within 3 of the max");

@@ -36,10 +36,7 @@ pub enum TokenizerError {
     #[error("invalid tokenizer data: {0}")]
     Invalid(String),
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("tokenizers: {0}")]
     Backend(String),
 }
@@ -72,15 +69,8 @@ impl TokenKind {
 /// Token texts that mark the end of a turn, used to complete the end-of-generation set when the
 /// metadata names only one EOS. Source: llama.cpp `llama_vocab::impl::load` (EOG detection by
 /// text); trimmed to the families this server targets.
-const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|end|>",
-    "<end_of_turn>",
-];
+const EOG_TEXTS: &[&str] =
+    &["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<end_of_turn>"];
 
 /// Which algorithm the wrapped `tokenizers` model runs; decides how token strings map to bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,12 +126,7 @@ impl Tokenizer {
     /// Loads an HF `tokenizer.json`, with the model's `tokenizer_config.json` (when given) for
     /// BOS/EOS strings, `add_bos_token` and the chat template.
     pub fn from_file(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| TokenizerError::Io {
-                path: path.into(),
-                source,
-            })
-        };
+        let read = |path: &Path| std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.into(), source });
         let json = read(tokenizer_json)?;
         let config = tokenizer_config.map(read).transpose()?;
         hf::build(&json, config.as_deref())
@@ -179,10 +164,7 @@ impl Tokenizer {
         if text.is_empty() {
             return Ok(());
         }
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| TokenizerError::Backend(e.to_string()))?;
         ids.extend_from_slice(enc.get_ids());
         Ok(())
     }
@@ -262,8 +244,7 @@ impl Tokenizer {
     /// The text of a special token (`<|im_end|>`), or `None` for ordinary tokens and ids outside
     /// the vocabulary.
     pub fn special_token_text(&self, id: u32) -> Option<&str> {
-        self.is_special(id)
-            .then(|| self.texts[id as usize].as_str())
+        self.is_special(id).then(|| self.texts[id as usize].as_str())
     }
 
     /// The model's own chat template (GGUF `tokenizer.chat_template` / tokenizer_config.json).
@@ -314,9 +295,7 @@ impl Parts {
             }
         }
         let specials = SpecialSplitter::new(
-            (0..n)
-                .filter(|&i| self.kinds[i].is_special())
-                .map(|i| (self.texts[i].as_str(), i as u32)),
+            (0..n).filter(|&i| self.kinds[i].is_special()).map(|i| (self.texts[i].as_str(), i as u32)),
         );
         let mut eog: Vec<u32> = self.eos.into_iter().collect();
         let named = EOG_TEXTS.iter().filter_map(|t| self.inner.token_to_id(t));
@@ -330,12 +309,8 @@ impl Parts {
         rest.sort_unstable();
         rest.dedup();
         eog.extend(rest);
-        let bos_text = self
-            .bos_text
-            .or_else(|| self.bos.map(|id| self.texts[id as usize].clone()));
-        let eos_text = self
-            .eos_text
-            .or_else(|| self.eos.map(|id| self.texts[id as usize].clone()));
+        let bos_text = self.bos_text.or_else(|| self.bos.map(|id| self.texts[id as usize].clone()));
+        let eos_text = self.eos_text.or_else(|| self.eos.map(|id| self.texts[id as usize].clone()));
         Ok(Tokenizer {
             inner: self.inner,
             family: self.family,
@@ -393,10 +368,7 @@ impl SpecialSplitter {
                 };
                 // A match can only begin on a character boundary because every candidate is
                 // valid UTF-8 and so begins with a non-continuation byte.
-                if let Some((t, id)) = cands
-                    .iter()
-                    .find(|(t, _)| bytes[start..].starts_with(t.as_bytes()))
-                {
+                if let Some((t, id)) = cands.iter().find(|(t, _)| bytes[start..].starts_with(t.as_bytes())) {
                     pos = start + t.len();
                     return Some((start, pos, *id));
                 }
@@ -410,9 +382,7 @@ impl SpecialSplitter {
 /// to U+0100.. in increasing byte order (openai/gpt-2 `encoder.py: bytes_to_unicode`, restated in
 /// model-formats.md §5.4).
 fn gpt2_byte_chars() -> [char; 256] {
-    let printable = |b: u32| {
-        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
-    };
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut table = ['\0'; 256];
     let mut next = 0x100u32;
     for b in 0..256u32 {
@@ -429,11 +399,7 @@ fn gpt2_byte_chars() -> [char; 256] {
 
 /// The inverse of [`gpt2_byte_chars`].
 fn gpt2_char_bytes() -> HashMap<char, u8> {
-    gpt2_byte_chars()
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect()
+    gpt2_byte_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect()
 }
 
 /// Bytes of a byte-level BPE token string. Characters outside the table (never produced by a
@@ -452,9 +418,7 @@ fn byte_level_piece(text: &str, map: &HashMap<char, u8>) -> Vec<u8> {
 /// The byte of a SentencePiece byte-fallback token `<0xNN>`.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2)
-        .then(|| u8::from_str_radix(hex, 16).ok())
-        .flatten()
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
 }
 
 /// SentencePiece's visible space, U+2581.
@@ -503,8 +467,7 @@ mod tests {
 
     #[test]
     fn special_splitter_prefers_leftmost_then_longest() {
-        let s =
-            SpecialSplitter::new([("<a>", 1), ("<a><b>", 2), ("<b>", 3), ("é!", 4)].into_iter());
+        let s = SpecialSplitter::new([("<a>", 1), ("<a><b>", 2), ("<b>", 3), ("é!", 4)].into_iter());
         let found: Vec<_> = s.find_iter("x<a><b>y<b><a>zé!").collect();
         assert_eq!(found, vec![(1, 7, 2), (8, 11, 3), (11, 14, 1), (15, 18, 4)]);
         assert_eq!(s.find_iter("plain text").count(), 0);

@@ -17,7 +17,9 @@ pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
             panic!("{test}: ZOE_REQUIRE_MODEL=1 but ZOE_TEST_GGUF is not set")
         }
         None => {
-            eprintln!("skipped {test}: set ZOE_TEST_GGUF=<path to SmolLM2-135M-Instruct.Q4_1.gguf> (scripts/test does)");
+            eprintln!(
+                "skipped {test}: set ZOE_TEST_GGUF=<path to SmolLM2-135M-Instruct.Q4_1.gguf> (scripts/test does)"
+            );
             None
         }
     }

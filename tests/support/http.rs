@@ -19,10 +19,7 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -37,21 +34,11 @@ pub struct Response {
 
 impl Response {
     pub fn ok(body: impl Into<Vec<u8>>) -> Response {
-        Response {
-            status: 200,
-            headers: Vec::new(),
-            body: body.into(),
-            cut_after: None,
-        }
+        Response { status: 200, headers: Vec::new(), body: body.into(), cut_after: None }
     }
 
     pub fn status(status: u16) -> Response {
-        Response {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-            cut_after: None,
-        }
+        Response { status, headers: Vec::new(), body: Vec::new(), cut_after: None }
     }
 
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Response {
@@ -120,11 +107,7 @@ fn serve(stream: TcpStream, handler: &Handler, recorded: &Mutex<Vec<Request>>) {
     let response = handler(&request);
     let mut out = stream;
     let mut head = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", response.status);
-    if !response
-        .headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-    {
+    if !response.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
         head.push_str(&format!("Content-Length: {}\r\n", response.body.len()));
     }
     for (k, v) in &response.headers {
@@ -134,10 +117,7 @@ fn serve(stream: TcpStream, handler: &Handler, recorded: &Mutex<Vec<Request>>) {
     if out.write_all(head.as_bytes()).is_err() || request.method == "HEAD" {
         return;
     }
-    let n = response
-        .cut_after
-        .unwrap_or(response.body.len())
-        .min(response.body.len());
+    let n = response.cut_after.unwrap_or(response.body.len()).min(response.body.len());
     let _ = out.write_all(&response.body[..n]);
     let _ = out.flush();
     // Dropping the stream closes it; with a cut body the client sees EOF before Content-Length.
@@ -163,9 +143,5 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
         let (k, v) = line.split_once(':')?;
         headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
-    Some(Request {
-        method,
-        path,
-        headers,
-    })
+    Some(Request { method, path, headers })
 }

@@ -280,25 +280,16 @@ mod tests {
         for x in [1.0f32, -2.5, 3.0e38, f32::MIN_POSITIVE / 4.0] {
             f32s.extend_from_slice(&x.to_le_bytes());
         }
-        assert_eq!(
-            deq(GgmlType::F32, &f32s),
-            [1.0, -2.5, 3.0e38, f32::MIN_POSITIVE / 4.0]
-        );
+        assert_eq!(deq(GgmlType::F32, &f32s), [1.0, -2.5, 3.0e38, f32::MIN_POSITIVE / 4.0]);
 
         // 0x3C00 = 1.0, 0xC100 = -2.5, 0x7BFF = 65504 (max half), 0x0001 = 2^-24 (min subnormal),
         // 0xFC00 = -inf.
         let f16s = [0x00, 0x3C, 0x00, 0xC1, 0xFF, 0x7B, 0x01, 0x00, 0x00, 0xFC];
-        assert_eq!(
-            deq(GgmlType::F16, &f16s),
-            [1.0, -2.5, 65504.0, 2f32.powi(-24), f32::NEG_INFINITY]
-        );
+        assert_eq!(deq(GgmlType::F16, &f16s), [1.0, -2.5, 65504.0, 2f32.powi(-24), f32::NEG_INFINITY]);
 
         // bf16 is the top half of an f32: 0x3F80 = 1.0, 0xC020 = -2.5, 0x0001 = 2^-133.
         let bf16s = [0x80, 0x3F, 0x20, 0xC0, 0x01, 0x00];
-        assert_eq!(
-            deq(GgmlType::BF16, &bf16s),
-            [1.0, -2.5, f32::from_bits(0x0001_0000)]
-        );
+        assert_eq!(deq(GgmlType::BF16, &bf16s), [1.0, -2.5, f32::from_bits(0x0001_0000)]);
     }
 
     #[test]
@@ -417,11 +408,7 @@ mod tests {
                 let (s0, m0) = (sc[2 * c] as f32, mn[2 * c] as f32);
                 let (s1, m1) = (sc[2 * c + 1] as f32, mn[2 * c + 1] as f32);
                 assert_eq!(out[64 * c + l], 0.5 * s0 * lo - 0.25 * m0, "c={c} l={l}");
-                assert_eq!(
-                    out[64 * c + 32 + l],
-                    0.5 * s1 * hi - 0.25 * m1,
-                    "c={c} l={l}"
-                );
+                assert_eq!(out[64 * c + 32 + l], 0.5 * s1 * hi - 0.25 * m1, "c={c} l={l}");
             }
         }
         // Last output: sub-block 7, high nibble of qs[127] = 15 - 15 = 0 → -dmin * 40.

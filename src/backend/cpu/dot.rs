@@ -130,41 +130,56 @@ fn sum_nibbles(qs: &[u8], qh: Option<u32>, y: &[i8; QK]) -> i32 {
 // (Q4_0: c = −8d, Q5_0: c = −16d, Q4_1/Q5_1: c = m), so Σ x·w = d·dy·Σ q·qy + c·(dy·Σ qy) = … + c·s.
 
 pub fn dot_q4_0_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
-    w.chunks_exact(18).zip(y).map(|(b, y)| {
-        let d = f16_at(b, 0);
-        d * y.d * sum_nibbles(&b[2..18], None, &y.qs) as f32 - 8.0 * d * y.s
-    }).sum()
+    w.chunks_exact(18)
+        .zip(y)
+        .map(|(b, y)| {
+            let d = f16_at(b, 0);
+            d * y.d * sum_nibbles(&b[2..18], None, &y.qs) as f32 - 8.0 * d * y.s
+        })
+        .sum()
 }
 
 pub fn dot_q4_1_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
-    w.chunks_exact(20).zip(y).map(|(b, y)| {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        d * y.d * sum_nibbles(&b[4..20], None, &y.qs) as f32 + m * y.s
-    }).sum()
+    w.chunks_exact(20)
+        .zip(y)
+        .map(|(b, y)| {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            d * y.d * sum_nibbles(&b[4..20], None, &y.qs) as f32 + m * y.s
+        })
+        .sum()
 }
 
 pub fn dot_q5_0_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
-    w.chunks_exact(22).zip(y).map(|(b, y)| {
-        let d = f16_at(b, 0);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        d * y.d * sum_nibbles(&b[6..22], Some(qh), &y.qs) as f32 - 16.0 * d * y.s
-    }).sum()
+    w.chunks_exact(22)
+        .zip(y)
+        .map(|(b, y)| {
+            let d = f16_at(b, 0);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            d * y.d * sum_nibbles(&b[6..22], Some(qh), &y.qs) as f32 - 16.0 * d * y.s
+        })
+        .sum()
 }
 
 pub fn dot_q5_1_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
-    w.chunks_exact(24).zip(y).map(|(b, y)| {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        d * y.d * sum_nibbles(&b[8..24], Some(qh), &y.qs) as f32 + m * y.s
-    }).sum()
+    w.chunks_exact(24)
+        .zip(y)
+        .map(|(b, y)| {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            d * y.d * sum_nibbles(&b[8..24], Some(qh), &y.qs) as f32 + m * y.s
+        })
+        .sum()
 }
 
 pub fn dot_q8_0_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
-    w.chunks_exact(34).zip(y).map(|(b, y)| {
-        let d = f16_at(b, 0);
-        let sum: i32 = b[2..34].iter().zip(&y.qs).map(|(&a, &c)| a as i8 as i32 * c as i32).sum();
-        d * y.d * sum as f32
-    }).sum()
+    w.chunks_exact(34)
+        .zip(y)
+        .map(|(b, y)| {
+            let d = f16_at(b, 0);
+            let sum: i32 = b[2..34].iter().zip(&y.qs).map(|(&a, &c)| a as i8 as i32 * c as i32).sum();
+            d * y.d * sum as f32
+        })
+        .sum()
 }
 
 /// Dot of a weight row of any type with f32 activations, one dequantized block at a time.

@@ -160,13 +160,24 @@ impl Backend for CpuBackend {
         (t.rows, t.cols)
     }
 
-    fn weight(&self, name: &str, dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<CpuWeight, BackendError> {
+    fn weight(
+        &self,
+        name: &str,
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<CpuWeight, BackendError> {
         let bad = |reason: String| BackendError::BadWeight { name: name.into(), reason };
-        let row_bytes = dtype
-            .row_bytes(cols)
-            .ok_or_else(|| bad(format!("{cols} columns is not a whole number of {dtype} blocks of {}", dtype.block_len())))?;
+        let row_bytes = dtype.row_bytes(cols).ok_or_else(|| {
+            bad(format!("{cols} columns is not a whole number of {dtype} blocks of {}", dtype.block_len()))
+        })?;
         if bytes.len() != rows * row_bytes {
-            return Err(bad(format!("{} bytes for a {rows}x{cols} {dtype} matrix, expected {}", bytes.len(), rows * row_bytes)));
+            return Err(bad(format!(
+                "{} bytes for a {rows}x{cols} {dtype} matrix, expected {}",
+                bytes.len(),
+                rows * row_bytes
+            )));
         }
         if dtype.is_quantized() && cols % QK != 0 {
             return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
@@ -175,10 +186,12 @@ impl Backend for CpuBackend {
     }
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CpuKv, BackendError> {
-        let n = slots.checked_mul(kv_cols).unwrap_or(usize::MAX);
+        let n = slots.saturating_mul(kv_cols);
         let mut data = Vec::new();
-        data.try_reserve_exact(n)
-            .map_err(|_| BackendError::OutOfMemory { what: format!("KV cache of {slots} slots"), bytes: n.saturating_mul(4) })?;
+        data.try_reserve_exact(n).map_err(|_| BackendError::OutOfMemory {
+            what: format!("KV cache of {slots} slots"),
+            bytes: n.saturating_mul(4),
+        })?;
         data.resize(n, 0.0);
         Ok(CpuKv { data, cols: kv_cols })
     }
@@ -251,12 +264,14 @@ impl Backend for CpuBackend {
         let c = x.cols;
         assert_eq!((residual.rows, residual.cols), (x.rows, c));
         assert_eq!((out.rows, out.cols, weight.data.len()), (x.rows, c, c));
-        residual.data.par_chunks_mut(c).zip(x.data.par_chunks(c)).zip(out.data.par_chunks_mut(c)).for_each(|((r, xr), o)| {
-            for (a, b) in r.iter_mut().zip(xr) {
-                *a += b;
-            }
-            rms_norm_row(r, &weight.data, eps, o);
-        });
+        residual.data.par_chunks_mut(c).zip(x.data.par_chunks(c)).zip(out.data.par_chunks_mut(c)).for_each(
+            |((r, xr), o)| {
+                for (a, b) in r.iter_mut().zip(xr) {
+                    *a += b;
+                }
+                rms_norm_row(r, &weight.data, eps, o);
+            },
+        );
     }
 
     fn add(&self, acc: &mut CpuTensor, x: &CpuTensor) {
@@ -316,7 +331,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn attention(&self, qkv: &CpuTensor, kv: (&CpuKv, &CpuKv), layout: QkvLayout, seqs: &[AttnSeq<'_>], out: &mut CpuTensor) {
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        kv: (&CpuKv, &CpuKv),
+        layout: QkvLayout,
+        seqs: &[AttnSeq<'_>],
+        out: &mut CpuTensor,
+    ) {
         let (kc, vc) = kv;
         let (d, cols, kvw) = (layout.head_dim, qkv.cols, layout.kv_cols());
         let group = layout.n_heads / layout.n_kv_heads;
@@ -434,7 +456,11 @@ mod tests {
         assert_close(&out.data, &r::rms_norm(&sum, c, &w.data, 1e-5), 1e-5, "add_rms_norm");
 
         for style in [RopeStyle::Neox, RopeStyle::Norm] {
-            let rope = Rope { style, head_dim: 32, inv_freq: (0..16).map(|i| 10000f32.powf(-2.0 * i as f32 / 32.0)).collect() };
+            let rope = Rope {
+                style,
+                head_dim: 32,
+                inv_freq: (0..16).map(|i| 10000f32.powf(-2.0 * i as f32 / 32.0)).collect(),
+            };
             let pos = [0u32, 1, 7, 300, 4095];
             let mut a = x.clone();
             be.rope(&mut a, 3, &pos, &rope);

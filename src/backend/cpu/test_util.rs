@@ -28,7 +28,8 @@ impl Lcg {
 pub fn random_blocks(dtype: GgmlType, n: usize, rng: &mut Lcg) -> Vec<u8> {
     let bytes = dtype.row_bytes(n).expect("whole blocks");
     let mut out: Vec<u8> = (0..bytes).map(|_| rng.next_u32() as u8).collect();
-    let put_f16 = |out: &mut Vec<u8>, at: usize, v: f32| out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    let put_f16 =
+        |out: &mut Vec<u8>, at: usize, v: f32| out[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
     match dtype {
         GgmlType::F32 => {
             for c in out.chunks_exact_mut(4) {

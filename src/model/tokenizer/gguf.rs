@@ -14,8 +14,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::{
-    byte_level_piece, gpt2_char_bytes, parse_byte_token, spm_piece, Parts, Result, TokenKind,
-    TokenizerError, TokenizerFamily, SPM_SPACE,
+    byte_level_piece, gpt2_char_bytes, parse_byte_token, spm_piece, Parts, Result, TokenKind, TokenizerError,
+    TokenizerFamily, SPM_SPACE,
 };
 use crate::model::weights::{GgufFile, MetaValue};
 
@@ -40,23 +40,17 @@ struct PreTokenizer {
 }
 
 fn pre_tokenizer(name: Option<&str>) -> Result<PreTokenizer> {
-    let plain = |regexes| PreTokenizer {
-        regexes,
-        ignore_merges: false,
-        add_bos_default: false,
-    };
+    let plain = |regexes| PreTokenizer { regexes, ignore_merges: false, add_bos_default: false };
     Ok(match name {
         None | Some("default") => plain(DEFAULT_REGEXES),
         Some("gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo") => plain(&[GPT2]),
         // Every digit on its own, then GPT-2 (llama.cpp groups these pre types together).
-        Some(
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b",
-        ) => plain(&[r"\p{N}", GPT2]),
-        Some("llama-bpe" | "llama3" | "llama-v3") => PreTokenizer {
-            regexes: &[LLAMA3],
-            ignore_merges: true,
-            add_bos_default: true,
-        },
+        Some("smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b") => {
+            plain(&[r"\p{N}", GPT2])
+        }
+        Some("llama-bpe" | "llama3" | "llama-v3") => {
+            PreTokenizer { regexes: &[LLAMA3], ignore_merges: true, add_bos_default: true }
+        }
         Some("qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2") => plain(&[QWEN2]),
         Some(other) => return Err(TokenizerError::UnknownPreTokenizer(other.to_owned())),
     })
@@ -77,18 +71,13 @@ fn opt_id(file: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
     }
     let id = file.get_u64(key)?;
     if id as usize >= n {
-        return Err(invalid(format!(
-            "{key} = {id} is outside the vocabulary ({n} tokens)"
-        )));
+        return Err(invalid(format!("{key} = {id} is outside the vocabulary ({n} tokens)")));
     }
     Ok(Some(id as u32))
 }
 
 fn opt_bool(file: &GgufFile, key: &str) -> Result<Option<bool>> {
-    file.get(key)
-        .map(|_| file.get_bool(key))
-        .transpose()
-        .map_err(Into::into)
+    file.get(key).map(|_| file.get_bool(key)).transpose().map_err(Into::into)
 }
 
 fn token_kind(id: usize, ty: i128) -> Result<TokenKind> {
@@ -100,11 +89,7 @@ fn token_kind(id: usize, ty: i128) -> Result<TokenKind> {
         6 => TokenKind::Byte,
         // 0 is "undefined": llama.cpp gives such tokens no text, like unused ones.
         0 | 5 => TokenKind::Unused,
-        other => {
-            return Err(invalid(format!(
-                "token {id} has unknown token_type {other}"
-            )))
-        }
+        other => return Err(invalid(format!("token {id} has unknown token_type {other}"))),
     })
 }
 
@@ -115,11 +100,7 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
         "llama" => true,
         other => return Err(TokenizerError::UnknownModel(other.to_owned())),
     };
-    let texts: Vec<String> = file
-        .get_str_array("tokenizer.ggml.tokens")?
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+    let texts: Vec<String> = file.get_str_array("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
     let n = texts.len();
     if n == 0 || n > u32::MAX as usize {
         return Err(invalid(format!("tokenizer.ggml.tokens has {n} entries")));
@@ -129,18 +110,13 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
         Some(_) => {
             let types = file.get_array("tokenizer.ggml.token_type")?;
             if types.len() < n {
-                return Err(invalid(format!(
-                    "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                    types.len()
-                )));
+                return Err(invalid(format!("tokenizer.ggml.token_type has {} entries for {n} tokens", types.len())));
             }
             types[..n]
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    let ty = v
-                        .as_int()
-                        .ok_or_else(|| invalid(format!("token_type[{i}] is {}", v.type_name())))?;
+                    let ty = v.as_int().ok_or_else(|| invalid(format!("token_type[{i}] is {}", v.type_name())))?;
                     token_kind(i, ty)
                 })
                 .collect::<Result<_>>()?
@@ -152,16 +128,11 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
     let mut vocab: Vocab = Vocab::with_capacity(n);
     for (i, t) in texts.iter().enumerate() {
         if let Some(prev) = vocab.insert(t.clone(), i as u32) {
-            return Err(invalid(format!(
-                "duplicate token {t:?} at ids {prev} and {i}"
-            )));
+            return Err(invalid(format!("duplicate token {t:?} at ids {prev} and {i}")));
         }
     }
 
-    let pre_name = file
-        .get("tokenizer.ggml.pre")
-        .map(|_| file.get_str("tokenizer.ggml.pre"))
-        .transpose()?;
+    let pre_name = file.get("tokenizer.ggml.pre").map(|_| file.get_str("tokenizer.ggml.pre")).transpose()?;
     let mut add_bos = spm;
     let mut inner = if spm {
         let add_space_prefix = opt_bool(file, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
@@ -186,9 +157,7 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
         .zip(&kinds)
         .map(|(t, &k)| match k {
             TokenKind::Unused => Vec::new(),
-            TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined => {
-                t.as_bytes().to_vec()
-            }
+            TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined => t.as_bytes().to_vec(),
             TokenKind::Byte => parse_byte_token(t).map(|b| vec![b]).unwrap_or_default(),
             TokenKind::Normal if spm => spm_piece(t, k),
             TokenKind::Normal => byte_level_piece(t, &byte_map),
@@ -211,22 +180,13 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
     }
     let chat_template = match file.get("tokenizer.chat_template") {
         Some(MetaValue::String(s)) => Some(s.clone()),
-        Some(v) => {
-            return Err(invalid(format!(
-                "tokenizer.chat_template is {}, expected string",
-                v.type_name()
-            )))
-        }
+        Some(v) => return Err(invalid(format!("tokenizer.chat_template is {}, expected string", v.type_name()))),
         None => None,
     };
 
     Parts {
         inner,
-        family: if spm {
-            TokenizerFamily::SentencePieceBpe
-        } else {
-            TokenizerFamily::ByteLevelBpe
-        },
+        family: if spm { TokenizerFamily::SentencePieceBpe } else { TokenizerFamily::ByteLevelBpe },
         texts,
         kinds,
         pieces,
@@ -242,11 +202,7 @@ pub(super) fn build(file: &GgufFile) -> Result<super::Tokenizer> {
 }
 
 /// Byte-level BPE: the pre-tokenizer regexes, then GPT-2 byte mapping, then merges by rank.
-fn build_byte_level(
-    file: &GgufFile,
-    vocab: Vocab,
-    pre: &PreTokenizer,
-) -> Result<tokenizers::Tokenizer> {
+fn build_byte_level(file: &GgufFile, vocab: Vocab, pre: &PreTokenizer) -> Result<tokenizers::Tokenizer> {
     let merges = file
         .get_str_array("tokenizer.ggml.merges")?
         .into_iter()
@@ -257,9 +213,7 @@ fn build_byte_level(
             let cut = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1);
             match cut {
                 Some(p) => Ok((m[..p].to_owned(), m[p + 1..].to_owned())),
-                None => Err(invalid(format!(
-                    "merge {i} ({m:?}) is not two tokens separated by a space"
-                ))),
+                None => Err(invalid(format!("merge {i} ({m:?}) is not two tokens separated by a space"))),
             }
         })
         .collect::<Result<Vec<_>>>()?;
@@ -271,12 +225,8 @@ fn build_byte_level(
 
     let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(pre.regexes.len() + 1);
     for re in pre.regexes {
-        let split = Split::new(
-            SplitPattern::Regex((*re).to_owned()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(backend)?;
+        let split = Split::new(SplitPattern::Regex((*re).to_owned()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(backend)?;
         steps.push(split.into());
     }
     // Only the byte→char mapping: splitting was done by the regexes above.
@@ -309,27 +259,17 @@ fn build_spm(
         Some(_) => {
             let arr = file.get_array("tokenizer.ggml.scores")?;
             if arr.len() < n {
-                return Err(invalid(format!(
-                    "tokenizer.ggml.scores has {} entries for {n} tokens",
-                    arr.len()
-                )));
+                return Err(invalid(format!("tokenizer.ggml.scores has {} entries for {n} tokens", arr.len())));
             }
             arr[..n]
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    v.as_f64()
-                        .ok_or_else(|| invalid(format!("scores[{i}] is {}", v.type_name())))
-                })
+                .map(|(i, v)| v.as_f64().ok_or_else(|| invalid(format!("scores[{i}] is {}", v.type_name()))))
                 .collect::<Result<_>>()?
         }
     };
 
-    let id_of: HashMap<&str, usize> = texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+    let id_of: HashMap<&str, usize> = texts.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     // (score of the merged token, merged id, left length) → stable, total order.
     let mut ranked: Vec<(f64, usize, usize)> = Vec::new();
     for (id, t) in texts.iter().enumerate() {
@@ -345,26 +285,16 @@ fn build_spm(
         }
     }
     ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let merges = ranked
-        .into_iter()
-        .map(|(_, id, cut)| (texts[id][..cut].to_owned(), texts[id][cut..].to_owned()))
-        .collect();
+    let merges =
+        ranked.into_iter().map(|(_, id, cut)| (texts[id][..cut].to_owned(), texts[id][cut..].to_owned())).collect();
 
-    let unk = kinds
-        .iter()
-        .position(|&k| k == TokenKind::Unknown)
-        .map(|i| texts[i].clone());
+    let unk = kinds.iter().position(|&k| k == TokenKind::Unknown).map(|i| texts[i].clone());
     let has_bytes = kinds.contains(&TokenKind::Byte);
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(has_bytes)
-        .fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk);
     }
-    let model = builder
-        .build()
-        .map_err(|e| invalid(format!("SentencePiece merges: {e}")))?;
+    let model = builder.build().map_err(|e| invalid(format!("SentencePiece merges: {e}")))?;
 
     let space = SPM_SPACE.to_string();
     let mut norm: Vec<NormalizerWrapper> = Vec::new();
@@ -373,8 +303,7 @@ fn build_spm(
     }
     norm.push(Replace::new(" ", space).map_err(backend)?.into());
     let mut tok = tokenizers::Tokenizer::new(model);
-    tok.with_normalizer(Some(NormalizerWrapper::Sequence(NormSequence::new(norm))))
-        .map_err(backend)?;
+    tok.with_normalizer(Some(NormalizerWrapper::Sequence(NormSequence::new(norm)))).map_err(backend)?;
     Ok(tok)
 }
 
@@ -403,9 +332,7 @@ mod tests {
                 match v {
                     Kv::Str(v) => s(v),
                     Kv::Strs(vs) => MetaValue::Array(vs.iter().map(|v| s(v)).collect()),
-                    Kv::I32s(vs) => {
-                        MetaValue::Array(vs.iter().map(|&v| MetaValue::I32(v)).collect())
-                    }
+                    Kv::I32s(vs) => MetaValue::Array(vs.iter().map(|&v| MetaValue::I32(v)).collect()),
                     Kv::U32(v) => MetaValue::U32(*v),
                     Kv::Bool(v) => MetaValue::Bool(*v),
                 },
@@ -419,10 +346,7 @@ mod tests {
         let mut kvs = vec![
             ("tokenizer.ggml.model", Kv::Str("gpt2")),
             ("tokenizer.ggml.pre", Kv::Str("gpt-2")),
-            (
-                "tokenizer.ggml.tokens",
-                Kv::Strs(vec!["a", "b", "ab", "<|eot|>"]),
-            ),
+            ("tokenizer.ggml.tokens", Kv::Strs(vec!["a", "b", "ab", "<|eot|>"])),
             ("tokenizer.ggml.token_type", Kv::I32s(vec![1, 1, 1, 3])),
             ("tokenizer.ggml.merges", Kv::Strs(vec!["a b"])),
             ("tokenizer.ggml.eos_token_id", Kv::U32(3)),
@@ -464,10 +388,7 @@ mod tests {
     fn malformed_metadata_is_an_error() {
         let e = err(vec![("tokenizer.ggml.tokens", Kv::I32s(vec![1, 2]))]);
         assert!(e.contains("tokenizer.ggml.tokens"), "{e}");
-        let e = err(vec![(
-            "tokenizer.ggml.token_type",
-            Kv::I32s(vec![1, 1, 9, 3]),
-        )]);
+        let e = err(vec![("tokenizer.ggml.token_type", Kv::I32s(vec![1, 1, 9, 3]))]);
         assert!(e.contains("token 2") && e.contains('9'), "{e}");
         let e = err(vec![("tokenizer.ggml.token_type", Kv::I32s(vec![1, 1]))]);
         assert!(e.contains("2 entries for 4 tokens"), "{e}");
@@ -475,10 +396,7 @@ mod tests {
         assert!(e.contains("merge 0"), "{e}");
         let e = err(vec![("tokenizer.ggml.merges", Kv::Strs(vec!["a c"]))]);
         assert!(e.contains("tokenizer.ggml.merges"), "{e}");
-        let e = err(vec![(
-            "tokenizer.ggml.tokens",
-            Kv::Strs(vec!["a", "b", "a", "<|eot|>"]),
-        )]);
+        let e = err(vec![("tokenizer.ggml.tokens", Kv::Strs(vec!["a", "b", "a", "<|eot|>"]))]);
         assert!(e.contains("duplicate token"), "{e}");
         let e = err(vec![("tokenizer.ggml.eos_token_id", Kv::U32(99))]);
         assert!(e.contains("eos_token_id = 99"), "{e}");
@@ -486,22 +404,15 @@ mod tests {
         assert!(e.contains("add_bos_token"), "{e}");
         let e = err(vec![("tokenizer.ggml.tokens", Kv::Strs(vec![]))]);
         assert!(e.contains("0 entries"), "{e}");
-        let missing =
-            Tokenizer::from_gguf(&gguf(&[("tokenizer.ggml.model", Kv::Str("gpt2"))])).unwrap_err();
-        assert!(
-            missing.to_string().contains("tokenizer.ggml.tokens"),
-            "{missing}"
-        );
+        let missing = Tokenizer::from_gguf(&gguf(&[("tokenizer.ggml.model", Kv::Str("gpt2"))])).unwrap_err();
+        assert!(missing.to_string().contains("tokenizer.ggml.tokens"), "{missing}");
     }
 
     #[test]
     fn add_bos_follows_metadata_then_llama_cpp_defaults() {
-        assert!(tiny(vec![
-            ("tokenizer.ggml.pre", Kv::Str("llama-bpe")),
-            ("tokenizer.ggml.bos_token_id", Kv::U32(3))
-        ])
-        .unwrap()
-        .add_bos());
+        assert!(tiny(vec![("tokenizer.ggml.pre", Kv::Str("llama-bpe")), ("tokenizer.ggml.bos_token_id", Kv::U32(3))])
+            .unwrap()
+            .add_bos());
         assert!(!tiny(vec![
             ("tokenizer.ggml.pre", Kv::Str("llama-bpe")),
             ("tokenizer.ggml.bos_token_id", Kv::U32(3)),
@@ -510,10 +421,6 @@ mod tests {
         .unwrap()
         .add_bos());
         // Asking for BOS without a BOS id cannot add anything.
-        assert!(
-            !tiny(vec![("tokenizer.ggml.add_bos_token", Kv::Bool(true))])
-                .unwrap()
-                .add_bos()
-        );
+        assert!(!tiny(vec![("tokenizer.ggml.add_bos_token", Kv::Bool(true))]).unwrap().add_bos());
     }
 }

@@ -8,8 +8,8 @@ use serde_json::Value;
 use tokenizers::models::ModelWrapper;
 
 use super::{
-    byte_level_piece, gpt2_char_bytes, parse_byte_token, spm_piece, Parts, Result, TokenKind,
-    TokenizerError, TokenizerFamily,
+    byte_level_piece, gpt2_char_bytes, parse_byte_token, spm_piece, Parts, Result, TokenKind, TokenizerError,
+    TokenizerFamily,
 };
 
 fn invalid(msg: impl Into<String>) -> TokenizerError {
@@ -19,9 +19,7 @@ fn invalid(msg: impl Into<String>) -> TokenizerError {
 /// True when `v` or anything nested in it is an object with `"type": ty`.
 fn has_type(v: &Value, ty: &str) -> bool {
     match v {
-        Value::Object(m) => {
-            m.get("type").and_then(Value::as_str) == Some(ty) || m.values().any(|x| has_type(x, ty))
-        }
+        Value::Object(m) => m.get("type").and_then(Value::as_str) == Some(ty) || m.values().any(|x| has_type(x, ty)),
         Value::Array(a) => a.iter().any(|x| has_type(x, ty)),
         _ => false,
     }
@@ -48,26 +46,19 @@ fn chat_template(v: Option<&Value>) -> Result<Option<String>> {
             .and_then(|t| t.get("template"))
             .and_then(Value::as_str)
             .map(str::to_owned)),
-        Some(_) => Err(invalid(
-            "tokenizer_config.json: chat_template is neither a string nor a list",
-        )),
+        Some(_) => Err(invalid("tokenizer_config.json: chat_template is neither a string nor a list")),
     }
 }
 
 pub(super) fn build(json: &[u8], config: Option<&[u8]>) -> Result<super::Tokenizer> {
-    let doc: Value =
-        serde_json::from_slice(json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+    let doc: Value = serde_json::from_slice(json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
     let config: Value = match config {
-        Some(bytes) => serde_json::from_slice(bytes)
-            .map_err(|e| invalid(format!("tokenizer_config.json: {e}")))?,
+        Some(bytes) => serde_json::from_slice(bytes).map_err(|e| invalid(format!("tokenizer_config.json: {e}")))?,
         None => Value::Null,
     };
-    let mut inner = tokenizers::Tokenizer::from_bytes(json)
-        .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
     // Some files carry truncation/padding for training; prompts must never be cut or padded.
-    inner
-        .with_truncation(None)
-        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+    inner.with_truncation(None).map_err(|e| TokenizerError::Backend(e.to_string()))?;
     inner.with_padding(None);
     // Special tokens are split by `Tokenizer::encode` only when asked; the crate must leave
     // them alone. Non-special added tokens are still matched by the crate, as HF does.
@@ -97,40 +88,27 @@ pub(super) fn build(json: &[u8], config: Option<&[u8]>) -> Result<super::Tokeniz
         let i = id as usize;
         if i < n {
             texts[i] = tok.content.clone();
-            kinds[i] = if tok.special {
-                TokenKind::Control
-            } else {
-                TokenKind::UserDefined
-            };
+            kinds[i] = if tok.special { TokenKind::Control } else { TokenKind::UserDefined };
         }
     }
 
-    let family =
-        if has_type(&doc["decoder"], "ByteLevel") || has_type(&doc["pre_tokenizer"], "ByteLevel") {
-            TokenizerFamily::ByteLevelBpe
-        } else if byte_fallback
-            || has_type(&doc["decoder"], "Metaspace")
-            || has_type(&doc["pre_tokenizer"], "Metaspace")
-        {
-            TokenizerFamily::SentencePieceBpe
-        } else {
-            TokenizerFamily::Other
-        };
+    let family = if has_type(&doc["decoder"], "ByteLevel") || has_type(&doc["pre_tokenizer"], "ByteLevel") {
+        TokenizerFamily::ByteLevelBpe
+    } else if byte_fallback || has_type(&doc["decoder"], "Metaspace") || has_type(&doc["pre_tokenizer"], "Metaspace") {
+        TokenizerFamily::SentencePieceBpe
+    } else {
+        TokenizerFamily::Other
+    };
     let byte_map = gpt2_char_bytes();
     let pieces = (0..n)
         .map(|i| match kinds[i] {
             TokenKind::Unused => Vec::new(),
-            TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined => {
-                texts[i].as_bytes().to_vec()
-            }
+            TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined => texts[i].as_bytes().to_vec(),
             k => match family {
                 TokenizerFamily::ByteLevelBpe => byte_level_piece(&texts[i], &byte_map),
                 TokenizerFamily::SentencePieceBpe => spm_piece(&texts[i], k),
                 // Unknown decoder: trust the file's own decoder for a lone token.
-                TokenizerFamily::Other => inner
-                    .decode(&[i as u32], false)
-                    .unwrap_or_default()
-                    .into_bytes(),
+                TokenizerFamily::Other => inner.decode(&[i as u32], false).unwrap_or_default().into_bytes(),
             },
         })
         .collect();
@@ -177,10 +155,7 @@ fn post_processor_adds(pp: &Value, bos: Option<&str>) -> bool {
     };
     match pp.get("type").and_then(Value::as_str) {
         Some("TemplateProcessing") => first(pp),
-        Some("Sequence") => pp
-            .get("processors")
-            .and_then(Value::as_array)
-            .is_some_and(|ps| ps.iter().any(first)),
+        Some("Sequence") => pp.get("processors").and_then(Value::as_array).is_some_and(|ps| ps.iter().any(first)),
         _ => false,
     }
 }

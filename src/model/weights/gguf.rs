@@ -226,7 +226,9 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some((_, v)) => match v.as_int() {
                 Some(a) if a > 0 && a % 8 == 0 && a <= 1 << 20 => a as u64,
-                _ => return Err(GgufError::Corrupt(format!("general.alignment {v:?} is not a positive multiple of 8"))),
+                _ => {
+                    return Err(GgufError::Corrupt(format!("general.alignment {v:?} is not a positive multiple of 8")))
+                }
             },
         };
 
@@ -238,7 +240,9 @@ impl GgufFile {
             let name = r.string(&format!("name of tensor {i}"))?;
             let n_dims = r.u32(&format!("n_dims of '{name}'"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::Corrupt(format!("tensor '{name}' has {n_dims} dimensions (1..={MAX_DIMS} allowed)")));
+                return Err(GgufError::Corrupt(format!(
+                    "tensor '{name}' has {n_dims} dimensions (1..={MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
@@ -283,7 +287,7 @@ impl GgufFile {
                         offset: data_start.saturating_add(t.offset) as usize,
                         needed: bytes.unwrap_or(u64::MAX),
                         len: len as usize,
-                    })
+                    });
                 }
             }
         }
@@ -343,10 +347,7 @@ impl GgufFile {
     }
 
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        self.get_array(key)?
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| Self::wrong(key, v, "array of strings")))
-            .collect()
+        self.get_array(key)?.iter().map(|v| v.as_str().ok_or_else(|| Self::wrong(key, v, "array of strings"))).collect()
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {
@@ -432,7 +433,8 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.u64(what)?;
         let b = self.bytes(n, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| GgufError::Corrupt(format!("{what} at offset {} is not UTF-8", self.pos)))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| GgufError::Corrupt(format!("{what} at offset {} is not UTF-8", self.pos)))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {

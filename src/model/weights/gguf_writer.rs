@@ -35,24 +35,13 @@ impl GgufWriter {
     }
 
     /// A tensor of `dims` (ne0 first, the contiguous dimension) stored as `bytes` of `dtype`.
-    pub(crate) fn tensor(
-        &mut self,
-        name: &str,
-        dims: &[u64],
-        dtype: GgmlType,
-        bytes: Vec<u8>,
-    ) -> &mut Self {
-        self.tensors
-            .push((name.to_owned(), dims.to_vec(), dtype, bytes));
+    pub(crate) fn tensor(&mut self, name: &str, dims: &[u64], dtype: GgmlType, bytes: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.to_owned(), dims.to_vec(), dtype, bytes));
         self
     }
 
     pub(crate) fn tensor_f32(&mut self, name: &str, dims: &[u64], values: &[f32]) -> &mut Self {
-        assert_eq!(
-            dims.iter().product::<u64>() as usize,
-            values.len(),
-            "tensor '{name}'"
-        );
+        assert_eq!(dims.iter().product::<u64>() as usize, values.len(), "tensor '{name}'");
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensor(name, dims, GgmlType::F32, bytes)
     }
@@ -126,10 +115,7 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
         MetaValue::Array(items) => {
             // An empty array has no element to take the type from; call it a string array.
             let elem = items.first().map_or(8, type_id);
-            assert!(
-                items.iter().all(|i| type_id(i) == elem),
-                "GGUF arrays are homogeneous"
-            );
+            assert!(items.iter().all(|i| type_id(i) == elem), "GGUF arrays are homogeneous");
             out.extend(elem.to_le_bytes());
             out.extend((items.len() as u64).to_le_bytes());
             items.iter().for_each(|i| put_value(out, i));
@@ -152,10 +138,7 @@ mod tests {
             .kv("gone", MetaValue::Bool(true))
             .kv("a.u32", MetaValue::U32(7))
             .kv("a.f32", MetaValue::F32(0.5))
-            .kv(
-                "a.arr",
-                MetaValue::Array(vec![MetaValue::I32(-1), MetaValue::I32(2)]),
-            )
+            .kv("a.arr", MetaValue::Array(vec![MetaValue::I32(-1), MetaValue::I32(2)]))
             .tensor_f32("t0", &[3], &[1.0, 2.0, 3.0])
             .tensor_f32("t1", &[2, 2], &[4.0, 5.0, 6.0, 7.0]);
         w.remove("gone");
@@ -164,17 +147,10 @@ mod tests {
         assert_eq!(f.get_str("a.str").unwrap(), "x");
         assert_eq!(f.get_u64("a.u32").unwrap(), 7);
         assert_eq!(f.get_f64("a.f32").unwrap(), 0.5);
-        assert_eq!(
-            f.get_array("a.arr").unwrap(),
-            [MetaValue::I32(-1), MetaValue::I32(2)]
-        );
+        assert_eq!(f.get_array("a.arr").unwrap(), [MetaValue::I32(-1), MetaValue::I32(2)]);
         let t1 = f.tensor("t1").unwrap();
         assert_eq!((t1.dims.as_slice(), t1.offset), (&[2u64, 2][..], 32));
-        let data: Vec<f32> = f
-            .tensor_data(t1)
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let data: Vec<f32> = f.tensor_data(t1).chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert_eq!(data, [4.0, 5.0, 6.0, 7.0]);
     }
 }

@@ -311,3 +311,47 @@ impl<B: Backend> Llama<B> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::reference;
+
+    /// GGUF `llama` q/k rows are stored for GPT-J-style rope. Un-permuting them and applying HF
+    /// rotate-half rope gives the same rotated vectors, in HF order, as rotating the stored rows
+    /// with adjacent-pair rope: the two conventions are one model.
+    #[test]
+    fn unpermuted_rows_with_neox_rope_equal_stored_rows_with_norm_rope() {
+        let (hd, heads, cols) = (8, 3, 5);
+        let rows = hd * heads;
+        let mut seed = 17u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let stored: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+        let x: Vec<f32> = (0..cols).map(|_| rnd()).collect();
+        let rope = |style| Rope {
+            style,
+            head_dim: hd,
+            inv_freq: (0..hd / 2).map(|i| 100f32.powf(-((2 * i) as f32) / hd as f32)).collect(),
+        };
+
+        let mut a = reference::linear(&x, 1, cols, &stored, rows, None);
+        reference::rope(&mut a, rows, heads, &[7], &rope(RopeStyle::Norm));
+
+        let mut raw =
+            Raw { dtype: GgmlType::F32, rows, cols, bytes: stored.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        raw.unpermute_heads(hd);
+        let hf = read_f32(GgmlType::F32, &raw.bytes, rows * cols);
+        let mut b = reference::linear(&x, 1, cols, &hf, rows, None);
+        reference::rope(&mut b, rows, heads, &[7], &rope(RopeStyle::Neox));
+
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                assert!((a[h * hd + 2 * i] - b[h * hd + i]).abs() < 1e-6);
+                assert!((a[h * hd + 2 * i + 1] - b[h * hd + hd / 2 + i]).abs() < 1e-6);
+            }
+        }
+    }
+}

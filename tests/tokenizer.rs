@@ -6,6 +6,8 @@
 //! print a skip line and pass, unless `ZOE_REQUIRE_MODEL=1` (CI), where they fail. The
 //! SentencePiece tests use the committed tests/fixtures/spm_tiny.gguf and always run.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -50,24 +52,6 @@ fn goldens(name: &str) -> Goldens {
     let path = fixtures().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The SmolLM2 GGUF from `ZOE_TEST_GGUF`, or `None` after printing a visible skip line.
-fn smollm2_gguf(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("ZOE_TEST_GGUF") {
-        Some(p) => {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "ZOE_TEST_GGUF={} is not a file", p.display());
-            Some(p)
-        }
-        None if std::env::var("ZOE_REQUIRE_MODEL").as_deref() == Ok("1") => {
-            panic!("{test}: ZOE_REQUIRE_MODEL=1 but ZOE_TEST_GGUF is not set")
-        }
-        None => {
-            eprintln!("skipped {test}: set ZOE_TEST_GGUF=<path to SmolLM2 gguf>");
-            None
-        }
-    }
 }
 
 fn load(path: &Path) -> Tokenizer {
@@ -147,7 +131,7 @@ fn check_specials(tok: &Tokenizer, g: &Goldens) {
 
 #[test]
 fn smollm2_encode_matches_llama_cpp() {
-    let Some(path) = smollm2_gguf("smollm2_encode_matches_llama_cpp") else {
+    let Some(path) = common::smollm2_gguf("smollm2_encode_matches_llama_cpp") else {
         return;
     };
     let tok = load(&path);
@@ -157,7 +141,7 @@ fn smollm2_encode_matches_llama_cpp() {
 
 #[test]
 fn smollm2_decode_and_token_bytes_match_llama_cpp() {
-    let Some(path) = smollm2_gguf("smollm2_decode_and_token_bytes_match_llama_cpp") else {
+    let Some(path) = common::smollm2_gguf("smollm2_decode_and_token_bytes_match_llama_cpp") else {
         return;
     };
     let tok = load(&path);
@@ -168,7 +152,7 @@ fn smollm2_decode_and_token_bytes_match_llama_cpp() {
 
 #[test]
 fn smollm2_special_tokens_and_template() {
-    let Some(path) = smollm2_gguf("smollm2_special_tokens_and_template") else {
+    let Some(path) = common::smollm2_gguf("smollm2_special_tokens_and_template") else {
         return;
     };
     let tok = load(&path);

@@ -199,6 +199,12 @@ pub fn dot_f32(dtype: GgmlType, w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// Whether the x86_64 AVX2 + FMA + F16C kernels can run here.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn simd_available() -> bool {
+    simd::available()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     //! AVX2 kernels: nibbles are widened to bytes and multiplied with the signed activation bytes

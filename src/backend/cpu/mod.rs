@@ -7,6 +7,7 @@
 
 pub mod blocks;
 pub mod dot;
+pub mod packed;
 pub mod reference;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -15,6 +16,7 @@ use rayon::prelude::*;
 
 use self::blocks::dequantize_row;
 use self::dot::{dot_f32, dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
+use self::packed::Packed;
 use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
 
 /// A host activation matrix.
@@ -32,12 +34,23 @@ pub struct CpuWeight {
     pub rows: usize,
     pub cols: usize,
     row_bytes: usize,
+    /// File-order rows; empty when the weight lives in `packed` instead.
     data: Vec<u8>,
+    packed: Option<Packed>,
 }
 
 impl CpuWeight {
+    /// Row `r` in file layout (file-order weights only).
     fn row(&self, r: usize) -> &[u8] {
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Row `r` dequantized, whichever layout holds it.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match &self.packed {
+            Some(p) => dequantize_row(self.dtype, &p.raw_row(r), out),
+            None => dequantize_row(self.dtype, self.row(r), out),
+        }
     }
 }
 
@@ -182,7 +195,13 @@ impl Backend for CpuBackend {
         if dtype.is_quantized() && cols % QK != 0 {
             return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
         }
-        Ok(CpuWeight { dtype, rows, cols, row_bytes, data: bytes.to_vec() })
+        // Repacked for the 8-row kernels when this CPU has them; the file layout is then dropped
+        // (the packed form gives rows back for lookups), so memory does not double.
+        if self.precision == Precision::Q8 && rows % packed::GROUP == 0 && packed::kernel(dtype).is_some() {
+            let p = Packed::new(dtype, rows, cols, bytes);
+            return Ok(CpuWeight { dtype, rows, cols, row_bytes, data: Vec::new(), packed: Some(p) });
+        }
+        Ok(CpuWeight { dtype, rows, cols, row_bytes, data: bytes.to_vec(), packed: None })
     }
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CpuKv, BackendError> {
@@ -199,7 +218,7 @@ impl Backend for CpuBackend {
     fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) {
         assert_eq!((out.rows, out.cols), (ids.len(), table.cols));
         for (&id, o) in ids.iter().zip(out.data.chunks_mut(table.cols)) {
-            dequantize_row(table.dtype, table.row(id as usize), o);
+            table.dequantize_row(id as usize, o);
         }
     }
 
@@ -211,8 +230,8 @@ impl Backend for CpuBackend {
         let bias = bias.map(|b| &b.data[..m]);
         let ptr = SyncPtr(out.data.as_mut_ptr());
         // About 8 tasks per thread (load balance) but at least ROWS_PER_TASK rows each, a multiple
-        // of 4 for the four-row kernels: a 49k-row head is ~16 tasks, not 3000.
-        let rows_per_task = (m.div_ceil(8 * self.threads())).max(ROWS_PER_TASK).next_multiple_of(4);
+        // of 8 for the four-row and 8-row-group kernels: a 49k-row head is ~16 tasks, not 3000.
+        let rows_per_task = (m.div_ceil(8 * self.threads())).max(ROWS_PER_TASK).next_multiple_of(packed::GROUP);
         let tasks = m.div_ceil(rows_per_task);
         // Each task owns output columns [j0, j1) of every row: disjoint writes through `ptr`.
         let store = move |t: usize, j: usize, v: f32| unsafe { ptr.write(t * oc + col0 + j, v) };
@@ -220,6 +239,21 @@ impl Backend for CpuBackend {
             let nb = k / QK;
             let mut xq = vec![BlockQ8::default(); n * nb];
             xq.par_chunks_mut(nb).zip(x.data.par_chunks(k)).for_each(|(q, xr)| quantize_row_q8(xr, q));
+            if let (Some(p), Some(group)) = (&w.packed, packed::kernel(w.dtype)) {
+                // Tasks own whole 8-row groups: rows_per_task is a multiple of 8 when packed.
+                (0..tasks).into_par_iter().for_each(|c| {
+                    for g in c * rows_per_task / packed::GROUP..((c + 1) * rows_per_task).min(m) / packed::GROUP {
+                        let blocks = p.group_blocks(g);
+                        for (t, xr) in xq.chunks_exact(nb).enumerate() {
+                            for (r, v) in group(blocks, xr).into_iter().enumerate() {
+                                let j = g * packed::GROUP + r;
+                                store(t, j, v + bias.map_or(0.0, |b| b[j]));
+                            }
+                        }
+                    }
+                });
+                return;
+            }
             let (one, four) = (dot_q8_kernel(w.dtype), dot_q8_x4_kernel(w.dtype));
             (0..tasks).into_par_iter().for_each(|c| {
                 let (j0, j1) = (c * rows_per_task, ((c + 1) * rows_per_task).min(m));
@@ -416,8 +450,9 @@ mod tests {
         let be = CpuBackend::with_precision(2, precision);
         let mut rng = Lcg(1);
         for t in GgmlType::ALL {
-            for n in [1, 3, 17] {
-                let (m, k) = (37, 512);
+            for (n, m) in [(1, 37), (3, 40), (17, 37), (5, 64)] {
+                // 37 rows take the file-order kernels; 40 and 64 the 8-row packed ones.
+                let k = 512;
                 let bytes = random_blocks(t, m * k, &mut rng);
                 let w = be.weight("w", t, m, k, &bytes).unwrap();
                 let x = be.upload(&rand_vec(n * k, &mut rng), n, k);

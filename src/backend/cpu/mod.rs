@@ -192,12 +192,12 @@ impl Backend for CpuBackend {
                 rows * row_bytes
             )));
         }
-        if dtype.is_quantized() && cols % QK != 0 {
+        if dtype.is_quantized() && !cols.is_multiple_of(QK) {
             return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
         }
         // Repacked for the 8-row kernels when this CPU has them; the file layout is then dropped
         // (the packed form gives rows back for lookups), so memory does not double.
-        if self.precision == Precision::Q8 && rows % packed::GROUP == 0 && packed::kernel(dtype).is_some() {
+        if self.precision == Precision::Q8 && rows.is_multiple_of(packed::GROUP) && packed::kernel(dtype).is_some() {
             let p = Packed::new(dtype, rows, cols, bytes);
             return Ok(CpuWeight { dtype, rows, cols, row_bytes, data: Vec::new(), packed: Some(p) });
         }

@@ -40,7 +40,7 @@ pub fn supports(dtype: GgmlType) -> bool {
 impl Packed {
     /// Repacks file-order rows (`rows % 8 == 0`, `supports(dtype)`).
     pub fn new(dtype: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Self {
-        assert!(supports(dtype) && rows % GROUP == 0);
+        assert!(supports(dtype) && rows.is_multiple_of(GROUP));
         let nb = cols / QK;
         let bb = dtype.block_bytes();
         let row_bytes = nb * bb;

@@ -239,16 +239,28 @@ impl Backend for CpuBackend {
             let nb = k / QK;
             let mut xq = vec![BlockQ8::default(); n * nb];
             xq.par_chunks_mut(nb).zip(x.data.par_chunks(k)).for_each(|(q, xr)| quantize_row_q8(xr, q));
-            if let (Some(p), Some(group)) = (&w.packed, packed::kernel(w.dtype)) {
+            if let (Some(p), Some(k)) = (&w.packed, packed::kernel(w.dtype)) {
                 // Tasks own whole 8-row groups: rows_per_task is a multiple of 8 when packed.
                 (0..tasks).into_par_iter().for_each(|c| {
                     for g in c * rows_per_task / packed::GROUP..((c + 1) * rows_per_task).min(m) / packed::GROUP {
                         let blocks = p.group_blocks(g);
-                        for (t, xr) in xq.chunks_exact(nb).enumerate() {
-                            for (r, v) in group(blocks, xr).into_iter().enumerate() {
+                        let put = |t: usize, vals: [f32; packed::GROUP]| {
+                            for (r, v) in vals.into_iter().enumerate() {
                                 let j = g * packed::GROUP + r;
                                 store(t, j, v + bias.map_or(0.0, |b| b[j]));
                             }
+                        };
+                        let mut tokens = xq.chunks_exact(nb).enumerate();
+                        // Four tokens per pass while they last (prompt processing), then one.
+                        while tokens.len() >= 4 {
+                            let batch: [(usize, &[BlockQ8]); 4] = std::array::from_fn(|_| tokens.next().unwrap());
+                            let out = (k.four)(blocks, batch.map(|(_, x)| x));
+                            for ((t, _), vals) in batch.into_iter().zip(out) {
+                                put(t, vals);
+                            }
+                        }
+                        for (t, xr) in tokens {
+                            put(t, (k.one)(blocks, xr));
                         }
                     }
                 });

@@ -135,20 +135,19 @@ fn unpack_nibbles(qs: &[u8]) -> [u8; 32] {
     q
 }
 
-/// Dots of the 8 rows of one packed group with one activation row.
-pub type DotGroup = fn(&[u8], &[BlockQ8]) -> [f32; GROUP];
+/// Dots of the 8 rows of one packed group with one activation row, and with four at once (prompt
+/// processing: the quant unpacking and scale conversion are shared by the four tokens).
+#[derive(Clone, Copy)]
+pub struct GroupKernel {
+    pub one: fn(&[u8], &[BlockQ8]) -> [f32; GROUP],
+    pub four: fn(&[u8], [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4],
+}
 
-/// The packed kernel for `dtype` on this CPU, if there is one (x86_64 with AVX2).
-pub fn kernel(dtype: GgmlType) -> Option<DotGroup> {
+/// The packed kernels for `dtype` on this CPU, if there are any (x86_64 with AVX2).
+pub fn kernel(dtype: GgmlType) -> Option<GroupKernel> {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
-        return match (dtype, simd::vnni()) {
-            (GgmlType::Q4_1, true) => Some(simd::group_q4_1_vnni),
-            (GgmlType::Q4_1, false) => Some(simd::group_q4_1_avx2),
-            (GgmlType::Q8_0, true) => Some(simd::group_q8_0_vnni),
-            (GgmlType::Q8_0, false) => Some(simd::group_q8_0_avx2),
-            _ => None,
-        };
+        return simd::kernels(dtype, simd::vnni());
     }
     let _ = dtype;
     None
@@ -156,7 +155,7 @@ pub fn kernel(dtype: GgmlType) -> Option<DotGroup> {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{BlockQ8, GROUP};
+    use super::{BlockQ8, GgmlType, GroupKernel, GROUP};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -167,6 +166,54 @@ mod simd {
     pub fn vnni() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
+    }
+
+    /// How 4 u8×i8 products per 32-bit lane are summed into a running total.
+    trait Dot4 {
+        /// `acc += Σ_4 a·y` per lane (in the accumulator's own representation).
+        unsafe fn dot(acc: __m256i, a: __m256i, y: __m256i) -> __m256i;
+        /// The running total as 8 i32 lanes.
+        unsafe fn finish(acc: __m256i) -> __m256i;
+    }
+
+    /// AVX2, for Q4_1: `vpmaddubsw` results summed in i16 (each ≤ 15·127·2 = 3810, eight of them
+    /// ≤ 30480 < 2^15), widened once per block.
+    struct I16;
+    impl Dot4 for I16 {
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
+            _mm256_add_epi16(acc, _mm256_maddubs_epi16(a, y))
+        }
+        #[inline(always)]
+        unsafe fn finish(acc: __m256i) -> __m256i {
+            _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+        }
+    }
+
+    /// AVX2, for Q8_0: sums can reach 8·2·128·127, past i16, so widen per step.
+    struct I32;
+    impl Dot4 for I32 {
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, y), _mm256_set1_epi16(1)))
+        }
+        #[inline(always)]
+        unsafe fn finish(acc: __m256i) -> __m256i {
+            acc
+        }
+    }
+
+    /// AVX-512 VNNI (256-bit form): `vpdpbusd` sums the 4 products of each lane straight into i32.
+    struct Vnni;
+    impl Dot4 for Vnni {
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(acc, a, y)
+        }
+        #[inline(always)]
+        unsafe fn finish(acc: __m256i) -> __m256i {
+            acc
+        }
     }
 
     #[inline(always)]
@@ -181,123 +228,105 @@ mod simd {
         out
     }
 
-    /// Q4_1: per block, 8 `vpmaddubsw` results summed in i16 (each ≤ 15·127·2 = 3810, eight of
-    /// them ≤ 30480 < 2^15), one `vpmaddwd` to i32, then `d·dy·Σ + m·s` for 8 rows at once.
-    macro_rules! q4_1_body {
-        ($p:expr, $y:expr, $dot4:ident, $finish:ident) => {{
-            let mask = _mm256_set1_epi8(15);
-            let mut acc = _mm256_setzero_ps();
-            for (b, yb) in $y.iter().enumerate() {
-                let base = $p.as_ptr().add(b * 160);
-                let q = yb.qs.as_ptr();
-                let mut isum = _mm256_setzero_si256();
-                for k in 0..4 {
-                    let v = _mm256_loadu_si256(base.add(32 + 32 * k) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    isum = $dot4(isum, lo, bcast4(q.add(8 * k)));
-                    isum = $dot4(isum, hi, bcast4(q.add(8 * k + 4)));
+    /// One Q4_1 group against T activation rows: `d·dy·Σq·qy + m·s` for 8 rows per register.
+    #[inline(always)]
+    unsafe fn q4_1<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
+        let nb = ys[0].len();
+        assert!(p.len() >= nb * 160 && ys.iter().all(|y| y.len() == nb));
+        let mask = _mm256_set1_epi8(15);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let base = p.as_ptr().add(b * 160);
+            let mut isum = [_mm256_setzero_si256(); T];
+            for k in 0..4 {
+                let v = _mm256_loadu_si256(base.add(32 + 32 * k) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for t in 0..T {
+                    let q = ys[t][b].qs.as_ptr();
+                    isum[t] = D::dot(isum[t], lo, bcast4(q.add(8 * k)));
+                    isum[t] = D::dot(isum[t], hi, bcast4(q.add(8 * k + 4)));
                 }
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
-                let m = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16) as *const __m128i));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps($finish(isum)), _mm256_mul_ps(d, _mm256_set1_ps(yb.d)), acc);
-                acc = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc);
             }
-            store(acc)
-        }};
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16) as *const __m128i));
+            for t in 0..T {
+                let yb = &ys[t][b];
+                let s = _mm256_cvtepi32_ps(D::finish(isum[t]));
+                acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(yb.d)), acc[t]);
+                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc[t]);
+            }
+        }
+        acc.map(|a| store(a))
     }
 
-    // AVX2: the running sum is i16 pairs, widened once per block by `finish`.
+    /// One Q8_0 group against T activation rows. Signed × signed through the unsigned-left-operand
+    /// instructions: |w| times y carrying w's sign.
     #[inline(always)]
-    unsafe fn dot4_i16(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
-        _mm256_add_epi16(acc, _mm256_maddubs_epi16(a, y))
-    }
-    #[inline(always)]
-    unsafe fn widen_i16(acc: __m256i) -> __m256i {
-        _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_avx2(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        q4_1_body!(p, y, dot4_i16, widen_i16)
-    }
-
-    // VNNI: `vpdpbusd` sums the 4 u8×i8 products of each lane straight into i32.
-    #[inline(always)]
-    unsafe fn dot4_vnni(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, a, y)
-    }
-    #[inline(always)]
-    unsafe fn same(acc: __m256i) -> __m256i {
-        acc
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn q4_1_vnni(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        q4_1_body!(p, y, dot4_vnni, same)
-    }
-
-    /// Q8_0: signed × signed through the unsigned-left-operand instructions: |w| times y carrying
-    /// w's sign. Sums can reach 8 × 2 × 128 × 127, past i16, so AVX2 widens per chunk.
-    macro_rules! q8_0_body {
-        ($p:expr, $y:expr, $dot4:ident) => {{
-            let mut acc = _mm256_setzero_ps();
-            for (b, yb) in $y.iter().enumerate() {
-                let base = $p.as_ptr().add(b * 272);
-                let q = yb.qs.as_ptr();
-                let mut isum = _mm256_setzero_si256();
-                for k in 0..8 {
-                    let w = _mm256_loadu_si256(base.add(16 + 32 * k) as *const __m256i);
-                    let yk = bcast4(q.add(4 * k));
-                    isum = $dot4(isum, _mm256_sign_epi8(w, w), _mm256_sign_epi8(yk, w));
+    unsafe fn q8_0<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
+        let nb = ys[0].len();
+        assert!(p.len() >= nb * 272 && ys.iter().all(|y| y.len() == nb));
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let base = p.as_ptr().add(b * 272);
+            let mut isum = [_mm256_setzero_si256(); T];
+            for k in 0..8 {
+                let w = _mm256_loadu_si256(base.add(16 + 32 * k) as *const __m256i);
+                let aw = _mm256_sign_epi8(w, w);
+                for t in 0..T {
+                    let yk = bcast4(ys[t][b].qs.as_ptr().add(4 * k));
+                    isum[t] = D::dot(isum[t], aw, _mm256_sign_epi8(yk, w));
                 }
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(yb.d)), acc);
             }
-            store(acc)
-        }};
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
+            for t in 0..T {
+                let s = _mm256_cvtepi32_ps(D::finish(isum[t]));
+                acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), acc[t]);
+            }
+        }
+        acc.map(|a| store(a))
     }
 
-    #[inline(always)]
-    unsafe fn dot4_i32(acc: __m256i, a: __m256i, y: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, y), _mm256_set1_epi16(1)))
+    // One `#[target_feature]` entry per (type, instruction set, token count). Safe wrappers are
+    // handed out by `kernels` only after the CPU features were detected.
+    macro_rules! entries {
+        ($($name:ident: $body:ident<$d:ty>, $features:literal;)*) => {$(
+            mod $name {
+                use super::*;
+                #[target_feature(enable = $features)]
+                unsafe fn one_impl(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
+                    $body::<$d, 1>(p, [y])[0]
+                }
+                #[target_feature(enable = $features)]
+                unsafe fn four_impl(p: &[u8], ys: [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4] {
+                    $body::<$d, 4>(p, ys)
+                }
+                pub fn one(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
+                    unsafe { one_impl(p, y) }
+                }
+                pub fn four(p: &[u8], ys: [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4] {
+                    unsafe { four_impl(p, ys) }
+                }
+            }
+        )*};
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_avx2(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        q8_0_body!(p, y, dot4_i32)
+    entries! {
+        q4_1_avx2: q4_1<I16>, "avx2,fma,f16c";
+        q4_1_vnni: q4_1<Vnni>, "avx2,fma,f16c,avx512vnni,avx512vl";
+        q8_0_avx2: q8_0<I32>, "avx2,fma,f16c";
+        q8_0_vnni: q8_0<Vnni>, "avx2,fma,f16c,avx512vnni,avx512vl";
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn q8_0_vnni(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        q8_0_body!(p, y, dot4_vnni)
+    pub fn kernels(dtype: GgmlType, vnni: bool) -> Option<GroupKernel> {
+        Some(match (dtype, vnni) {
+            (GgmlType::Q4_1, true) => GroupKernel { one: q4_1_vnni::one, four: q4_1_vnni::four },
+            (GgmlType::Q4_1, false) => GroupKernel { one: q4_1_avx2::one, four: q4_1_avx2::four },
+            (GgmlType::Q8_0, true) => GroupKernel { one: q8_0_vnni::one, four: q8_0_vnni::four },
+            (GgmlType::Q8_0, false) => GroupKernel { one: q8_0_avx2::one, four: q8_0_avx2::four },
+            _ => return None,
+        })
     }
-
-    // Safe entry points, handed out by `kernel` only after the CPU features were detected.
-    pub fn group_q4_1_avx2(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        assert!(p.len() >= y.len() * 160);
-        unsafe { q4_1_avx2(p, y) }
-    }
-    pub fn group_q4_1_vnni(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        assert!(p.len() >= y.len() * 160);
-        unsafe { q4_1_vnni(p, y) }
-    }
-    pub fn group_q8_0_avx2(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        assert!(p.len() >= y.len() * 272);
-        unsafe { q8_0_avx2(p, y) }
-    }
-    pub fn group_q8_0_vnni(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-        assert!(p.len() >= y.len() * 272);
-        unsafe { q8_0_vnni(p, y) }
-    }
-
-    #[cfg(test)]
-    pub const ALL: [(&str, super::GgmlType, super::DotGroup); 4] = [
-        ("q4_1 avx2", super::GgmlType::Q4_1, group_q4_1_avx2),
-        ("q4_1 vnni", super::GgmlType::Q4_1, group_q4_1_vnni),
-        ("q8_0 avx2", super::GgmlType::Q8_0, group_q8_0_avx2),
-        ("q8_0 vnni", super::GgmlType::Q8_0, group_q8_0_vnni),
-    ];
 }
 
 #[cfg(test)]
@@ -320,7 +349,8 @@ mod tests {
         }
     }
 
-    /// Every packed kernel this CPU can run equals the scalar kernel on the file-order rows.
+    /// Every packed kernel this CPU can run, one token and four at a time, equals the scalar
+    /// kernel on the file-order rows.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn packed_kernels_match_scalar_rows() {
@@ -329,28 +359,42 @@ mod tests {
             return;
         }
         let mut rng = Lcg(22);
-        for (name, t, f) in simd::ALL {
-            if name.ends_with("vnni") && !simd::vnni() {
-                eprintln!("skipped {name}: this CPU has no AVX-512 VNNI");
+        for vnni in [false, true] {
+            if vnni && !simd::vnni() {
+                eprintln!("skipped the VNNI kernels: this CPU has no AVX-512 VNNI");
                 continue;
             }
-            for nb in [1, 5, 18] {
-                let (rows, cols) = (16, nb * QK);
-                let data = random_blocks(t, rows * cols, &mut rng);
-                let p = Packed::new(t, rows, cols, &data);
-                let x: Vec<f32> = (0..cols).map(|_| rng.normal() * 2.0).collect();
-                let mut xq = vec![BlockQ8::default(); nb];
-                quantize_row_q8(&x, &mut xq);
-                let rb = t.row_bytes(cols).unwrap();
-                for g in 0..rows / GROUP {
-                    let got = f(p.group_blocks(g), &xq);
-                    for (r, v) in got.iter().enumerate() {
-                        let row = g * GROUP + r;
-                        let want = scalar_kernel(t)(&data[row * rb..(row + 1) * rb], &xq);
-                        assert!(
-                            (v - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "{name} nb={nb} row {row}: {v} vs {want}"
-                        );
+            for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
+                let k = simd::kernels(t, vnni).unwrap();
+                for nb in [1, 5, 18] {
+                    let (rows, cols) = (16, nb * QK);
+                    let data = random_blocks(t, rows * cols, &mut rng);
+                    let p = Packed::new(t, rows, cols, &data);
+                    let xq: Vec<Vec<BlockQ8>> = (0..4)
+                        .map(|_| {
+                            let x: Vec<f32> = (0..cols).map(|_| rng.normal() * 2.0).collect();
+                            let mut q = vec![BlockQ8::default(); nb];
+                            quantize_row_q8(&x, &mut q);
+                            q
+                        })
+                        .collect();
+                    let rb = t.row_bytes(cols).unwrap();
+                    for g in 0..rows / GROUP {
+                        let four = (k.four)(p.group_blocks(g), [&xq[0], &xq[1], &xq[2], &xq[3]]);
+                        for (tok, y) in xq.iter().enumerate() {
+                            let one = (k.one)(p.group_blocks(g), y);
+                            for r in 0..GROUP {
+                                let row = g * GROUP + r;
+                                let want = scalar_kernel(t)(&data[row * rb..(row + 1) * rb], y);
+                                let tol = 1e-4 * want.abs().max(1.0);
+                                assert!(
+                                    (one[r] - want).abs() <= tol,
+                                    "{t} vnni={vnni} nb={nb} row {row}: {} vs {want}",
+                                    one[r]
+                                );
+                                assert_eq!(four[tok][r], one[r], "four-token kernel, token {tok}");
+                            }
+                        }
                     }
                 }
             }

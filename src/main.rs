@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use zoe_llm::backend::cpu::Precision;
 use zoe_llm::engine::generate::{generate, raw_prompt_ids, render_chat_prompt, FinishReason, GenerateRequest};
 use zoe_llm::engine::sampler::SamplingParams;
-use zoe_llm::hub::{ensure, pull, Manifest, PullOptions, Registry, Store};
-use zoe_llm::model::loaded::LoadedModel;
+use zoe_llm::hub::{ensure, pull, Format, Manifest, PullOptions, Registry, Store};
+use zoe_llm::model::loaded::{LoadError, LoadedModel};
 
 #[derive(Parser)]
 #[command(name = "zoe-llm", version, about = "LLM appliance for the Zoe home assistant")]
@@ -155,8 +155,8 @@ fn list(store: &Store, registry: &Registry) {
     println!("{:<32} {:<8} {:<9} ALIASES", "MODEL", "FORMAT", "PRESENT");
     for m in registry.manifests() {
         let format = match m.format {
-            zoe_llm::hub::Format::Gguf => "gguf",
-            zoe_llm::hub::Format::AwqSafetensors => "awq",
+            Format::Gguf => "gguf",
+            Format::AwqSafetensors => "awq",
         };
         let present = if store.is_present(m) { "yes" } else { "no" };
         println!("{:<32} {:<8} {:<9} {}", m.id, format, present, m.aliases.join(", "));
@@ -164,21 +164,38 @@ fn list(store: &Store, registry: &Registry) {
     println!("\nmodels directory: {}", store.root().display());
 }
 
-/// Resolves the model (the default when none is named), pulls it if missing, and loads it.
-fn load(
-    store: &Store,
-    registry: &Registry,
-    args: &EngineArgs,
-) -> Result<(Manifest, LoadedModel<zoe_llm::backend::cpu::CpuBackend>)> {
+/// The manifest a command names (the default model when none is named), checked to be one this
+/// build can run before anything is downloaded.
+fn resolve(registry: &Registry, args: &EngineArgs) -> Result<Manifest> {
     let manifest = match &args.model {
         Some(name) => registry.resolve(name)?.clone(),
         None => registry.default_model().context("no default model in the registry")?.clone(),
     };
-    let path = ensure(&manifest, store, &PullOptions::from_env())?;
-    let threads = args.threads.unwrap_or_else(provider_probe::physical_cores);
-    if threads == 0 {
-        bail!("--threads must be at least 1");
+    if manifest.format != Format::Gguf {
+        return Err(LoadError::NeedsCuda { id: manifest.id.clone(), format: manifest.format }.into());
     }
+    Ok(manifest)
+}
+
+/// Thread count from the flag (default: physical cores), within 1..=logical CPUs.
+fn threads(args: &EngineArgs) -> Result<usize> {
+    let cpus = provider_probe::logical_cores();
+    match args.threads {
+        None => Ok(provider_probe::physical_cores()),
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) if n > cpus => bail!("--threads {n} is more than the {cpus} CPUs of this machine"),
+        Some(n) => Ok(n),
+    }
+}
+
+/// Pulls the model if missing and loads it.
+fn load(
+    store: &Store,
+    manifest: Manifest,
+    args: &EngineArgs,
+    threads: usize,
+) -> Result<(Manifest, LoadedModel<zoe_llm::backend::cpu::CpuBackend>)> {
+    let path = ensure(&manifest, store, &PullOptions::from_env())?;
     let precision = match args.precision {
         PrecisionArg::Q8 => Precision::Q8,
         PrecisionArg::F32 => Precision::F32,
@@ -190,18 +207,20 @@ fn load(
 }
 
 fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
-    let (manifest, m) = load(store, registry, &args.engine)?;
-    let d = &manifest.defaults.sampling;
+    // Everything the flags can get wrong is checked before a download or a load.
+    let manifest = resolve(registry, &args.engine)?;
+    let threads = threads(&args.engine)?;
+    let d = manifest.defaults.sampling.params();
     let sampling = SamplingParams {
         temperature: args.temperature.unwrap_or(d.temperature),
-        top_k: args.top_k.unwrap_or(d.top_k as usize),
+        top_k: args.top_k.unwrap_or(d.top_k),
         top_p: args.top_p.unwrap_or(d.top_p),
-        min_p: d.min_p,
         repeat_penalty: args.repeat_penalty.unwrap_or(d.repeat_penalty),
         seed: args.seed,
-        ..SamplingParams::default()
+        ..d
     };
     sampling.validate()?;
+    let (manifest, m) = load(store, manifest, &args.engine, threads)?;
     let prompt_ids = if args.raw {
         raw_prompt_ids(&m.tokenizer, &args.prompt)?
     } else {
@@ -215,16 +234,17 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
     let out = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, |text| {
         if write_err.is_none() {
             if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    // The reader left (`| head`): its choice, not an error, and no reason to keep
+                    // generating.
+                    std::process::exit(0);
+                }
                 write_err = Some(e);
             }
         }
     })?;
     if let Some(e) = write_err {
-        // A closed pipe (`| head`) is the reader's choice, not an error worth a message.
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("writing to stdout");
-        }
-        return Ok(());
+        return Err(e).context("writing to stdout");
     }
     let _ = writeln!(stdout);
     let t = &out.timings;
@@ -237,13 +257,21 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         "done"
     );
     if out.finish_reason == FinishReason::Length {
-        tracing::info!("stopped at --max-tokens {}", args.max_tokens);
+        tracing::info!("stopped at the token limit (--max-tokens {}, context {})", args.max_tokens, m.context_length);
     }
     Ok(())
 }
 
 fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
-    let (manifest, m) = load(store, registry, &args.engine)?;
+    let manifest = resolve(registry, &args.engine)?;
+    let threads = threads(&args.engine)?;
+    let ctx = manifest.defaults.context_length as usize;
+    for (flag, n) in [("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens)] {
+        if n > ctx {
+            bail!("{flag} {n} is more than the model's context of {ctx} tokens");
+        }
+    }
+    let (manifest, m) = load(store, manifest, &args.engine, threads)?;
     let results = zoe_llm::bench::run(&m, args.prompt_tokens, args.gen_tokens, args.reps)?;
     println!("| model | backend | threads | precision | test | t/s |");
     println!("| --- | --- | --- | --- | --- | --- |");

@@ -73,13 +73,15 @@ fn run_raw_greedy_prints_exactly_the_reference_continuation() {
 fn run_chat_uses_the_template_and_a_seed_repeats() {
     let Some(gguf) = model() else { return };
     let dir = models_dir(&gguf);
-    let args = ["run", "--temperature", "0.9", "--seed", "42", "--max-tokens", "24", "Name a fruit."];
+    let args = ["--log", "info", "run", "--temperature", "0.9", "--seed", "42", "--max-tokens", "24", "Name a fruit."];
     let a = zoe(dir.path(), &args);
     let b = zoe(dir.path(), &args);
     assert!(a.status.success(), "{}", stderr(&a));
     assert!(!stdout(&a).trim().is_empty());
     assert_eq!(stdout(&a), stdout(&b), "same seed, same output");
-    // The chat template's end-of-turn token ends generation and never shows as text.
+    // The chat template's end-of-turn token ends generation (before the 24-token limit) and
+    // never shows as text.
+    assert!(stderr(&a).contains("finish=Stop"), "{}", stderr(&a));
     assert!(!stdout(&a).contains("<|im_end|>") && !stdout(&a).contains("<|im_start|>"));
 
     let l = zoe(dir.path(), &["list"]);
@@ -107,9 +109,32 @@ fn bad_input_gets_a_clear_error_and_exit_code() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("threads"), "{}", stderr(&o));
 
+    let o = zoe(dir.path(), &["run", "--threads", "100000", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--threads 100000"), "{}", stderr(&o));
+
     let o = zoe(dir.path(), &["run", "--temperature=-1", "hi"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+
+    let o = zoe(dir.path(), &["bench", "--prompt-tokens", "100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--prompt-tokens 100000") && stderr(&o).contains("8192"), "{}", stderr(&o));
+}
+
+/// Models this build cannot run, and flags that are wrong, fail before anything is downloaded:
+/// the models directory is empty and no server is reachable, so any download attempt would
+/// report "offline" instead.
+#[test]
+fn checks_come_before_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = zoe(dir.path(), &["run", "-m", "qwen2.5-coder:7b", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("CUDA") && !stderr(&o).contains("offline"), "{}", stderr(&o));
+
+    let o = zoe(dir.path(), &["run", "--top-p", "0", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("top_p") && !stderr(&o).contains("offline"), "{}", stderr(&o));
 }
 
 #[test]

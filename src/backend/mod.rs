@@ -96,7 +96,8 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Runs `f` where this backend's ops are cheapest to call (the CPU backend enters its thread
-    /// pool once per forward pass instead of once per op).
+    /// pool once per forward pass instead of once per op). Ops called outside `run` are correct
+    /// but, on the CPU, use rayon's global pool instead of the backend's physical-core pool.
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         f()
     }

@@ -140,6 +140,21 @@ pub struct Sampling {
     pub repeat_penalty: f32,
 }
 
+impl Sampling {
+    /// These defaults as engine sampling parameters (the fields a manifest does not set keep the
+    /// engine's defaults).
+    pub fn params(&self) -> crate::engine::sampler::SamplingParams {
+        crate::engine::sampler::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k as usize,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for Sampling {
     /// Ollama's defaults, so a manifest that omits a value behaves as Ollama would.
     fn default() -> Self {

@@ -10,7 +10,7 @@ pub enum ConfigError {
     UnknownArchitecture(String),
     #[error("model config: {0}")]
     Invalid(String),
-    #[error("unsupported rope scaling type '{0}' (supported: none, linear, llama3)")]
+    #[error("unsupported rope scaling type '{0}' (supported: none, linear; llama3 files carry rope_freqs.weight)")]
     UnsupportedRopeScaling(String),
     #[error(transparent)]
     Gguf(#[from] GgufError),
@@ -32,7 +32,8 @@ pub enum RopeScaling {
     Linear {
         factor: f32,
     },
-    /// Llama 3.x: long wavelengths divided by `factor`, a smooth blend between
+    /// Llama 3.x (HF config.json; GGUF files carry the same as `rope_freqs.weight` divisors):
+    /// long wavelengths divided by `factor`, a smooth blend between
     /// `original_max / low_freq_factor` and `original_max / high_freq_factor`
     /// (transformers `_compute_llama3_parameters`).
     Llama3 {
@@ -60,7 +61,6 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
-    pub qkv_bias: bool,
 }
 
 impl ModelConfig {
@@ -95,6 +95,19 @@ impl ModelConfig {
             Some(_) => int("vocab_size")?,
             None => f.get_array("tokenizer.ggml.tokens")?.len(),
         };
+        // Every size below comes from the file: bound them before anything is allocated from them.
+        let n_layers = int("block_count")?;
+        if n_layers == 0 || n_layers > f.tensors().len() {
+            return Err(ConfigError::Invalid(format!(
+                "block_count {n_layers} does not fit the file's {} tensors",
+                f.tensors().len()
+            )));
+        }
+        if (n_heads + 2 * n_kv_heads).checked_mul(head_dim).is_none_or(|c| c > 1 << 20) || hidden_size > 1 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "{n_heads} heads of dimension {head_dim} (hidden {hidden_size}) is beyond any real model"
+            )));
+        }
         let rope_scaling = match f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => match f.tensor("rope_freqs.weight") {
                 Some(t) => Self::rope_divisors(f, t, head_dim)?,
@@ -107,7 +120,7 @@ impl ModelConfig {
         Ok(Self {
             architecture,
             hidden_size,
-            n_layers: int("block_count")?,
+            n_layers,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -121,7 +134,6 @@ impl ModelConfig {
             },
             rope_scaling,
             tie_word_embeddings: !has("output.weight"),
-            qkv_bias: has("blk.0.attn_q.bias"),
         })
     }
 
@@ -192,7 +204,6 @@ mod tests {
                 original_max_position: 8192.0,
             },
             tie_word_embeddings: true,
-            qkv_bias: false,
         }
     }
 

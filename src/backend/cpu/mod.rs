@@ -192,9 +192,6 @@ impl Backend for CpuBackend {
                 rows * row_bytes
             )));
         }
-        if dtype.is_quantized() && !cols.is_multiple_of(QK) {
-            return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
-        }
         // Repacked for the 8-row kernels when this CPU has them; the file layout is then dropped
         // (the packed form gives rows back for lookups), so memory does not double.
         if self.precision == Precision::Q8 && rows.is_multiple_of(packed::GROUP) && packed::kernel(dtype).is_some() {
@@ -225,7 +222,9 @@ impl Backend for CpuBackend {
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>, out: &mut CpuTensor, col0: usize) {
         let (n, k, m) = (x.rows, x.cols, w.rows);
         assert_eq!(k, w.cols, "linear: x has {k} columns, weight has {}", w.cols);
+        // The raw-pointer stores below rely on these: tensor fields are public, so check them.
         assert!(out.rows == n && out.cols >= col0 + m, "linear: output too small");
+        assert!(out.data.len() == out.rows * out.cols && x.data.len() == n * k, "linear: tensor data/shape mismatch");
         let oc = out.cols;
         let bias = bias.map(|b| &b.data[..m]);
         let ptr = SyncPtr(out.data.as_mut_ptr());

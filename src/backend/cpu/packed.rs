@@ -140,8 +140,11 @@ fn unpack_nibbles(qs: &[u8]) -> [u8; 32] {
 #[derive(Clone, Copy)]
 pub struct GroupKernel {
     pub one: fn(&[u8], &[BlockQ8]) -> [f32; GROUP],
-    pub four: fn(&[u8], [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4],
+    pub four: DotGroup4,
 }
+
+/// One packed group against four activation rows: `out[token][row]`.
+pub type DotGroup4 = fn(&[u8], [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4];
 
 /// The packed kernels for `dtype` on this CPU, if there are any (x86_64 with AVX2).
 pub fn kernel(dtype: GgmlType) -> Option<GroupKernel> {
@@ -229,6 +232,8 @@ mod simd {
     }
 
     /// One Q4_1 group against T activation rows: `d·dy·Σq·qy + m·s` for 8 rows per register.
+    // `b` indexes the packed blocks and every token's activation blocks at once.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn q4_1<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
         let nb = ys[0].len();
@@ -262,6 +267,7 @@ mod simd {
 
     /// One Q8_0 group against T activation rows. Signed × signed through the unsigned-left-operand
     /// instructions: |w| times y carrying w's sign.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn q8_0<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
         let nb = ys[0].len();

@@ -8,7 +8,9 @@
 //!
 //! Every length and count read from the file is checked against the bytes that remain before
 //! anything is allocated, so a corrupt or truncated file is an error naming what was being read,
-//! never a panic or a huge allocation. A count too large for the rest of the file is reported as
+//! never a panic, and allocations stay within a small multiple of the file's size (a metadata
+//! array element takes one `MetaValue`, at most 32 bytes per file byte). A count too large for
+//! the rest of the file is reported as
 //! `Truncated` (a file cut short and a corrupt count are indistinguishable here).
 
 use std::collections::HashSet;

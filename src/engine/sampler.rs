@@ -337,17 +337,7 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: Some(7),
-        };
+        let mut p = SamplingParams { temperature: 1.0, seed: Some(7), ..SamplingParams::greedy() };
         f(&mut p);
         p
     }

@@ -60,7 +60,8 @@ fn check_row(dtype: GgmlType, src: &[u8], dst: &[f32]) -> usize {
 }
 
 /// Reads the little-endian IEEE half at `b[i..i + 2]`.
-fn f16_at(b: &[u8], i: usize) -> f32 {
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 

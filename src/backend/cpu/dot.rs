@@ -9,9 +9,8 @@
 //! Each integer kernel has a portable scalar form (the fast-path oracle, tested against the f32
 //! reference) and, on x86_64 with AVX2, an intrinsic form tested against the scalar one.
 
-use half::f16;
 
-use super::blocks::dequantize_row;
+use super::blocks::{dequantize_row, f16_at};
 use crate::backend::GgmlType;
 
 pub const QK: usize = 32;
@@ -53,11 +52,6 @@ pub fn uses_q8_activations(dtype: GgmlType) -> bool {
 
 /// A row dot product over quantized activations.
 pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
-
-#[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
-}
 
 /// The fastest available integer kernel for `dtype` on this CPU.
 pub fn dot_q8_kernel(dtype: GgmlType) -> DotQ8 {

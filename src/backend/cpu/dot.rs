@@ -3,14 +3,14 @@
 //!
 //! Legacy 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) use llama.cpp's scheme: the activation
 //! row is quantized once per op to 8-bit blocks of 32 ([`BlockQ8`]) and each block pair is an
-//! integer dot product scaled by both block scales. Other types (F32, F16, BF16, K-quants)
-//! dequantize one block at a time into a stack buffer and dot it with the f32 activations.
+//! integer dot product scaled by both block scales. Other types (F32, F16, BF16, K-quants), and
+//! every type under `Precision::F32`, take `linear`'s f32 path instead (one dequantized row at a
+//! time against f32 activations).
 //!
 //! Each integer kernel has a portable scalar form (the fast-path oracle, tested against the f32
 //! reference) and, on x86_64 with AVX2, an intrinsic form tested against the scalar one.
 
-
-use super::blocks::{dequantize_row, f16_at};
+use super::blocks::f16_at;
 use crate::backend::GgmlType;
 
 pub const QK: usize = 32;
@@ -174,23 +174,6 @@ pub fn dot_q8_0_scalar(w: &[u8], y: &[BlockQ8]) -> f32 {
             d * y.d * sum as f32
         })
         .sum()
-}
-
-/// Dot of a weight row of any type with f32 activations, one dequantized block at a time.
-pub fn dot_f32(dtype: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-    match dtype {
-        GgmlType::F32 => w.chunks_exact(4).zip(x).map(|(b, v)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v).sum(),
-        _ => {
-            let n = dtype.block_len();
-            let mut buf = [0.0f32; 256];
-            let mut acc = 0.0f32;
-            for (b, xb) in w.chunks_exact(dtype.block_bytes()).zip(x.chunks_exact(n)) {
-                dequantize_row(dtype, b, &mut buf[..n]);
-                acc += buf[..n].iter().zip(xb).map(|(a, c)| a * c).sum::<f32>();
-            }
-            acc
-        }
-    }
 }
 
 /// Whether the x86_64 AVX2 + FMA + F16C kernels can run here.
@@ -383,6 +366,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::blocks::dequantize_row;
     use crate::backend::cpu::test_util::{random_blocks, Lcg};
 
     const LEGACY: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
@@ -444,21 +428,5 @@ mod tests {
         let zero = [0.0f32; 32];
         quantize_row_q8(&zero, &mut q[..1]);
         assert_eq!((q[0].d, q[0].s), (0.0, 0.0));
-    }
-
-    #[test]
-    fn f32_path_matches_dequantized_dot_for_every_type() {
-        let mut rng = Lcg(5);
-        for t in GgmlType::ALL {
-            let n = 512;
-            let w = random_blocks(t, n, &mut rng);
-            let x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            let mut wd = vec![0.0; n];
-            dequantize_row(t, &w, &mut wd);
-            let want: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
-            let mag: f32 = wd.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            let got = dot_f32(t, &w, &x);
-            assert!((got - want).abs() <= 1e-4 * mag + 1e-6, "{t}: {got} vs {want}");
-        }
     }
 }

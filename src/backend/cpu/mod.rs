@@ -15,7 +15,7 @@ pub(crate) mod test_util;
 use rayon::prelude::*;
 
 use self::blocks::dequantize_row;
-use self::dot::{dot_f32, dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
+use self::dot::{dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
 use self::packed::Packed;
 use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
 
@@ -287,12 +287,15 @@ impl Backend for CpuBackend {
                 }
             });
         } else {
+            // f32 activations: one weight row at a time is dequantized into a task-local buffer
+            // and dotted with every token (never the whole matrix).
             (0..tasks).into_par_iter().for_each(|c| {
+                let mut row = vec![0.0f32; k];
                 for j in c * rows_per_task..((c + 1) * rows_per_task).min(m) {
-                    let wr = w.row(j);
+                    w.dequantize_row(j, &mut row);
                     let b = bias.map_or(0.0, |b| b[j]);
                     for (t, xr) in x.data.chunks_exact(k).enumerate() {
-                        store(t, j, dot_f32(w.dtype, wr, xr) + b);
+                        store(t, j, dot(&row, xr) + b);
                     }
                 }
             });

@@ -191,19 +191,19 @@ fn threads(args: &EngineArgs) -> Result<usize> {
 /// Pulls the model if missing and loads it.
 fn load(
     store: &Store,
-    manifest: Manifest,
+    manifest: &Manifest,
     args: &EngineArgs,
     threads: usize,
-) -> Result<(Manifest, LoadedModel<zoe_llm::backend::cpu::CpuBackend>)> {
-    let path = ensure(&manifest, store, &PullOptions::from_env())?;
+) -> Result<LoadedModel<zoe_llm::backend::cpu::CpuBackend>> {
+    let path = ensure(manifest, store, &PullOptions::from_env())?;
     let precision = match args.precision {
         PrecisionArg::Q8 => Precision::Q8,
         PrecisionArg::F32 => Precision::F32,
     };
     let t = std::time::Instant::now();
-    let loaded = LoadedModel::load(&manifest, &path, threads, precision)?;
+    let loaded = LoadedModel::load(manifest, &path, threads, precision)?;
     tracing::info!(model = %manifest.id, threads, ?precision, ms = t.elapsed().as_millis() as u64, "model loaded");
-    Ok((manifest, loaded))
+    Ok(loaded)
 }
 
 fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
@@ -220,7 +220,7 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         ..d
     };
     sampling.validate()?;
-    let (manifest, m) = load(store, manifest, &args.engine, threads)?;
+    let m = load(store, &manifest, &args.engine, threads)?;
     let prompt_ids = if args.raw {
         raw_prompt_ids(&m.tokenizer, &args.prompt)?
     } else {
@@ -271,7 +271,7 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
             bail!("{flag} {n} is more than the model's context of {ctx} tokens");
         }
     }
-    let (manifest, m) = load(store, manifest, &args.engine, threads)?;
+    let m = load(store, &manifest, &args.engine, threads)?;
     let results = zoe_llm::bench::run(&m, args.prompt_tokens, args.gen_tokens, args.reps)?;
     println!("| model | backend | threads | precision | test | t/s |");
     println!("| --- | --- | --- | --- | --- | --- |");

@@ -24,8 +24,6 @@ pub trait KvCache<B: Backend> {
     fn append(&mut self, n: usize) -> Result<Vec<u32>, KvError>;
     /// Slots of positions `0..len` in order.
     fn slots(&self) -> &[u32];
-    /// Forgets positions `len..`, e.g. to reuse a shared prompt prefix.
-    fn truncate(&mut self, len: usize);
     /// K and V storage of one layer.
     fn layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer);
 }
@@ -67,10 +65,6 @@ impl<B: Backend> KvCache<B> for ContiguousKvCache<B> {
 
     fn slots(&self) -> &[u32] {
         &self.slots
-    }
-
-    fn truncate(&mut self, len: usize) {
-        self.slots.truncate(len);
     }
 
     fn layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {

@@ -83,21 +83,26 @@ impl Raw {
         self.bytes.len() / self.rows
     }
 
-    /// Undoes convert_hf_to_gguf's q/k permutation: within each head, GGUF row 2i is HF row i and
-    /// GGUF row 2i+1 is HF row i + d/2. Rows move whole, so quantized rows need no decoding.
     fn unpermute_heads(&mut self, head_dim: usize) {
         let rb = self.row_bytes();
-        let mut out = vec![0u8; self.bytes.len()];
-        for h in 0..self.rows / head_dim {
-            for i in 0..head_dim / 2 {
-                for (src, dst) in [(2 * i, i), (2 * i + 1, i + head_dim / 2)] {
-                    let (s, d) = ((h * head_dim + src) * rb, (h * head_dim + dst) * rb);
-                    out[d..d + rb].copy_from_slice(&self.bytes[s..s + rb]);
-                }
+        self.bytes = unpermute_heads(&self.bytes, rb, head_dim);
+    }
+}
+
+/// Undoes convert_hf_to_gguf's q/k permutation on rows of `row_len` elements: within each head,
+/// GGUF row 2i is HF row i and GGUF row 2i+1 is HF row i + d/2. Rows move whole, so quantized rows
+/// need no decoding, and the same function serves biases (rows of one value).
+fn unpermute_heads<T: Copy + Default>(data: &[T], row_len: usize, head_dim: usize) -> Vec<T> {
+    let mut out = vec![T::default(); data.len()];
+    for h in 0..data.len() / row_len / head_dim {
+        for i in 0..head_dim / 2 {
+            for (src, dst) in [(2 * i, i), (2 * i + 1, i + head_dim / 2)] {
+                let (s, d) = ((h * head_dim + src) * row_len, (h * head_dim + dst) * row_len);
+                out[d..d + row_len].copy_from_slice(&data[s..s + row_len]);
             }
         }
-        self.bytes = out;
     }
+    out
 }
 
 fn read_f32(dtype: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
@@ -207,14 +212,7 @@ impl<B: Backend> Llama<B> {
                 q.unpermute_heads(d);
                 k.unpermute_heads(d);
                 for b in [qb.as_mut(), kb.as_mut()].into_iter().flatten() {
-                    let mut raw = Raw {
-                        dtype: GgmlType::F32,
-                        rows: b.len(),
-                        cols: 1,
-                        bytes: b.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    };
-                    raw.unpermute_heads(d);
-                    *b = read_f32(GgmlType::F32, &raw.bytes, b.len());
+                    *b = unpermute_heads(b, 1, d);
                 }
             }
             let gate = ld.raw(&p("ffn_gate.weight"), cfg.intermediate_size, h)?;

@@ -1,5 +1,6 @@
 //! What every API dialect shares.
 
+pub mod gotmpl;
 pub mod pyfmt;
 pub mod template;
 

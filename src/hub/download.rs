@@ -18,6 +18,7 @@ use reqwest::header::{HeaderMap, ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::redirect::Policy;
 use sha2::{Digest, Sha256};
 
+use super::progress::{emit, PullEvent, PullSink, Throttle};
 use super::pull::PullOptions;
 use super::HubError;
 
@@ -47,6 +48,8 @@ pub(crate) enum Failure {
 pub(crate) struct Download<'a> {
     pub url: &'a str,
     pub dest: &'a Path,
+    /// The name progress events give it (the wheel's, or the manifest file's).
+    pub file: &'a str,
     pub sha256: Option<&'a str>,
     pub size: Option<u64>,
     /// Bearer token (Hugging Face); reqwest drops it on redirects to another host.
@@ -69,6 +72,7 @@ pub(crate) struct Http {
     max_attempts: u32,
     retry_delay: Duration,
     progress: bool,
+    on_event: Option<PullSink>,
 }
 
 impl Http {
@@ -90,6 +94,7 @@ impl Http {
             max_attempts: opts.max_attempts.max(1),
             retry_delay: opts.retry_delay,
             progress: opts.progress,
+            on_event: opts.on_event.clone(),
         })
     }
 
@@ -162,6 +167,8 @@ impl Http {
         let fetched = self.retry(d.url, d.manual, || self.fetch_once(d, &part, &bar));
         bar.finish_and_clear();
         let fetched = fetched?;
+        // The hash was computed while the bytes arrived; this is where it is checked.
+        emit(self.on_event.as_ref(), PullEvent::Verifying { file: d.file.to_owned() });
         if let Some(expected) = d.sha256 {
             if fetched.sha256 != expected {
                 remove_quietly(&part);
@@ -196,6 +203,7 @@ impl Http {
             }
             // Complete from an earlier run (killed before the rename): just verify it.
             Some(size) if offset == size && size > 0 => {
+                self.report(d, Some(size), size);
                 let (sha256, size) = hash_file(part)
                     .map_err(|source| Failure::Fatal(HubError::Read { path: part.to_path_buf(), source }))?;
                 return Ok(Fetched { sha256, size });
@@ -260,8 +268,11 @@ impl Http {
                 }));
             }
         }
-        bar.set_length(d.size.or(body_len.map(|len| offset + len)).unwrap_or(0));
+        let expected_total = d.size.or(body_len.map(|len| offset + len));
+        bar.set_length(expected_total.unwrap_or(0));
         bar.set_position(offset);
+        self.report(d, expected_total, offset);
+        let mut throttle = Throttle::new(offset);
 
         let mut buf = vec![0u8; BUF_BYTES];
         let mut received = 0u64;
@@ -279,6 +290,9 @@ impl Http {
             hasher.update(&buf[..n]);
             received += n as u64;
             bar.inc(n as u64);
+            if self.on_event.is_some() && throttle.due(offset + received) {
+                self.report(d, expected_total, offset + received);
+            }
             if let Some(size) = d.size.filter(|&size| offset + received > size) {
                 drop(file);
                 remove_quietly(part);
@@ -292,11 +306,23 @@ impl Http {
         // Durable before the rename, so a power cut cannot leave a verified name on lost bytes.
         file.sync_all().map_err(write_err)?;
         let total = offset + received;
-        let expected_total = d.size.or(body_len.map(|len| offset + len));
         if let Some(expected) = expected_total.filter(|&expected| total < expected) {
             return Err(Failure::Retry(format!("connection closed after {total} of {expected} bytes")));
         }
+        // Always a last report with completed == total; with no length known, the total is now.
+        if throttle.reported() != total || expected_total != Some(total) {
+            self.report(d, Some(total), total);
+        }
         Ok(Fetched { sha256: hex(hasher), size: total })
+    }
+
+    /// A `Downloading` event for `d`, if anyone listens.
+    fn report(&self, d: &Download, total: Option<u64>, completed: u64) {
+        let Some(sink) = &self.on_event else {
+            return;
+        };
+        let digest = d.sha256.map(str::to_owned);
+        sink(&PullEvent::Downloading { file: d.file.to_owned(), digest, total, completed });
     }
 
     /// A bar on stderr only when someone is watching: hidden for journald, pipes and tests.

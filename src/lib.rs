@@ -7,6 +7,7 @@
 //! - [`chat`]: chat-template rendering shared by every API dialect.
 //! - [`engine`]: sampling, incremental detokenization, the generation loop.
 //! - [`hub`]: model manifests, the models directory, `pull`.
+//! - [`server`]: `zoe-llm serve`, the Ollama and OpenAI APIs over the engine.
 //! - [`bench`]: `zoe-llm bench`.
 
 pub mod backend;
@@ -15,3 +16,4 @@ pub mod chat;
 pub mod engine;
 pub mod hub;
 pub mod model;
+pub mod server;

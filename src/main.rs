@@ -43,9 +43,26 @@ enum Command {
     List,
     /// Measure prompt-processing and decode throughput (llama-bench style).
     Bench(BenchArgs),
+    /// Serve the Ollama and OpenAI APIs (default http://127.0.0.1:11434).
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on (default 127.0.0.1, or the config file's).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (default 11434, or the config file's).
+    #[arg(long)]
+    port: Option<u16>,
+    /// TOML settings (host, port, max_queue, max_body_bytes, origins, keep_alive, preload, threads).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
 struct EngineArgs {
     /// Model id or alias (default: the embedded default model).
     #[arg(short, long)]
@@ -148,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench(&store, &registry, args),
+        Command::Serve(args) => serve(store, registry, args),
     }
 }
 
@@ -228,11 +246,12 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         render_chat_prompt(&m.tokenizer, &messages)?
     };
     let req =
-        GenerateRequest { prompt_ids, max_tokens: args.max_tokens, sampling, stop: manifest.defaults.stop.clone() };
+        GenerateRequest { prompt_ids, max_tokens: args.max_tokens, sampling, stop: manifest.defaults.stop.clone(), logprobs: None };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
-    let out = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, |text| {
-        if write_err.is_none() {
+    let out = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, |e| {
+        let text = e.text;
+        if write_err.is_none() && !text.is_empty() {
             if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
                     // The reader left (`| head`): its choice, not an error, and no reason to keep
@@ -242,6 +261,7 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
                 write_err = Some(e);
             }
         }
+        std::ops::ControlFlow::Continue(())
     })?;
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
@@ -260,6 +280,69 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         tracing::info!("stopped at the token limit (--max-tokens {}, context {})", args.max_tokens, m.context_length);
     }
     Ok(())
+}
+
+fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
+    use zoe_llm::server::{engines::Engines, engines::StoreSource, AppState, ServeConfig};
+    let mut config = match &args.config {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(host) = args.host {
+        config.host = host;
+    }
+    if let Some(port) = args.port {
+        config.port = port;
+    }
+    if let Some(t) = args.engine.threads {
+        config.threads = Some(t);
+    }
+    let threads = threads(&EngineArgs { threads: config.threads, ..args.engine.clone() })?;
+    // What to load at start: the config's list, else `-m`, else the default model. Everything is
+    // checked (and pulled if missing) before the port is opened.
+    let names: Vec<String> = if !config.preload.is_empty() {
+        config.preload.clone()
+    } else {
+        args.engine.model.iter().cloned().collect()
+    };
+    let mut preload = Vec::new();
+    if names.is_empty() {
+        preload.push(resolve(&registry, &EngineArgs { model: None, ..args.engine.clone() })?);
+    }
+    for name in &names {
+        preload.push(resolve(&registry, &EngineArgs { model: Some(name.clone()), ..args.engine.clone() })?);
+    }
+    for m in &preload {
+        ensure(m, &store, &PullOptions::from_env())?;
+    }
+    let precision = match args.engine.precision {
+        PrecisionArg::Q8 => Precision::Q8,
+        PrecisionArg::F32 => Precision::F32,
+    };
+    let loopback = match config.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => config.host == "localhost",
+    };
+    let source = std::sync::Arc::new(StoreSource { store, threads, precision });
+    let engines = Engines::new(source, config.max_queue, config.keep_alive);
+    let state = std::sync::Arc::new(AppState {
+        registry,
+        engines,
+        config,
+        started: std::time::Instant::now(),
+        loopback,
+        pinned: preload.iter().map(|m| m.id.clone()).collect(),
+    });
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        for m in &preload {
+            // Pinned: never expires.
+            state.engines.get(m, &m.id, Some(None)).await.map_err(|e| {
+                anyhow::anyhow!("loading {}: {}", m.id, e.message(zoe_llm::server::error::Dialect::Ollama))
+            })?;
+        }
+        zoe_llm::server::serve(state).await
+    })
 }
 
 fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {

@@ -57,9 +57,13 @@ fn chat_generation_follows_llama_cpp() {
         max_tokens: golden.len(),
         sampling: SamplingParams::greedy(),
         stop: vec![],
+        logprobs: None,
     };
     let mut streamed = String::new();
-    let g = generate(&model, &be, &tok, req, 2048, |t| streamed.push_str(t)).unwrap();
+    let g = generate(&model, &be, &tok, req, 2048, |e| {
+        streamed.push_str(e.text);
+        std::ops::ControlFlow::Continue(())
+    }).unwrap();
     eprintln!("{:?} ({:?}): {:?}", g.finish_reason, g.timings, g.text);
     // Greedy through the whole loop (sampler, detokenizer, stops) equals llama.cpp's tokens
     // until it either ends or stops on an end-of-generation id the reference also produced.

@@ -11,6 +11,7 @@
 //! text cut before it (the token that completed it is kept in `tokens`); running out of
 //! `max_tokens` or of context is `Length`.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use crate::backend::Backend;
@@ -31,6 +32,54 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Strings that end generation; the text is cut before the first one that appears.
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (`Some(0)`: the chosen token's only). `None`: no log-probabilities (no extra work).
+    pub logprobs: Option<usize>,
+}
+
+/// Log-probabilities of one generated token under the model's own distribution (the softmax of
+/// the raw logits, before penalties, filters and temperature, as vLLM reports them by default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Log-softmax of `logits` at `chosen`, plus the `top` best; NaN logits count as −∞.
+    pub fn of(logits: &[f32], chosen: u32, top: usize) -> Self {
+        let clean = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        let max = logits.iter().copied().map(clean).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&v| ((clean(v) - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let lp = |v: f32| clean(v) - lse;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            let k = top.min(idx.len());
+            let by_logit = |a: &u32, b: &u32| clean(logits[*b as usize]).total_cmp(&clean(logits[*a as usize])).then(a.cmp(b));
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, by_logit);
+                idx.truncate(k);
+            }
+            idx.sort_unstable_by(by_logit);
+            best.extend(idx.into_iter().map(|i| (i, lp(logits[i as usize]))));
+        }
+        Self { logprob: lp(logits[chosen as usize]), top: best }
+    }
+}
+
+/// What the generation loop hands its caller after every sampled token, and once more for text
+/// held back until the end.
+#[derive(Clone, Copy, Debug)]
+pub struct Emitted<'a> {
+    /// Text that became final with this step; may be empty (a token that completes no
+    /// character, or text held back as a possible stop-string prefix).
+    pub text: &'a str,
+    /// The sampled id; `None` for the end-of-generation flush of held-back text.
+    pub token: Option<u32>,
+    pub logprobs: Option<&'a TokenLogprobs>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +88,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached or the context is full.
     Length,
+    /// The caller asked to stop (a client that went away).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -47,6 +98,7 @@ impl FinishReason {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::Cancelled => "abort",
         }
     }
 }
@@ -91,6 +143,8 @@ pub struct Generation {
     /// The text, exactly the concatenation of what `on_text` received.
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The stop string that ended generation, if one did.
+    pub stop_reason: Option<String>,
     pub prompt_tokens: usize,
     pub timings: Timings,
 }
@@ -119,16 +173,18 @@ pub enum GenerateError {
 }
 
 /// Generates for one prompt. `context_len` is the sequence's whole budget (prompt + generated);
-/// the KV cache is sized to what this request can use, not to `context_len`. `on_text` receives
-/// each piece of text as soon as it is final (complete UTF-8, not a possible stop-string prefix),
-/// never an empty one.
+/// the KV cache is sized to what this request can use, not to `context_len`. `on_token` is
+/// called after every sampled token (except an end-of-generation one) with the text that became
+/// final (complete UTF-8, not a possible stop-string prefix), and once more at the end if held
+/// text remains; returning `Break` ends generation with [`FinishReason::Cancelled`] before the
+/// next forward pass.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     be: &B,
     tokenizer: &Tokenizer,
     req: GenerateRequest,
     context_len: usize,
-    mut on_text: impl FnMut(&str),
+    mut on_token: impl FnMut(Emitted<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     let prompt_tokens = req.prompt_ids.len();
     if prompt_tokens == 0 {
@@ -153,24 +209,24 @@ pub fn generate<B: Backend>(
     let mut history = req.prompt_ids;
     let mut tokens = Vec::with_capacity(max_new);
     let mut text = String::new();
-    let mut emit = |piece: &str, text: &mut String| {
-        if !piece.is_empty() {
-            on_text(piece);
-            text.push_str(piece);
-        }
-    };
     let mut timings = Timings { prompt_tokens, ..Timings::default() };
 
     let start = Instant::now();
     let mut logits = model.forward(be, &history, &mut cache, false)?;
     if max_new == 0 {
         timings.prompt_ms = ms_since(start);
-        return Ok(Generation { tokens, text, finish_reason: FinishReason::Length, prompt_tokens, timings });
+        let finish_reason = FinishReason::Length;
+        return Ok(Generation { tokens, text, finish_reason, stop_reason: None, prompt_tokens, timings });
     }
 
     let mut decode_start = None;
     let mut finish = FinishReason::Length;
+    let mut raw_logits = Vec::new();
     for i in 0..max_new {
+        if req.logprobs.is_some() {
+            // The sampler rewrites logits in place (penalties); log-probabilities use the raw row.
+            raw_logits.clone_from(&logits);
+        }
         let id = sampler.sample(&mut logits, &history);
         if decode_start.is_none() {
             timings.prompt_ms = ms_since(start);
@@ -183,9 +239,15 @@ pub fn generate<B: Backend>(
         tokens.push(id);
         history.push(id);
         let step = detok.push(id);
-        emit(&step.text, &mut text);
+        let logprobs = req.logprobs.map(|top| TokenLogprobs::of(&raw_logits, id, top));
+        text.push_str(&step.text);
+        let flow = on_token(Emitted { text: &step.text, token: Some(id), logprobs: logprobs.as_ref() });
         if step.stopped.is_some() {
             finish = FinishReason::Stop;
+            break;
+        }
+        if flow.is_break() {
+            finish = FinishReason::Cancelled;
             break;
         }
         if i + 1 == max_new {
@@ -197,11 +259,16 @@ pub fn generate<B: Backend>(
     // Releases text held back as a possible stop-string prefix and any incomplete UTF-8 tail
     // (nothing after a stop string matched).
     let tail = detok.finish();
-    emit(&tail, &mut text);
+    if !tail.is_empty() && finish != FinishReason::Cancelled {
+        text.push_str(&tail);
+        // Generation is over; a Break here has nothing left to stop.
+        let _ = on_token(Emitted { text: &tail, token: None, logprobs: None });
+    }
     if let Some(t) = decode_start {
         timings.decode_ms = ms_since(t);
     }
-    Ok(Generation { tokens, text, finish_reason: finish, prompt_tokens, timings })
+    let stop_reason = detok.stopped().map(str::to_owned);
+    Ok(Generation { tokens, text, finish_reason: finish, stop_reason, prompt_tokens, timings })
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -292,17 +359,78 @@ mod tests {
             max_tokens,
             sampling,
             stop: vec![],
+            logprobs: None,
+        }
+    }
+
+    /// Collects the non-empty text pieces.
+    fn collect(pieces: &mut Vec<String>) -> impl FnMut(Emitted<'_>) -> ControlFlow<()> + '_ {
+        |e| {
+            if !e.text.is_empty() {
+                pieces.push(e.text.to_owned());
+            }
+            ControlFlow::Continue(())
         }
     }
 
     fn run(f: &Fixture, req: GenerateRequest, context_len: usize) -> (Generation, Vec<String>) {
         let mut pieces = Vec::new();
-        let g = generate(&f.model, &f.be, &f.tok, req, context_len, |t| pieces.push(t.to_owned())).unwrap();
+        let g = generate(&f.model, &f.be, &f.tok, req, context_len, collect(&mut pieces)).unwrap();
         (g, pieces)
     }
 
     fn err(f: &Fixture, req: GenerateRequest, context_len: usize) -> GenerateError {
-        generate(&f.model, &f.be, &f.tok, req, context_len, |_| {}).unwrap_err()
+        generate(&f.model, &f.be, &f.tok, req, context_len, |_| ControlFlow::Continue(())).unwrap_err()
+    }
+
+    #[test]
+    fn break_cancels_before_the_next_forward() {
+        let f = fixture();
+        let (full, _) = run(&f, request(&f, 12, sampled(3)), CONTEXT);
+        let mut seen = 0;
+        let g = generate(&f.model, &f.be, &f.tok, request(&f, 12, sampled(3)), CONTEXT, |e| {
+            seen += usize::from(e.token.is_some());
+            if seen == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Cancelled);
+        assert_eq!(g.finish_reason.as_str(), "abort");
+        assert_eq!(g.tokens, full.tokens[..4]);
+        assert_eq!((seen, g.timings.decode_tokens), (4, 3));
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax_with_sorted_alternatives() {
+        let f = fixture();
+        let mut req = request(&f, 6, SamplingParams::greedy());
+        req.logprobs = Some(3);
+        let mut got = Vec::new();
+        let g = generate(&f.model, &f.be, &f.tok, req.clone(), CONTEXT, |e| {
+            got.push((e.token, e.logprobs.cloned()));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        // Against a full recompute of each position's logits.
+        let mut seq = req.prompt_ids.clone();
+        let cols = f.model.layout().kv_cols();
+        for (tok, lp) in got.iter().filter(|(t, _)| t.is_some()) {
+            let (tok, lp) = (tok.unwrap(), lp.as_ref().unwrap());
+            let mut cache = ContiguousKvCache::new(&f.be, test_model::LAYERS, cols, seq.len()).unwrap();
+            let logits = f.model.forward(&f.be, &seq, &mut cache, false).unwrap();
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            assert!((lp.logprob - (logits[tok as usize] - lse)).abs() < 1e-3);
+            assert_eq!(lp.top.len(), 3);
+            assert_eq!(lp.top[0].0, tok, "greedy picks the most likely token");
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            seq.push(tok);
+        }
+        assert_eq!(seq[req.prompt_ids.len()..], g.tokens[..]);
+        assert_eq!(TokenLogprobs::of(&[0.0, f32::NAN, 0.0], 0, 0), TokenLogprobs { logprob: -(2f32.ln()), top: vec![] });
     }
 
     #[test]
@@ -385,6 +513,7 @@ mod tests {
         let (g, pieces) = run(&f, req, CONTEXT);
         assert_eq!(g.finish_reason, FinishReason::Stop);
         assert_eq!(g.text, full.text[..at], "stop {stop:?}");
+        assert_eq!(g.stop_reason.as_deref(), Some(stop.as_str()));
         assert_eq!(pieces.concat(), g.text);
         // Same draws up to the token that completed the stop string, and no further.
         assert!(g.tokens.len() < full.tokens.len());
@@ -404,7 +533,7 @@ mod tests {
         let tok = tokenizer_with(&[("tokenizer.ggml.eos_token_id", MetaValue::U32(g.tokens[i]))]);
         let mut pieces = Vec::new();
         let req = request(&f, 16, SamplingParams::greedy());
-        let stopped = generate(&f.model, &f.be, &tok, req, CONTEXT, |t| pieces.push(t.to_owned())).unwrap();
+        let stopped = generate(&f.model, &f.be, &tok, req, CONTEXT, collect(&mut pieces)).unwrap();
         assert_eq!(stopped.finish_reason, FinishReason::Stop);
         assert_eq!(stopped.tokens, g.tokens[..i]);
         assert_eq!(stopped.text, tok.decode(&g.tokens[..i], true));

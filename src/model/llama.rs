@@ -257,6 +257,37 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         all_logits: bool,
     ) -> Result<Vec<f32>, ModelError> {
+        self.run(be, tokens, cache, if all_logits { Output::AllLogits } else { Output::LastLogits })
+    }
+
+    /// Runs `tokens` and returns the mean over them of the final-norm hidden states
+    /// (`hidden_size` values): the sequence embedding `/api/embed` and `/v1/embeddings` serve.
+    pub fn embed_mean<C: KvCache<B> + Send + ?Sized>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        cache: &mut C,
+    ) -> Result<Vec<f32>, ModelError> {
+        let rows = self.run(be, tokens, cache, Output::Hidden)?;
+        let h = self.config.hidden_size;
+        let mut mean = vec![0f32; h];
+        for row in rows.chunks_exact(h) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v;
+            }
+        }
+        let n = (rows.len() / h).max(1) as f32;
+        mean.iter_mut().for_each(|m| *m /= n);
+        Ok(mean)
+    }
+
+    fn run<C: KvCache<B> + Send + ?Sized>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        cache: &mut C,
+        output: Output,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Empty);
         }
@@ -299,15 +330,27 @@ impl<B: Backend> Llama<B> {
             if let Some(p) = pending {
                 be.add(&mut h, &p);
             }
-            let rows: Vec<usize> = if all_logits { (0..n).collect() } else { vec![n - 1] };
+            let rows: Vec<usize> = if output == Output::LastLogits { vec![n - 1] } else { (0..n).collect() };
             let last = be.gather_rows(&h, &rows);
             let mut normed = be.zeros(rows.len(), cfg.hidden_size);
             be.rms_norm(&last, &self.final_norm, eps, &mut normed);
+            if output == Output::Hidden {
+                return be.download(&normed);
+            }
             let mut logits = be.zeros(rows.len(), cfg.vocab_size);
             be.linear(&normed, self.head.as_ref().unwrap_or(&self.embed), None, &mut logits, 0);
             be.download(&logits)
         }))
     }
+}
+
+/// What [`Llama::run`] returns after the last block.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    LastLogits,
+    AllLogits,
+    /// Final-norm hidden states of every token.
+    Hidden,
 }
 
 #[cfg(test)]

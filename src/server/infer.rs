@@ -1,0 +1,295 @@
+//! The one internal request both dialects map into, and everything between it and the engine:
+//! prompt rendering, tokenization, limits, sampling defaults, submission, and turning the
+//! engine's event stream into either a streamed body or one collected result.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use crate::chat::gotmpl::{GoTemplate, GoTemplateVars};
+use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, GenerateError, GenerateRequest, TokenLogprobs};
+use crate::engine::sampler::{SamplingError, SamplingParams};
+use crate::engine::service::{Event, ModelHandle, SubmitError, Summary, Tagged};
+use crate::hub::Manifest;
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A conversation rendered with the model's chat template (`add_generation_prompt`).
+    Chat { messages: Vec<serde_json::Value> },
+    /// Ollama `/api/generate` and OpenAI `/v1/completions`.
+    Text {
+        prompt: String,
+        /// Use `prompt` as is (special tokens parsed, BOS per the tokenizer).
+        raw: bool,
+        system: Option<String>,
+        /// Ollama's Go-template override.
+        template: Option<GoTemplate>,
+        /// Ollama's deprecated `context`: token ids of an earlier exchange, put first.
+        context: Vec<u32>,
+    },
+}
+
+/// Sampling fields a request set; the rest come from the model's manifest.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<usize>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+/// How many tokens to generate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxTokens {
+    /// Until a stop or the context is full (Ollama `num_predict` -1 / -2, OpenAI chat default).
+    Fill,
+    /// At most this many; clipped to what the context leaves.
+    UpTo(usize),
+    /// Exactly what the client asked; more than the context leaves is a 400 (vLLM's rule).
+    Strict(usize),
+}
+
+/// The request both dialects map into.
+#[derive(Clone, Debug)]
+pub struct InferenceRequest {
+    pub input: Input,
+    pub max_tokens: MaxTokens,
+    pub sampling: SamplingOverrides,
+    /// Stop strings added to the model's own.
+    pub stop: Vec<String>,
+    /// Caps the context below the model's (Ollama `num_ctx`).
+    pub num_ctx: Option<usize>,
+    /// Independent completions of the same prompt (OpenAI `n`).
+    pub n: usize,
+    pub logprobs: Option<usize>,
+}
+
+/// A request ready for the engine.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub prompt_ids: Vec<u32>,
+    pub context_len: usize,
+    pub requests: Vec<GenerateRequest>,
+}
+
+/// Renders and tokenizes the prompt, checks it against the context and merges sampling
+/// defaults. Every failure is the client's: a 400 that names the field and the limit.
+pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest) -> Result<Prepared, ApiError> {
+    let tok = &handle.tokenizer;
+    let prompt_ids = match &req.input {
+        Input::Chat { messages } => render_chat_prompt(tok, messages).map_err(prompt_error)?,
+        Input::Text { prompt, raw, system, template, context } => {
+            let text_ids = if let Some(t) = template {
+                let text = t.render(&GoTemplateVars {
+                    system: system.as_deref().unwrap_or(""),
+                    prompt,
+                    response: "",
+                });
+                if context.is_empty() {
+                    raw_prompt_ids(tok, &text).map_err(prompt_error)?
+                } else {
+                    tok.encode(&text, true).map_err(|e| prompt_error(e.into()))?
+                }
+            } else if *raw || tok.chat_template().is_none() {
+                if context.is_empty() {
+                    raw_prompt_ids(tok, prompt).map_err(prompt_error)?
+                } else {
+                    tok.encode(prompt, true).map_err(|e| prompt_error(e.into()))?
+                }
+            } else {
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(serde_json::json!({ "role": "system", "content": s }));
+                }
+                messages.push(serde_json::json!({ "role": "user", "content": prompt }));
+                render_chat_prompt(tok, &messages).map_err(prompt_error)?
+            };
+            if let Some(&bad) = context.iter().find(|&&id| id as usize >= handle.vocab_size) {
+                return Err(ApiError::bad_field(
+                    "context",
+                    format!("context holds token id {bad}, but the model's vocabulary has {} tokens", handle.vocab_size),
+                ));
+            }
+            let mut ids = context.clone();
+            ids.extend(text_ids);
+            ids
+        }
+    };
+    let context_len = match req.num_ctx {
+        Some(n) if n > 0 => n.min(handle.context_length),
+        _ => handle.context_length,
+    };
+    let p = prompt_ids.len();
+    if p == 0 {
+        return Err(ApiError::bad("the prompt is empty after templating: nothing to generate from"));
+    }
+    if p >= context_len {
+        return Err(ApiError::bad(format!(
+            "This model's maximum context length is {context_len} tokens. However, your prompt is {p} tokens, \
+             which leaves no room for a completion. Please reduce the length of the prompt."
+        )));
+    }
+    let room = context_len - p;
+    let max_tokens = match req.max_tokens {
+        MaxTokens::Fill => room,
+        MaxTokens::UpTo(n) => n.min(room),
+        MaxTokens::Strict(n) if n > room => {
+            return Err(ApiError::bad_field(
+                "max_tokens",
+                format!(
+                    "This model's maximum context length is {context_len} tokens. However, you requested {} tokens \
+                     ({p} in the messages, {n} in the completion). Please reduce the length of the messages or \
+                     completion.",
+                    p + n
+                ),
+            ))
+        }
+        MaxTokens::Strict(n) => n,
+    };
+    let sampling = merge_sampling(manifest, &req.sampling)?;
+    let mut stop = manifest.defaults.stop.clone();
+    stop.extend(req.stop.iter().filter(|s| !s.is_empty()).cloned());
+    let requests = (0..req.n.max(1))
+        .map(|i| {
+            let mut sampling = sampling.clone();
+            // Each choice draws its own stream; with a seed they stay reproducible.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            GenerateRequest {
+                prompt_ids: prompt_ids.clone(),
+                max_tokens,
+                sampling,
+                stop: stop.clone(),
+                logprobs: req.logprobs,
+            }
+        })
+        .collect();
+    Ok(Prepared { prompt_ids, context_len, requests })
+}
+
+fn merge_sampling(manifest: &Manifest, o: &SamplingOverrides) -> Result<SamplingParams, ApiError> {
+    let d = manifest.defaults.sampling.params();
+    let p = SamplingParams {
+        temperature: o.temperature.unwrap_or(d.temperature),
+        top_k: o.top_k.unwrap_or(d.top_k),
+        top_p: o.top_p.unwrap_or(d.top_p),
+        min_p: o.min_p.unwrap_or(d.min_p),
+        repeat_penalty: o.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: o.repeat_last_n.unwrap_or(d.repeat_last_n),
+        presence_penalty: o.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: o.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed: o.seed,
+    };
+    p.validate().map_err(|e| match e {
+        SamplingError::OutOfRange { field, .. } => ApiError::bad_field(field, e.to_string()),
+    })?;
+    Ok(p)
+}
+
+fn prompt_error(e: GenerateError) -> ApiError {
+    ApiError::bad(format!("could not build the prompt: {e}"))
+}
+
+/// Queues every prepared request on `handle`; events arrive on the returned receiver tagged
+/// with the choice index. Dropping the receiver cancels them all.
+pub fn submit(handle: &ModelHandle, prepared: &Prepared) -> Result<mpsc::UnboundedReceiver<Tagged>, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (i, req) in prepared.requests.iter().enumerate() {
+        handle.generate(req.clone(), prepared.context_len, i, tx.clone()).map_err(submit_error)?;
+    }
+    Ok(rx)
+}
+
+pub fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Busy => ApiError::Busy,
+        SubmitError::Stopped => ApiError::Unavailable(e.to_string()),
+    }
+}
+
+/// One choice, collected to the end.
+#[derive(Clone, Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<(u32, TokenLogprobs)>,
+    pub summary: Option<Summary>,
+}
+
+/// Waits for all `n` choices. An engine error (or an engine that went away) is a 500.
+pub async fn collect(mut rx: mpsc::UnboundedReceiver<Tagged>, n: usize) -> Result<Vec<Collected>, ApiError> {
+    let mut out = vec![Collected::default(); n];
+    let mut done = 0;
+    while done < n {
+        match rx.recv().await {
+            Some((i, Event::Token { text, token, logprobs })) => {
+                out[i].text.push_str(&text);
+                if let (Some(t), Some(lp)) = (token, logprobs) {
+                    out[i].logprobs.push((t, lp));
+                }
+            }
+            Some((i, Event::Done(s))) => {
+                out[i].summary = Some(s);
+                done += 1;
+            }
+            Some((_, Event::Error(e))) => return Err(ApiError::Internal(format!("generation failed: {e}"))),
+            None => return Err(ApiError::Internal("the engine stopped before the generation finished".into())),
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a dialect's stream: called per engine event, appends wire bytes to `out`.
+pub trait StreamWriter: Send + 'static {
+    /// Returns true when the stream is complete (after the last choice's final piece).
+    fn event(&mut self, index: usize, event: Event, out: &mut Vec<u8>) -> bool;
+    /// The engine went away without finishing: write a final error.
+    fn abort(&mut self, message: &str, out: &mut Vec<u8>);
+}
+
+/// A streamed response body fed by the engine's events. Dropping the body (client gone) drops
+/// the receiver, which cancels the generation at its next token.
+pub fn stream_body<W: StreamWriter>(rx: mpsc::UnboundedReceiver<Tagged>, writer: W) -> Body {
+    struct State<W> {
+        rx: mpsc::UnboundedReceiver<Tagged>,
+        writer: W,
+        finished: bool,
+    }
+    let state = State { rx, writer, finished: false };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let mut out = Vec::new();
+        // Keep reading until there are bytes to send (tokens that complete no text write none).
+        while out.is_empty() {
+            match st.rx.recv().await {
+                Some((i, ev)) => {
+                    if st.writer.event(i, ev, &mut out) {
+                        st.finished = true;
+                        break;
+                    }
+                }
+                None => {
+                    st.writer.abort("the engine stopped before the generation finished", &mut out);
+                    st.finished = true;
+                    break;
+                }
+            }
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(out)), st))
+    });
+    Body::from_stream(stream)
+}
+
+/// Whole nanoseconds (Ollama's duration fields).
+pub fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}

@@ -1,0 +1,357 @@
+//! `zoe-llm serve`: Ollama's API and OpenAI's on one port (default 127.0.0.1:11434).
+//!
+//! - [`ollama`]: `/`, `/api/*` (NDJSON streams, nanosecond durations, `{"error": "…"}`).
+//! - [`openai`]: `/v1/*` (SSE with `data: [DONE]`) and vLLM's `/tokenize`, `/detokenize`,
+//!   `/version`, `/health`.
+//! - [`infer`]: the one internal request both map into, prompt preparation and streaming.
+//! - [`engines`]: loaded models; [`error`]: one error type, written in each dialect's shape.
+//! - [`openapi`]: `/openapi.json`, generated from the wire types.
+//!
+//! Around every route: a request id (`x-request-id`, taken from the client or made here) in a
+//! tracing span, so every log line of a request — the engine thread's included — carries it;
+//! Ollama's Host-header check when bound to loopback (DNS rebinding); CORS with Ollama's default
+//! origins plus configured ones.
+
+pub mod engines;
+pub mod error;
+pub mod infer;
+pub mod ollama;
+pub mod openai;
+pub mod openapi;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
+
+use crate::hub::Registry;
+use engines::Engines;
+
+/// The version `/api/version` reports: clients enable tools, structured output and `think` by
+/// comparing it with Ollama releases, so it is an Ollama version this API matches.
+pub const OLLAMA_COMPAT_VERSION: &str = "0.12.10";
+
+/// Settings of `serve`: flags, with a TOML file (`--config`) underneath.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// Jobs that may wait per model before requests get 503.
+    pub max_queue: usize,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Extra CORS origins (`*` wildcards), added to Ollama's defaults; `OLLAMA_ORIGINS` too.
+    pub origins: Vec<String>,
+    /// How long a model stays after use when a request does not say (Ollama's 5m).
+    #[serde(with = "secs")]
+    pub keep_alive: Duration,
+    /// Models loaded at start (default: the registry's default model).
+    pub preload: Vec<String>,
+    /// CPU worker threads per model (default: physical cores).
+    pub threads: Option<usize>,
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = f64::deserialize(d)?;
+        if !(0.0..=1e9).contains(&s) {
+            return Err(serde::de::Error::custom(format!("keep_alive = {s}: expected seconds in [0, 1e9]")));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 11434,
+            max_queue: 64,
+            max_body_bytes: 32 * 1024 * 1024,
+            origins: Vec::new(),
+            keep_alive: Duration::from_secs(300),
+            preload: Vec::new(),
+            threads: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cfg: ServeConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if cfg.max_queue == 0 {
+            anyhow::bail!("{}: max_queue must be at least 1", path.display());
+        }
+        Ok(cfg)
+    }
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub registry: Registry,
+    pub engines: Engines,
+    pub config: ServeConfig,
+    pub started: Instant,
+    /// True when bound to a loopback address: the Host check applies.
+    pub loopback: bool,
+    /// Model ids loaded at start; `/health` is 503 while one of them is not resident.
+    pub pinned: Vec<String>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// The whole HTTP surface.
+pub fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .merge(ollama::routes())
+        .merge(openai::routes())
+        .route("/openapi.json", get(openapi::handler))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state.clone());
+    api.layer(cors(&state.config))
+        .layer(middleware::from_fn_with_state(state.clone(), host_check))
+        .layer(middleware::from_fn(request_span))
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "404 page not found")
+        .into_response()
+}
+
+/// Binds and serves until SIGINT/SIGTERM.
+pub async fn serve(state: Shared) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", state.config.host, state.config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!(%local, "listening");
+    eprintln!("zoe-llm listening on http://{local}");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Request id + span around everything; one access line per request.
+async fn request_span(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    let start = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(status = resp.status().as_u16(), ms = start.elapsed().as_millis() as u64, "response")
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Ollama's `allowedHostsMiddleware`: on a loopback bind, only loopback/private/local names may
+/// appear in `Host`; anything else (a DNS-rebinding page) gets an empty 403.
+async fn host_check(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    if state.loopback {
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !allowed_host(host) {
+            tracing::info!(host, "refused: Host not allowed on a loopback bind");
+            return StatusCode::FORBIDDEN.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub fn allowed_host(host_header: &str) -> bool {
+    let host = strip_port(host_header).to_ascii_lowercase();
+    if host.is_empty() || host == "localhost" {
+        return true;
+    }
+    if let Ok(name) = std::env::var("HOSTNAME").or_else(|_| std::fs::read_to_string("/etc/hostname")) {
+        if host == name.trim().to_ascii_lowercase() {
+            return true;
+        }
+    }
+    if [".localhost", ".local", ".internal"].iter().any(|tld| host.ends_with(tld)) {
+        return true;
+    }
+    match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_unspecified() || ip.is_link_local(),
+        Ok(IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
+        }
+        Err(_) => false,
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or("");
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// Ollama's default origins (`envconfig.AllowedOrigins`) plus configured and `OLLAMA_ORIGINS`.
+fn cors(config: &ServeConfig) -> CorsLayer {
+    let mut patterns: Vec<String> = Vec::new();
+    for host in ["localhost", "127.0.0.1", "0.0.0.0"] {
+        for scheme in ["http", "https"] {
+            patterns.push(format!("{scheme}://{host}"));
+            patterns.push(format!("{scheme}://{host}:*"));
+        }
+    }
+    for p in ["app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"] {
+        patterns.push(p.to_owned());
+    }
+    patterns.extend(config.origins.iter().cloned());
+    if let Ok(env) = std::env::var("OLLAMA_ORIGINS") {
+        patterns.extend(env.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
+    }
+    let allow = AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+        origin.to_str().is_ok_and(|o| patterns.iter().any(|p| glob_match(p, o)))
+    });
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::HEAD, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::USER_AGENT,
+            header::ACCEPT,
+            header::HeaderName::from_static("x-requested-with"),
+            header::HeaderName::from_static("openai-beta"),
+            header::HeaderName::from_static("x-stainless-arch"),
+            header::HeaderName::from_static("x-stainless-async"),
+            header::HeaderName::from_static("x-stainless-custom-poll-interval"),
+            header::HeaderName::from_static("x-stainless-helper-method"),
+            header::HeaderName::from_static("x-stainless-lang"),
+            header::HeaderName::from_static("x-stainless-os"),
+            header::HeaderName::from_static("x-stainless-package-version"),
+            header::HeaderName::from_static("x-stainless-poll-helper"),
+            header::HeaderName::from_static("x-stainless-retry-count"),
+            header::HeaderName::from_static("x-stainless-runtime"),
+            header::HeaderName::from_static("x-stainless-runtime-version"),
+            header::HeaderName::from_static("x-stainless-timeout"),
+        ])
+}
+
+/// `*` matches any run of characters.
+pub fn glob_match(pattern: &str, s: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
+        return false;
+    }
+    let mut rest = &s[first.len()..s.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Prometheus text: the vLLM names the engine-core issue will complete, per model.
+async fn metrics(State(state): State<Shared>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let families: [(&str, &str, &str); 6] = [
+        ("vllm:num_requests_running", "gauge", "Requests being generated."),
+        ("vllm:num_requests_waiting", "gauge", "Requests waiting in the queue."),
+        ("vllm:prompt_tokens_total", "counter", "Prompt tokens processed."),
+        ("vllm:generation_tokens_total", "counter", "Tokens generated."),
+        ("vllm:request_success_total", "counter", "Finished requests by finish reason."),
+        ("zoe_engine_errors_total", "counter", "Generations that failed in the engine."),
+    ];
+    let resident = state.engines.resident();
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (h, _) in &resident {
+            let s = &h.stats;
+            let m = &h.id;
+            match name {
+                "vllm:request_success_total" => {
+                    for (reason, c) in
+                        [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)]
+                    {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{model_name=\"{m}\",finished_reason=\"{reason}\"}} {}",
+                            c.load(Relaxed)
+                        );
+                    }
+                }
+                _ => {
+                    let v = match name {
+                        "vllm:num_requests_running" => s.running.load(Relaxed) as u64,
+                        "vllm:num_requests_waiting" => s.waiting.load(Relaxed) as u64,
+                        "vllm:prompt_tokens_total" => s.prompt_tokens.load(Relaxed),
+                        "vllm:generation_tokens_total" => s.generation_tokens.load(Relaxed),
+                        _ => s.errors.load(Relaxed),
+                    };
+                    let _ = writeln!(out, "{name}{{model_name=\"{m}\"}} {v}");
+                }
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], Body::from(out)).into_response()
+}

@@ -150,7 +150,7 @@ pub struct ChatMessage {
 }
 
 /// Sampling and length fields shared by chat and text completions (vLLM extras included).
-#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default)]
 pub struct CommonParams {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -172,8 +172,20 @@ pub struct CommonParams {
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub common: CommonParams,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    pub user: Option<String>,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -181,6 +193,35 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<serde_json::Value>>,
     pub tool_choice: Option<serde_json::Value>,
 }
+
+/// The shared fields of both request types (written out in each, not `flatten`ed: flattening
+/// would hide the field name in decode errors).
+macro_rules! common_params {
+    ($t:ty) => {
+        impl $t {
+            fn common(&self) -> CommonParams {
+                CommonParams {
+                    stream: self.stream,
+                    stream_options: self.stream_options.clone(),
+                    max_tokens: self.max_tokens,
+                    n: self.n,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    repetition_penalty: self.repetition_penalty,
+                    seed: self.seed,
+                    stop: self.stop.clone(),
+                    user: self.user.clone(),
+                }
+            }
+        }
+    };
+}
+common_params!(ChatCompletionRequest);
+common_params!(CompletionRequest);
 
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
@@ -194,8 +235,20 @@ pub enum Prompt {
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Prompt,
-    #[serde(flatten)]
-    pub common: CommonParams,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<OneOrMany>,
+    pub user: Option<String>,
     pub echo: Option<bool>,
     /// Legacy: how many alternatives to report per token (0–5).
     pub logprobs: Option<i64>,
@@ -540,10 +593,11 @@ fn sse_response(body: Body) -> Response {
 async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Response> {
     let req: ChatCompletionRequest = read_json(body, st.config.max_body_bytes).await?;
     let (manifest, model_name) = resolve_model(&st, req.model.as_deref())?;
-    let mapped = map_common(&req.common)?;
+    let common = req.common();
+    let mapped = map_common(&common)?;
     let max = match req.max_completion_tokens {
         Some(_) => max_tokens("max_completion_tokens", req.max_completion_tokens, MaxTokens::Fill)?,
-        None => max_tokens("max_tokens", req.common.max_tokens, MaxTokens::Fill)?,
+        None => max_tokens("max_tokens", common.max_tokens, MaxTokens::Fill)?,
     };
     let top = req.top_logprobs.unwrap_or(0);
     if !(0..=20).contains(&top) {
@@ -703,9 +757,10 @@ impl StreamWriter for ChatStream {
 async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
     let req: CompletionRequest = read_json(body, st.config.max_body_bytes).await?;
     let (manifest, model_name) = resolve_model(&st, req.model.as_deref())?;
-    let mapped = map_common(&req.common)?;
+    let common = req.common();
+    let mapped = map_common(&common)?;
     // OpenAI's and vLLM's default for completions.
-    let max = max_tokens("max_tokens", req.common.max_tokens, MaxTokens::Strict(16))?;
+    let max = max_tokens("max_tokens", common.max_tokens, MaxTokens::Strict(16))?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_field("suffix", "suffix is not currently supported").into());
     }

@@ -78,6 +78,9 @@ struct Resident {
 pub struct Engines {
     source: Arc<dyn ModelSource>,
     resident: Mutex<HashMap<String, Resident>>,
+    /// Models loaded at start: kept regardless of requests' `keep_alive` (an explicit unload
+    /// still unloads them, and `/health` then says so).
+    pinned: Mutex<std::collections::HashSet<String>>,
     load_lock: tokio::sync::Mutex<()>,
     max_queue: usize,
     pub default_keep_alive: Duration,
@@ -91,9 +94,18 @@ impl Engines {
         Self {
             source,
             resident: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(std::collections::HashSet::new()),
             load_lock: tokio::sync::Mutex::new(()),
             max_queue,
             default_keep_alive,
+        }
+    }
+
+    /// Marks `id` as pinned: its expiry stays "never" whatever requests say.
+    pub fn pin(&self, id: &str) {
+        self.pinned.lock().unwrap().insert(id.to_owned());
+        if let Some(r) = self.resident.lock().unwrap().get_mut(id) {
+            r.expires_at = None;
         }
     }
 
@@ -140,20 +152,23 @@ impl Engines {
         .map_err(|e| ApiError::Internal(format!("loading model '{}' failed: {e}", m.id)))?;
         tracing::info!(model = %m.id, ms = handle.load_duration.as_millis() as u64, "model loaded");
         let handle = Arc::new(handle);
-        let expires_at = self.expiry(keep_alive);
+        let expires_at = self.expiry(&m.id, keep_alive);
         self.resident.lock().unwrap().insert(m.id.clone(), Resident { handle: handle.clone(), expires_at });
         Ok((handle, start.elapsed()))
     }
 
     fn touch(&self, id: &str, keep_alive: Option<KeepAlive>) -> Option<Arc<ModelHandle>> {
-        let expires_at = self.expiry(keep_alive);
+        let expires_at = self.expiry(id, keep_alive);
         let mut resident = self.resident.lock().unwrap();
         let r = resident.get_mut(id)?;
         r.expires_at = expires_at;
         Some(r.handle.clone())
     }
 
-    fn expiry(&self, keep_alive: Option<KeepAlive>) -> Option<SystemTime> {
+    fn expiry(&self, id: &str, keep_alive: Option<KeepAlive>) -> Option<SystemTime> {
+        if self.pinned.lock().unwrap().contains(id) {
+            return None;
+        }
         keep_alive.unwrap_or(Some(self.default_keep_alive)).map(|d| SystemTime::now() + d)
     }
 
@@ -168,8 +183,7 @@ impl Engines {
 
     /// Loaded models with their expiry, latest expiry first (as `/api/ps` sorts).
     pub fn resident(&self) -> Vec<(Arc<ModelHandle>, Option<SystemTime>)> {
-        let mut v: Vec<_> =
-            self.resident.lock().unwrap().values().map(|r| (r.handle.clone(), r.expires_at)).collect();
+        let mut v: Vec<_> = self.resident.lock().unwrap().values().map(|r| (r.handle.clone(), r.expires_at)).collect();
         v.sort_by(|a, b| match (a.1, b.1) {
             (None, None) => a.0.id.cmp(&b.0.id),
             (None, Some(_)) => std::cmp::Ordering::Less,

@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::error::{json_response, read_json, ApiError, Dialect, OpenAiError};
-use super::infer::{self, Collected, Input, InferenceRequest, MaxTokens, SamplingOverrides, StreamWriter};
+use super::infer::{self, Collected, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
 use super::ollama::{check_dimensions, embed_error, embedding_ids, listed_name, normalize};
 use super::wire::{self, OneOrMany};
 use super::Shared;
@@ -77,7 +77,8 @@ fn card(st: &Shared, m: &Manifest) -> ModelCard {
 }
 
 async fn models(State(st): State<Shared>) -> Response {
-    let data = st.registry.manifests().iter().filter(|m| st.engines.source().present(m)).map(|m| card(&st, m)).collect();
+    let data =
+        st.registry.manifests().iter().filter(|m| st.engines.source().present(m)).map(|m| card(&st, m)).collect();
     json_response(StatusCode::OK, &ModelList { object: "list", data })
 }
 
@@ -104,7 +105,10 @@ async fn health(State(st): State<Shared>) -> Response {
     if down.is_empty() {
         StatusCode::OK.into_response()
     } else {
-        json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "status": "unavailable", "not_loaded": down }))
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "status": "unavailable", "not_loaded": down }),
+        )
     }
 }
 
@@ -395,7 +399,9 @@ struct Mapped {
 fn map_common(c: &CommonParams) -> Result<Mapped> {
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
-        return Err(ApiError::bad_field("stream_options", "Stream options can only be defined when `stream=True`.").into());
+        return Err(
+            ApiError::bad_field("stream_options", "Stream options can only be defined when `stream=True`.").into()
+        );
     }
     let n = c.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
@@ -408,7 +414,9 @@ fn map_common(c: &CommonParams) -> Result<Mapped> {
     };
     let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
     if stop.len() > 16 {
-        return Err(ApiError::bad_field("stop", format!("stop has {} entries: at most 16 are allowed", stop.len())).into());
+        return Err(
+            ApiError::bad_field("stop", format!("stop has {} entries: at most 16 are allowed", stop.len())).into()
+        );
     }
     Ok(Mapped {
         sampling: SamplingOverrides {
@@ -452,7 +460,9 @@ fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<Str
                     "image_url" => {
                         let url = match &p.image_url {
                             Some(ImageUrl::Url(u)) | Some(ImageUrl::Object { url: u, .. }) => u,
-                            None => return Err(ApiError::bad_field(&field, format!("{field}: image_url is missing")).into()),
+                            None => {
+                                return Err(ApiError::bad_field(&field, format!("{field}: image_url is missing")).into())
+                            }
                         };
                         if url.starts_with("http://") || url.starts_with("https://") {
                             return Err(ApiError::bad_field(
@@ -464,7 +474,9 @@ fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<Str
                         let b64 = match url.split_once(";base64,") {
                             Some((head, data)) if head.starts_with("data:") => data.to_owned(),
                             _ if !url.starts_with("data:") => url.clone(),
-                            _ => return Err(ApiError::bad_field(&field, format!("{field}: invalid image input")).into()),
+                            _ => {
+                                return Err(ApiError::bad_field(&field, format!("{field}: invalid image input")).into())
+                            }
                         };
                         wire::check_images(m, &format!("{field}.image_url"), &[b64])?;
                     }
@@ -486,7 +498,9 @@ fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<Str
 /// not encode them twice).
 fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<Vec<serde_json::Value>> {
     if msgs.is_empty() {
-        return Err(ApiError::bad_field("messages", "messages: [] is too short - at least one message is required").into());
+        return Err(
+            ApiError::bad_field("messages", "messages: [] is too short - at least one message is required").into()
+        );
     }
     let mut out = Vec::with_capacity(msgs.len());
     for (i, msg) in msgs.iter().enumerate() {
@@ -601,10 +615,16 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
     };
     let top = req.top_logprobs.unwrap_or(0);
     if !(0..=20).contains(&top) {
-        return Err(ApiError::bad_field("top_logprobs", format!("top_logprobs = {top} is out of range: allowed is 0 to 20")).into());
+        return Err(ApiError::bad_field(
+            "top_logprobs",
+            format!("top_logprobs = {top} is out of range: allowed is 0 to 20"),
+        )
+        .into());
     }
     if top > 0 && req.logprobs != Some(true) {
-        return Err(ApiError::bad_field("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true.").into());
+        return Err(
+            ApiError::bad_field("top_logprobs", "when using `top_logprobs`, `logprobs` must be set to true.").into()
+        );
     }
     let logprobs = (req.logprobs == Some(true)).then_some(top as usize);
     wire::check_tools(&manifest, req.tools.as_deref())?;
@@ -768,7 +788,9 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         None => None,
         Some(k) if (0..=5).contains(&k) => Some(k as usize),
         Some(k) => {
-            return Err(ApiError::bad_field("logprobs", format!("logprobs = {k} is out of range: allowed is 0 to 5")).into())
+            return Err(
+                ApiError::bad_field("logprobs", format!("logprobs = {k} is out of range: allowed is 0 to 5")).into()
+            )
         }
     };
     let (handle, _) = st.engines.get(&manifest, &model_name, None).await?;
@@ -784,7 +806,11 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         }
         Prompt::Tokens(ids) => {
             if let Some(&bad) = ids.iter().find(|&&t| t as usize >= handle.vocab_size) {
-                return Err(ApiError::bad_field("prompt", format!("prompt token id {bad} is outside the vocabulary of {}", handle.vocab_size)).into());
+                return Err(ApiError::bad_field(
+                    "prompt",
+                    format!("prompt token id {bad} is outside the vocabulary of {}", handle.vocab_size),
+                )
+                .into());
             }
             (handle.tokenizer.decode(ids, false), Some(ids.clone()))
         }
@@ -793,7 +819,13 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         return Err(ApiError::bad_field("prompt", "prompt is empty").into());
     }
     let ireq = InferenceRequest {
-        input: Input::Text { prompt: prompt_text.clone(), raw: true, system: None, template: None, context: Vec::new() },
+        input: Input::Text {
+            prompt: prompt_text.clone(),
+            raw: true,
+            system: None,
+            template: None,
+            context: Vec::new(),
+        },
         max_tokens: max,
         sampling: mapped.sampling,
         stop: mapped.stop,
@@ -869,7 +901,14 @@ struct CompletionStream {
 
 impl CompletionStream {
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
-        Completion { id: self.id.clone(), object: "text_completion", created: self.created, model: self.model.clone(), choices, usage }
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
     }
 }
 
@@ -1000,10 +1039,18 @@ async fn embeddings(State(st): State<Shared>, body: Body) -> Result<Response> {
             return Err(ApiError::bad_field(&format!("input[{i}]"), format!("input[{i}] is empty")).into());
         }
         if t.len() > handle.context_length {
-            return Err(ApiError::bad_field(&format!("input[{i}]"), format!("input[{i}] is {} tokens, the context is {}", t.len(), handle.context_length)).into());
+            return Err(ApiError::bad_field(
+                &format!("input[{i}]"),
+                format!("input[{i}] is {} tokens, the context is {}", t.len(), handle.context_length),
+            )
+            .into());
         }
         if let Some(&bad) = t.iter().find(|&&id| id as usize >= handle.vocab_size) {
-            return Err(ApiError::bad_field(&format!("input[{i}]"), format!("token id {bad} is outside the vocabulary of {}", handle.vocab_size)).into());
+            return Err(ApiError::bad_field(
+                &format!("input[{i}]"),
+                format!("token id {bad} is outside the vocabulary of {}", handle.vocab_size),
+            )
+            .into());
         }
     }
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
@@ -1105,4 +1152,15 @@ async fn detokenize(State(st): State<Shared>, body: Body) -> Result<Response> {
         .into());
     }
     Ok(json_response(StatusCode::OK, &DetokenizeResponse { prompt: handle.tokenizer.decode(&req.tokens, false) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_serialize_as_f32() {
+        let v = EmbeddingVector::Float(vec![0.364_974_8_f32]);
+        assert_eq!(serde_json::to_string(&v).unwrap(), "[0.3649748]");
+    }
 }

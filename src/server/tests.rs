@@ -107,7 +107,12 @@ impl ModelSource for TestSource {
         let digest = m.primary().sha256.clone();
         sink(&PullEvent::Resolving);
         for completed in [0, 500, 1000] {
-            sink(&PullEvent::Downloading { file: m.primary().name.clone(), digest: digest.clone(), total: Some(1000), completed });
+            sink(&PullEvent::Downloading {
+                file: m.primary().name.clone(),
+                digest: digest.clone(),
+                total: Some(1000),
+                completed,
+            });
         }
         sink(&PullEvent::Verifying { file: m.primary().name.clone() });
         sink(&PullEvent::Done { file: m.primary().name.clone() });
@@ -175,7 +180,8 @@ async fn send_raw(st: &Shared, req: Request<Body>) -> Reply {
 }
 
 async fn call(st: &Shared, method: Method, path: &str, body: impl Into<Body>) -> Reply {
-    let req = Request::builder().method(method).uri(path).header(header::HOST, "localhost:11434").body(body.into()).unwrap();
+    let req =
+        Request::builder().method(method).uri(path).header(header::HOST, "localhost:11434").body(body.into()).unwrap();
     send_raw(st, req).await
 }
 
@@ -254,7 +260,12 @@ async fn generate_stream_framing_and_final_line() {
     let streamed: String = pieces.iter().map(|l| l["response"].as_str().unwrap()).collect();
 
     // stream:false: one object with the whole text and the same greedy output.
-    let r = post(&st, "/api/generate", json!({"model": "tiny:1b", "prompt": "hello there", "stream": false, "options": GREEDY(12)})).await;
+    let r = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny:1b", "prompt": "hello there", "stream": false, "options": GREEDY(12)}),
+    )
+    .await;
     assert!(r.content_type().starts_with("application/json"));
     let one = r.json();
     assert_eq!((one["done"].clone(), one["model"].clone()), (json!(true), json!("tiny:1b")));
@@ -265,10 +276,19 @@ async fn generate_stream_framing_and_final_line() {
 #[tokio::test]
 async fn generate_raw_system_template_and_context() {
     let st = state();
-    let raw = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": GREEDY(3)})).await.json();
+    let raw = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": GREEDY(3)}),
+    )
+    .await
+    .json();
     assert!(raw.get("context").is_none(), "raw responses carry no context");
     let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "raw": true, "system": "s"})).await;
-    assert_eq!((r.status, r.error().as_str()), (StatusCode::BAD_REQUEST, "raw mode does not support template, system, or context"));
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (StatusCode::BAD_REQUEST, "raw mode does not support template, system, or context")
+    );
 
     // The context returned starts with the rendered prompt: check what system and template did.
     let tok = Tokenizer::from_gguf(&test_model::gguf(3)).unwrap();
@@ -277,10 +297,25 @@ async fn generate_raw_system_template_and_context() {
         let n = v["prompt_eval_count"].as_u64().unwrap() as usize;
         tok.decode(&ids[..n], false)
     };
-    let v = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "hi", "system": "be brief", "stream": false, "options": GREEDY(2)})).await.json();
-    assert_eq!(prompt_of(&v), "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let v = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "hi", "system": "be brief", "stream": false, "options": GREEDY(2)}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        prompt_of(&v),
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let t = "{{ if .System }}[{{ .System }}]{{ end }}Q: {{ .Prompt }} A:";
-    let v = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "hi", "system": "s", "template": t, "stream": false, "options": GREEDY(2)})).await.json();
+    let v = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "hi", "system": "s", "template": t, "stream": false, "options": GREEDY(2)}),
+    )
+    .await
+    .json();
     assert_eq!(prompt_of(&v), "[s]Q: hi A:");
     // `context` goes first, as Ollama's deprecated continuation.
     let first = prompt_of(&v);
@@ -288,7 +323,12 @@ async fn generate_raw_system_template_and_context() {
     let v2 = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "more", "template": "{{ .Prompt }}", "context": ctx, "stream": false, "options": GREEDY(2)})).await.json();
     assert!(prompt_of(&v2).starts_with(&first) && prompt_of(&v2).ends_with("more"), "{}", prompt_of(&v2));
 
-    let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "hi", "template": "{{ range .Messages }}x{{ end }}"})).await;
+    let r = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "hi", "template": "{{ range .Messages }}x{{ end }}"}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.error().contains("range"), "{}", r.error());
 }
@@ -320,7 +360,10 @@ async fn load_unload_ps_tags_show() {
     let st = state();
     assert_eq!(get(&st, "/api/ps").await.json(), json!({"models": []}));
     let v = post(&st, "/api/generate", json!({"model": "tiny"})).await.json();
-    assert_eq!((v["done"].clone(), v["done_reason"].clone(), v["response"].clone()), (json!(true), json!("load"), json!("")));
+    assert_eq!(
+        (v["done"].clone(), v["done_reason"].clone(), v["response"].clone()),
+        (json!(true), json!("load"), json!(""))
+    );
     let ps = get(&st, "/api/ps").await.json();
     let m = &ps["models"][0];
     assert_eq!((m["name"].clone(), m["context_length"].clone()), (json!("tiny:1b"), json!(256)));
@@ -334,6 +377,10 @@ async fn load_unload_ps_tags_show() {
     let v = post(&st, "/api/generate", json!({"model": "tiny", "keep_alive": 0})).await.json();
     assert_eq!(v["done_reason"], "unload");
     assert_eq!(get(&st, "/api/ps").await.json(), json!({"models": []}));
+    // A pinned model (loaded at start) keeps "never" whatever requests say.
+    st.engines.pin("tiny");
+    post(&st, "/api/generate", json!({"model": "tiny", "prompt": "x", "keep_alive": "1m", "options": GREEDY(1)})).await;
+    assert_eq!(get(&st, "/api/ps").await.json()["models"][0]["expires_at"], "9999-12-31T23:59:59.000000000Z");
     let r = post(&st, "/api/generate", json!({"model": "tiny", "keep_alive": "300"})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.error().contains("invalid duration \"300\""), "{}", r.error());
@@ -342,7 +389,10 @@ async fn load_unload_ps_tags_show() {
     let names: Vec<&str> = tags["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["tiny:1b", "big-awq:latest"]);
     let t = &tags["models"][0];
-    assert_eq!((t["size"].clone(), t["details"]["format"].clone(), t["details"]["family"].clone()), (json!(1234), json!("gguf"), json!("llama")));
+    assert_eq!(
+        (t["size"].clone(), t["details"]["format"].clone(), t["details"]["family"].clone()),
+        (json!(1234), json!("gguf"), json!("llama"))
+    );
     assert!(is_rfc3339(t["modified_at"].as_str().unwrap()));
 
     let show = post(&st, "/api/show", json!({"name": "tiny"})).await.json();
@@ -374,7 +424,10 @@ async fn pull_and_delete() {
     assert_eq!(dl[0]["status"], "pulling aaaaaaaaaaaa");
     assert_eq!(dl[2]["digest"], format!("sha256:{}", "a".repeat(64)));
     assert_eq!((dl[2]["total"].clone(), dl[2]["completed"].clone()), (json!(1000), json!(1000)));
-    assert_eq!(post(&st, "/api/pull", json!({"model": "tiny", "stream": false})).await.json(), json!({"status": "success"}));
+    assert_eq!(
+        post(&st, "/api/pull", json!({"model": "tiny", "stream": false})).await.json(),
+        json!({"status": "success"})
+    );
     assert_eq!(post(&st, "/api/pull", json!({"model": "nope"})).await.status, StatusCode::NOT_FOUND);
 
     for path in ["/api/create", "/api/push", "/api/copy"] {
@@ -419,16 +472,25 @@ async fn embeddings_in_both_dialects() {
     for (a, b) in raw.as_array().unwrap().iter().zip(unit.as_array().unwrap()) {
         assert!((a.as_f64().unwrap() / n - b.as_f64().unwrap()).abs() < 1e-4);
     }
-    assert_eq!(post(&st, "/api/embeddings", json!({"model": "tiny", "prompt": ""})).await.json(), json!({"embedding": []}));
+    assert_eq!(
+        post(&st, "/api/embeddings", json!({"model": "tiny", "prompt": ""})).await.json(),
+        json!({"embedding": []})
+    );
 
     let f = post(&st, "/v1/embeddings", json!({"model": "tiny", "input": ["hello", "a b"]})).await.json();
     assert_eq!((f["object"].clone(), f["data"][1]["index"].clone()), (json!("list"), json!(1)));
     let close = |a: &Value, b: &Value| {
-        a.as_array().unwrap().iter().zip(b.as_array().unwrap()).all(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-6)
+        a.as_array()
+            .unwrap()
+            .iter()
+            .zip(b.as_array().unwrap())
+            .all(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-6)
     };
     assert!(close(&f["data"][0]["embedding"], unit));
     assert!(f["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
-    let b = post(&st, "/v1/embeddings", json!({"model": "tiny", "input": "hello", "encoding_format": "base64"})).await.json();
+    let b = post(&st, "/v1/embeddings", json!({"model": "tiny", "input": "hello", "encoding_format": "base64"}))
+        .await
+        .json();
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(b["data"][0]["embedding"].as_str().unwrap()).unwrap();
     let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
@@ -450,7 +512,8 @@ async fn chat_completions_sse_sequence() {
         b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         b
     };
-    let r = post(&st, "/v1/chat/completions", body(json!({"stream": true, "stream_options": {"include_usage": true}}))).await;
+    let r = post(&st, "/v1/chat/completions", body(json!({"stream": true, "stream_options": {"include_usage": true}})))
+        .await;
     let cs = chunks(&sse(&r));
     let id = cs[0]["id"].as_str().unwrap();
     assert!(id.starts_with("chatcmpl-"));
@@ -459,7 +522,8 @@ async fn chat_completions_sse_sequence() {
         assert_eq!((c["created"].clone(), c["model"].clone()), (cs[0]["created"].clone(), json!("tiny")));
     }
     assert_eq!(cs[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
-    let finishes: Vec<&Value> = cs.iter().filter(|c| c["choices"].get(0).is_some_and(|ch| !ch["finish_reason"].is_null())).collect();
+    let finishes: Vec<&Value> =
+        cs.iter().filter(|c| c["choices"].get(0).is_some_and(|ch| !ch["finish_reason"].is_null())).collect();
     assert_eq!(finishes.len(), 1);
     assert_eq!(finishes[0]["choices"][0]["finish_reason"], "length");
     assert_eq!(finishes[0]["choices"][0]["delta"], json!({}));
@@ -485,7 +549,12 @@ async fn chat_completions_sse_sequence() {
     assert_eq!(one["usage"]["completion_tokens"], 6);
 
     // n = 2: two choices, each with its own role chunk and finish.
-    let cs = chunks(&sse(&post(&st, "/v1/chat/completions", body(json!({"stream": true, "n": 2, "temperature": 1, "seed": 3}))).await));
+    let cs = chunks(&sse(&post(
+        &st,
+        "/v1/chat/completions",
+        body(json!({"stream": true, "n": 2, "temperature": 1, "seed": 3})),
+    )
+    .await));
     for i in 0..2 {
         let of_i: Vec<&Value> = cs.iter().filter(|c| c["choices"][0]["index"] == i).collect();
         assert_eq!(of_i[0]["choices"][0]["delta"]["role"], "assistant");
@@ -503,8 +572,14 @@ async fn chat_completions_sse_sequence() {
 #[tokio::test]
 async fn logprobs_shapes() {
     let st = state();
-    let v = post(&st, "/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-        "temperature": 0, "max_tokens": 4, "logprobs": true, "top_logprobs": 3})).await.json();
+    let v = post(
+        &st,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0, "max_tokens": 4, "logprobs": true, "top_logprobs": 3}),
+    )
+    .await
+    .json();
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 4);
     for t in content {
@@ -515,10 +590,24 @@ async fn logprobs_shapes() {
     }
     let joined: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
     assert_eq!(joined, v["choices"][0]["message"]["content"].as_str().unwrap());
-    let r = post(&st, "/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})).await;
-    assert_eq!((r.status, r.error().as_str()), (StatusCode::BAD_REQUEST, "when using `top_logprobs`, `logprobs` must be set to true."));
+    let r = post(
+        &st,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (StatusCode::BAD_REQUEST, "when using `top_logprobs`, `logprobs` must be set to true.")
+    );
 
-    let c = post(&st, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "max_tokens": 3, "logprobs": 2, "temperature": 0})).await.json();
+    let c = post(
+        &st,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "abc", "max_tokens": 3, "logprobs": 2, "temperature": 0}),
+    )
+    .await
+    .json();
     let lp = &c["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 3);
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
@@ -527,7 +616,8 @@ async fn logprobs_shapes() {
     let g = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "logprobs": true, "top_logprobs": 2, "options": GREEDY(3)})).await.json();
     assert_eq!(g["logprobs"].as_array().unwrap().len(), 3);
     assert_eq!(g["logprobs"][0]["top_logprobs"].as_array().unwrap().len(), 2);
-    let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "logprobs": true, "top_logprobs": 21})).await;
+    let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "logprobs": true, "top_logprobs": 21}))
+        .await;
     assert_eq!(r.error(), "top_logprobs must be between 0 and 20");
 }
 
@@ -537,13 +627,29 @@ async fn completions_models_tokenize() {
     let v = post(&st, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "temperature": 0})).await.json();
     assert_eq!(v["object"], "text_completion");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
-    assert_eq!((v["usage"]["completion_tokens"].clone(), v["choices"][0]["finish_reason"].clone()), (json!(16), json!("length")));
+    assert_eq!(
+        (v["usage"]["completion_tokens"].clone(), v["choices"][0]["finish_reason"].clone()),
+        (json!(16), json!("length"))
+    );
     // Same greedy text as Ollama's raw generate.
-    let g = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": GREEDY(16)})).await.json();
+    let g = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": GREEDY(16)}),
+    )
+    .await
+    .json();
     assert_eq!(v["choices"][0]["text"], g["response"]);
-    let echo = post(&st, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "temperature": 0, "echo": true})).await.json();
+    let echo = post(&st, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "temperature": 0, "echo": true}))
+        .await
+        .json();
     assert_eq!(echo["choices"][0]["text"].as_str().unwrap(), format!("abc{}", g["response"].as_str().unwrap()));
-    let cs = chunks(&sse(&post(&st, "/v1/completions", json!({"model": "tiny", "prompt": "abc", "temperature": 0, "stream": true})).await));
+    let cs = chunks(&sse(&post(
+        &st,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "abc", "temperature": 0, "stream": true}),
+    )
+    .await));
     let text: String = cs.iter().filter_map(|c| c["choices"].get(0)?.get("text")?.as_str()).collect();
     assert_eq!(text, g["response"].as_str().unwrap());
     assert_eq!(cs.last().unwrap()["choices"][0]["finish_reason"], "length");
@@ -557,13 +663,16 @@ async fn completions_models_tokenize() {
     let r = get(&st, "/v1/models/nope").await;
     assert_eq!((r.status, r.error().as_str()), (StatusCode::NOT_FOUND, "The model `nope` does not exist."));
 
-    let t = post(&st, "/tokenize", json!({"model": "tiny", "prompt": "hello there", "return_token_strs": true})).await.json();
+    let t = post(&st, "/tokenize", json!({"model": "tiny", "prompt": "hello there", "return_token_strs": true}))
+        .await
+        .json();
     let n = t["tokens"].as_array().unwrap().len();
     assert_eq!((t["count"].as_u64().unwrap() as usize, t["max_model_len"].clone()), (n, json!(256)));
     assert_eq!(t["token_strs"].as_array().unwrap().len(), n);
     let d = post(&st, "/detokenize", json!({"model": "tiny", "tokens": t["tokens"]})).await.json();
     assert_eq!(d["prompt"], "hello there");
-    let m = post(&st, "/tokenize", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})).await.json();
+    let m =
+        post(&st, "/tokenize", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})).await.json();
     assert_eq!(m["tokens"][0], test_model::IM_START);
     let r = post(&st, "/detokenize", json!({"model": "tiny", "tokens": [1, 99999]})).await;
     assert!(r.status == StatusCode::BAD_REQUEST && r.error().contains("tokens[1]"), "{}", r.text());
@@ -577,45 +686,220 @@ fn bad_cases() -> Vec<(&'static str, Value, StatusCode, &'static str)> {
     vec![
         ("/api/generate", json!({"model": "nope", "prompt": "x"}), StatusCode::NOT_FOUND, "model 'nope' not found"),
         ("/api/chat", json!({"model": "nope", "messages": msgs}), StatusCode::NOT_FOUND, "model 'nope' not found"),
-        ("/v1/chat/completions", json!({"model": "nope", "messages": msgs}), StatusCode::NOT_FOUND, "The model `nope` does not exist."),
-        ("/api/generate", json!({"model": 3, "prompt": "x"}), StatusCode::BAD_REQUEST, "model: invalid type: integer `3`, expected a string"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": msgs}),
+            StatusCode::NOT_FOUND,
+            "The model `nope` does not exist.",
+        ),
+        (
+            "/api/generate",
+            json!({"model": 3, "prompt": "x"}),
+            StatusCode::BAD_REQUEST,
+            "model: invalid type: integer `3`, expected a string",
+        ),
         ("/api/generate", json!({"prompt": "x"}), StatusCode::BAD_REQUEST, "missing field `model`"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "options": {"num_predict": "5"}}), StatusCode::BAD_REQUEST, "options.num_predict"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "options": {"num_predict": -5}}), StatusCode::BAD_REQUEST, "options.num_predict = -5 is invalid"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "options": {"num_predict": 1_000_000_000_000u64}}), StatusCode::BAD_REQUEST, "more than the model's context of 256"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "options": {"temperature": -1}}), StatusCode::BAD_REQUEST, "temperature = -1 is out of range"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "options": {"top_p": 1.5}}), StatusCode::BAD_REQUEST, "top_p"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "images": ["***"]}), StatusCode::BAD_REQUEST, "images[0] is not valid base64"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "images": ["data:image/png;base64,AAAA"]}), StatusCode::BAD_REQUEST, "without a data: URL prefix"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "images": ["AAAA"]}), StatusCode::BAD_REQUEST, "does not support vision"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "suffix": "y"}), StatusCode::BAD_REQUEST, "tiny does not support insert"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "think": true}), StatusCode::BAD_REQUEST, "\"tiny\" does not support thinking"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "think": "loud"}), StatusCode::BAD_REQUEST, "invalid think value"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "format": "json"}), StatusCode::BAD_REQUEST, "structured output"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "ab ".repeat(200)}), StatusCode::BAD_REQUEST, "maximum context length is 256 tokens"),
-        ("/api/generate", json!({"model": "tiny", "prompt": "x", "context": [1, 99999]}), StatusCode::BAD_REQUEST, "context holds token id 99999"),
-        ("/api/chat", json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}), StatusCode::BAD_REQUEST, "messages[0].role"),
-        ("/api/chat", json!({"model": "tiny", "messages": [{"role": "user", "content": ["x"]}]}), StatusCode::BAD_REQUEST, "messages[0].content"),
-        ("/api/chat", json!({"model": "tiny", "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}), StatusCode::BAD_REQUEST, "tiny does not support tools"),
-        ("/api/chat", json!({"model": "tiny", "messages": [{"role": "user", "content": "x", "images": ["%%"]}]}), StatusCode::BAD_REQUEST, "messages[0].images[0] is not valid base64"),
-        ("/api/chat", json!({"model": "big-awq", "messages": msgs}), StatusCode::NOT_IMPLEMENTED, "needs the CUDA engine"),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "options": {"num_predict": "5"}}),
+            StatusCode::BAD_REQUEST,
+            "options.num_predict",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "options": {"num_predict": -5}}),
+            StatusCode::BAD_REQUEST,
+            "options.num_predict = -5 is invalid",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "options": {"num_predict": 1_000_000_000_000u64}}),
+            StatusCode::BAD_REQUEST,
+            "more than the model's context of 256",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "options": {"temperature": -1}}),
+            StatusCode::BAD_REQUEST,
+            "temperature = -1 is out of range",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "options": {"top_p": 1.5}}),
+            StatusCode::BAD_REQUEST,
+            "top_p",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "images": ["***"]}),
+            StatusCode::BAD_REQUEST,
+            "images[0] is not valid base64",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "images": ["data:image/png;base64,AAAA"]}),
+            StatusCode::BAD_REQUEST,
+            "without a data: URL prefix",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "images": ["AAAA"]}),
+            StatusCode::BAD_REQUEST,
+            "does not support vision",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "suffix": "y"}),
+            StatusCode::BAD_REQUEST,
+            "tiny does not support insert",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "think": true}),
+            StatusCode::BAD_REQUEST,
+            "\"tiny\" does not support thinking",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "think": "loud"}),
+            StatusCode::BAD_REQUEST,
+            "invalid think value",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "format": "json"}),
+            StatusCode::BAD_REQUEST,
+            "structured output",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "ab ".repeat(200)}),
+            StatusCode::BAD_REQUEST,
+            "maximum context length is 256 tokens",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "context": [1, 99999]}),
+            StatusCode::BAD_REQUEST,
+            "context holds token id 99999",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}),
+            StatusCode::BAD_REQUEST,
+            "messages[0].role",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": ["x"]}]}),
+            StatusCode::BAD_REQUEST,
+            "messages[0].content",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            StatusCode::BAD_REQUEST,
+            "tiny does not support tools",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x", "images": ["%%"]}]}),
+            StatusCode::BAD_REQUEST,
+            "messages[0].images[0] is not valid base64",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "big-awq", "messages": msgs}),
+            StatusCode::NOT_IMPLEMENTED,
+            "needs the CUDA engine",
+        ),
         ("/api/chat", json!({"model": "absent", "messages": msgs}), StatusCode::NOT_FOUND, "model 'absent' not found"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": []}), StatusCode::BAD_REQUEST, "messages: [] is too short"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": []}),
+            StatusCode::BAD_REQUEST,
+            "messages: [] is too short",
+        ),
         ("/v1/chat/completions", json!({"model": "tiny"}), StatusCode::BAD_REQUEST, "missing field `messages`"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "max_tokens": 0}), StatusCode::BAD_REQUEST, "max_tokens must be at least 1, got 0."),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "max_tokens": 100000}), StatusCode::BAD_REQUEST, "This model's maximum context length is 256 tokens. However, you requested"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "stream_options": {"include_usage": true}}), StatusCode::BAD_REQUEST, "Stream options can only be defined when `stream=True`."),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "n": 0}), StatusCode::BAD_REQUEST, "n = 0 is out of range"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "temperature": "hot"}), StatusCode::BAD_REQUEST, "temperature"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}), StatusCode::BAD_REQUEST, "image URLs are not currently supported"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}), StatusCode::BAD_REQUEST, "is not valid base64"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}), StatusCode::BAD_REQUEST, "unsupported content part type"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}), StatusCode::BAD_REQUEST, "arguments is not valid JSON"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": msgs, "response_format": {"type": "json_object"}}), StatusCode::BAD_REQUEST, "structured output"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": ["a", "b"]}), StatusCode::BAD_REQUEST, "prompt holds 2 strings"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": "x", "logprobs": 9}), StatusCode::BAD_REQUEST, "logprobs = 9 is out of range"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "max_tokens": 0}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens must be at least 1, got 0.",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "max_tokens": 100000}),
+            StatusCode::BAD_REQUEST,
+            "This model's maximum context length is 256 tokens. However, you requested",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "stream_options": {"include_usage": true}}),
+            StatusCode::BAD_REQUEST,
+            "Stream options can only be defined when `stream=True`.",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "n": 0}),
+            StatusCode::BAD_REQUEST,
+            "n = 0 is out of range",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "temperature": "hot"}),
+            StatusCode::BAD_REQUEST,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}),
+            StatusCode::BAD_REQUEST,
+            "image URLs are not currently supported",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}),
+            StatusCode::BAD_REQUEST,
+            "is not valid base64",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}),
+            StatusCode::BAD_REQUEST,
+            "unsupported content part type",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}),
+            StatusCode::BAD_REQUEST,
+            "arguments is not valid JSON",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "response_format": {"type": "json_object"}}),
+            StatusCode::BAD_REQUEST,
+            "structured output",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": ["a", "b"]}),
+            StatusCode::BAD_REQUEST,
+            "prompt holds 2 strings",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "logprobs": 9}),
+            StatusCode::BAD_REQUEST,
+            "logprobs = 9 is out of range",
+        ),
         ("/v1/completions", json!({"model": "tiny", "prompt": ""}), StatusCode::BAD_REQUEST, "prompt is empty"),
-        ("/v1/completions", json!({"model": "tiny", "prompt": [5, 100000]}), StatusCode::BAD_REQUEST, "prompt token id 100000"),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": [5, 100000]}),
+            StatusCode::BAD_REQUEST,
+            "prompt token id 100000",
+        ),
     ]
 }
 
@@ -641,7 +925,10 @@ async fn bad_input_gets_the_right_status_and_a_message_naming_the_problem() {
     let r = call(&st, Method::POST, "/v1/chat/completions", "[1,2").await;
     assert_eq!(r.json()["error"]["type"], "BadRequestError");
     // Still serving.
-    assert_eq!(post(&st, "/api/generate", json!({"model": "tiny", "prompt": "ok", "options": GREEDY(2)})).await.status, StatusCode::OK);
+    assert_eq!(
+        post(&st, "/api/generate", json!({"model": "tiny", "prompt": "ok", "options": GREEDY(2)})).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -649,7 +936,10 @@ async fn oversized_bodies_get_413_in_each_dialect() {
     let st = state_with(ServeConfig { max_body_bytes: 1000, ..ServeConfig::default() });
     let big = json!({"model": "tiny", "prompt": "x".repeat(2000)});
     let r = post(&st, "/api/generate", big.clone()).await;
-    assert_eq!((r.status, r.error().as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the limit of 1000 bytes"));
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the limit of 1000 bytes")
+    );
     let r = post(&st, "/v1/completions", big).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.json()["error"]["code"], 413);
@@ -670,12 +960,16 @@ fn busy_is_503_with_ollamas_text_and_retry_after() {
 #[tokio::test]
 async fn host_header_and_cors() {
     let st = state();
-    let with_host = |host: &'static str| Request::builder().uri("/api/version").header(header::HOST, host).body(Body::empty()).unwrap();
+    let with_host = |host: &'static str| {
+        Request::builder().uri("/api/version").header(header::HOST, host).body(Body::empty()).unwrap()
+    };
     for host in ["evil.example.com", "evil.example.com:11434", "8.8.8.8"] {
         let r = send_raw(&st, with_host(host)).await;
         assert_eq!((r.status, r.body.len()), (StatusCode::FORBIDDEN, 0), "{host}");
     }
-    for host in ["localhost", "127.0.0.1:11434", "[::1]:11434", "zoe.local", "box.internal", "192.168.1.20", "10.0.0.5:80"] {
+    for host in
+        ["localhost", "127.0.0.1:11434", "[::1]:11434", "zoe.local", "box.internal", "192.168.1.20", "10.0.0.5:80"]
+    {
         assert_eq!(send_raw(&st, with_host(host)).await.status, StatusCode::OK, "{host}");
     }
     let preflight = |origin: &'static str| {
@@ -703,10 +997,21 @@ async fn openapi_document_covers_every_route_and_resolves_its_refs() {
     let doc = get(&st, "/openapi.json").await.json();
     assert_eq!(doc["openapi"], "3.0.3");
     for (path, method) in [
-        ("/api/generate", "post"), ("/api/chat", "post"), ("/api/embed", "post"), ("/api/tags", "get"),
-        ("/api/show", "post"), ("/api/ps", "get"), ("/api/pull", "post"), ("/api/delete", "delete"),
-        ("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/embeddings", "post"),
-        ("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"),
+        ("/api/generate", "post"),
+        ("/api/chat", "post"),
+        ("/api/embed", "post"),
+        ("/api/tags", "get"),
+        ("/api/show", "post"),
+        ("/api/ps", "get"),
+        ("/api/pull", "post"),
+        ("/api/delete", "delete"),
+        ("/v1/chat/completions", "post"),
+        ("/v1/completions", "post"),
+        ("/v1/embeddings", "post"),
+        ("/v1/models", "get"),
+        ("/tokenize", "post"),
+        ("/detokenize", "post"),
+        ("/health", "get"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path}");
     }
@@ -774,19 +1079,50 @@ async fn a_thousand_generated_bad_requests_get_4xx_and_never_5xx() {
     let mut rng = Lcg(0x5eed);
     let valid = [
         ("/api/generate", json!({"model": "tiny", "prompt": "hi", "stream": false, "options": {"num_predict": 2}})),
-        ("/api/chat", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": false, "options": {"num_predict": 2}})),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": false, "options": {"num_predict": 2}}),
+        ),
         ("/api/embed", json!({"model": "tiny", "input": ["hi"]})),
         ("/api/show", json!({"model": "tiny"})),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ),
         ("/v1/completions", json!({"model": "tiny", "prompt": "hi", "max_tokens": 2})),
         ("/v1/embeddings", json!({"model": "tiny", "input": "hi"})),
         ("/tokenize", json!({"model": "tiny", "prompt": "hi"})),
         ("/detokenize", json!({"model": "tiny", "tokens": [5, 6]})),
     ];
     let fields = [
-        "model", "prompt", "messages", "options", "stream", "raw", "system", "template", "context", "images",
-        "keep_alive", "format", "max_tokens", "n", "temperature", "top_p", "stop", "logprobs", "top_logprobs",
-        "input", "dimensions", "tokens", "stream_options", "seed", "num_predict", "think", "echo", "suffix",
+        "model",
+        "prompt",
+        "messages",
+        "options",
+        "stream",
+        "raw",
+        "system",
+        "template",
+        "context",
+        "images",
+        "keep_alive",
+        "format",
+        "max_tokens",
+        "n",
+        "temperature",
+        "top_p",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "input",
+        "dimensions",
+        "tokens",
+        "stream_options",
+        "seed",
+        "num_predict",
+        "think",
+        "echo",
+        "suffix",
     ];
     let mut statuses = std::collections::BTreeMap::new();
     for i in 0..1000 {
@@ -813,7 +1149,13 @@ async fn a_thousand_generated_bad_requests_get_4xx_and_never_5xx() {
             }
             // A field removed.
             4 => {
-                let key = body.as_object().unwrap().keys().nth(rng.next() as usize % body.as_object().unwrap().len()).unwrap().clone();
+                let key = body
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .nth(rng.next() as usize % body.as_object().unwrap().len())
+                    .unwrap()
+                    .clone();
                 body.as_object_mut().unwrap().remove(&key);
                 body.to_string().into_bytes()
             }
@@ -836,7 +1178,12 @@ async fn a_thousand_generated_bad_requests_get_4xx_and_never_5xx() {
     }
     assert!(statuses.get(&400).copied().unwrap_or(0) > 500, "{statuses:?}");
     eprintln!("statuses over 1000 generated requests: {statuses:?}");
-    let ok = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "still here", "stream": false, "options": GREEDY(2)})).await;
+    let ok = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "still here", "stream": false, "options": GREEDY(2)}),
+    )
+    .await;
     assert_eq!(ok.status, StatusCode::OK);
 }
 

@@ -58,7 +58,8 @@ impl TokenLogprobs {
         if top > 0 {
             let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
             let k = top.min(idx.len());
-            let by_logit = |a: &u32, b: &u32| clean(logits[*b as usize]).total_cmp(&clean(logits[*a as usize])).then(a.cmp(b));
+            let by_logit =
+                |a: &u32, b: &u32| clean(logits[*b as usize]).total_cmp(&clean(logits[*a as usize])).then(a.cmp(b));
             if k < idx.len() {
                 idx.select_nth_unstable_by(k - 1, by_logit);
                 idx.truncate(k);
@@ -430,7 +431,10 @@ mod tests {
             seq.push(tok);
         }
         assert_eq!(seq[req.prompt_ids.len()..], g.tokens[..]);
-        assert_eq!(TokenLogprobs::of(&[0.0, f32::NAN, 0.0], 0, 0), TokenLogprobs { logprob: -(2f32.ln()), top: vec![] });
+        assert_eq!(
+            TokenLogprobs::of(&[0.0, f32::NAN, 0.0], 0, 0),
+            TokenLogprobs { logprob: -(2f32.ln()), top: vec![] }
+        );
     }
 
     #[test]

@@ -89,11 +89,7 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
         Input::Chat { messages } => render_chat_prompt(tok, messages).map_err(prompt_error)?,
         Input::Text { prompt, raw, system, template, context } => {
             let text_ids = if let Some(t) = template {
-                let text = t.render(&GoTemplateVars {
-                    system: system.as_deref().unwrap_or(""),
-                    prompt,
-                    response: "",
-                });
+                let text = t.render(&GoTemplateVars { system: system.as_deref().unwrap_or(""), prompt, response: "" });
                 if context.is_empty() {
                     raw_prompt_ids(tok, &text).map_err(prompt_error)?
                 } else {
@@ -116,7 +112,10 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
             if let Some(&bad) = context.iter().find(|&&id| id as usize >= handle.vocab_size) {
                 return Err(ApiError::bad_field(
                     "context",
-                    format!("context holds token id {bad}, but the model's vocabulary has {} tokens", handle.vocab_size),
+                    format!(
+                        "context holds token id {bad}, but the model's vocabulary has {} tokens",
+                        handle.vocab_size
+                    ),
                 ));
             }
             let mut ids = context.clone();

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::engines::KeepAlive;
 use super::error::{json_response, read_json, ApiError, Dialect, OllamaError};
-use super::infer::{self, Input, InferenceRequest, MaxTokens, SamplingOverrides, StreamWriter};
+use super::infer::{self, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
 use super::wire::{self, KeepAliveWire, OneOrMany};
 use super::{Shared, OLLAMA_COMPAT_VERSION};
 use crate::chat::gotmpl::GoTemplate;
@@ -264,7 +264,10 @@ fn check_think(m: &Manifest, think: Option<&serde_json::Value>) -> Result<()> {
 }
 
 /// Maps `options` onto the engine's knobs; `context_length` bounds `num_predict`.
-fn map_options(o: &Options, context_length: usize) -> Result<(SamplingOverrides, MaxTokens, Vec<String>, Option<usize>)> {
+fn map_options(
+    o: &Options,
+    context_length: usize,
+) -> Result<(SamplingOverrides, MaxTokens, Vec<String>, Option<usize>)> {
     if !o.other.is_empty() {
         let keys: Vec<&String> = o.other.keys().collect();
         tracing::warn!(?keys, "invalid option provided (ignored)");
@@ -274,7 +277,9 @@ fn map_options(o: &Options, context_length: usize) -> Result<(SamplingOverrides,
         Some(n) if n < -2 => {
             return Err(ApiError::bad_field(
                 "options.num_predict",
-                format!("options.num_predict = {n} is invalid: use -1 (no limit), -2 (fill the context) or a count ≥ 0"),
+                format!(
+                    "options.num_predict = {n} is invalid: use -1 (no limit), -2 (fill the context) or a count ≥ 0"
+                ),
             )
             .into())
         }
@@ -352,8 +357,13 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
     if prompt.is_empty() && req.images.as_ref().is_none_or(Vec::is_empty) {
         return load_or_unload(&st, &plan, Kind::Generate { context: false }).await;
     }
-    let input =
-        Input::Text { prompt, raw, system: req.system.clone(), template, context: req.context.clone().unwrap_or_default() };
+    let input = Input::Text {
+        prompt,
+        raw,
+        system: req.system.clone(),
+        template,
+        context: req.context.clone().unwrap_or_default(),
+    };
     run(&st, plan, input, Kind::Generate { context: !raw }, start).await
 }
 
@@ -650,7 +660,11 @@ pub struct EmbeddingsResponse {
 }
 
 /// Tokenizes embedding inputs, cutting at the context (`truncate`) or refusing.
-pub(super) fn embedding_ids(handle: &ModelHandle, inputs: &[String], truncate: bool) -> Result<Vec<Vec<u32>>, ApiError> {
+pub(super) fn embedding_ids(
+    handle: &ModelHandle,
+    inputs: &[String],
+    truncate: bool,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     inputs
         .iter()
         .enumerate()
@@ -715,11 +729,7 @@ async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
     let dims = check_dimensions(req.dimensions, handle.hidden_size)?;
     let ids = embedding_ids(&handle, &inputs, req.truncate.unwrap_or(true))?;
     let prompt_eval_count = ids.iter().map(Vec::len).sum::<usize>() as u64;
-    let vectors = if ids.is_empty() {
-        Vec::new()
-    } else {
-        handle.embed(ids).await.map_err(embed_error)?
-    };
+    let vectors = if ids.is_empty() { Vec::new() } else { handle.embed(ids).await.map_err(embed_error)? };
     let embeddings = vectors.into_iter().map(|v| normalize(v, dims)).collect();
     Ok(json_response(
         StatusCode::OK,
@@ -926,7 +936,8 @@ async fn ps(State(st): State<Shared>) -> Response {
         .filter_map(|(h, expires)| {
             let m = st.registry.get(&h.id)?;
             // "Forever" as Ollama shows it: far in the future.
-            let expires_at = expires.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799));
+            let expires_at =
+                expires.unwrap_or(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799));
             Some(PsModel {
                 name: listed_name(m),
                 model: listed_name(m),

@@ -118,7 +118,10 @@ pub fn check_images(m: &Manifest, field: &str, images: &[String]) -> Result<Vec<
         out.push(bytes);
     }
     if !out.is_empty() && !m.has_role(Role::Vision) {
-        return Err(ApiError::bad_field(field, format!("model '{}' does not support vision: it cannot take images", m.id)));
+        return Err(ApiError::bad_field(
+            field,
+            format!("model '{}' does not support vision: it cannot take images", m.id),
+        ));
     }
     Ok(out)
 }

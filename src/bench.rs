@@ -3,8 +3,14 @@
 //! batch on an empty cache; `tg N` generates N tokens one at a time from an empty cache. Token ids
 //! are pseudo-random (content does not change the work). One untimed warm-up run of each first;
 //! then `reps` timed runs, reported as mean ± standard deviation.
+//!
+//! With a server URL, [`http_decode`] runs the same decode length through a running server's
+//! Ollama `/api/generate` stream and times it on the client: tokens received after the first one
+//! over the wall time from the first streamed line to the `done` line, so the HTTP path (sampling,
+//! detokenization, JSON, the socket) can be compared with the bare forwards of `tg N`.
 
-use std::time::Instant;
+use std::io::BufRead;
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::model::kv_cache::ContiguousKvCache;
@@ -78,6 +84,266 @@ pub fn run<B: Backend>(
     Ok(out)
 }
 
+/// Decode rate of the whole generation loop in process on [`HTTP_PROMPT`] with the parameters
+/// the HTTP run sends (raw, greedy, no repeat penalty, `n` tokens): the same work as
+/// [`http_decode`] minus HTTP, timed the same way (tokens after the first over the time after it),
+/// so `http / this` is the cost of the server path alone.
+pub fn generate_loop(
+    m: &LoadedModel<crate::backend::cpu::CpuBackend>,
+    n: usize,
+    reps: usize,
+) -> anyhow::Result<Throughput> {
+    use crate::engine::generate::{generate, raw_prompt_ids, GenerateRequest};
+    use crate::engine::sampler::SamplingParams;
+    let prompt_ids = raw_prompt_ids(&m.tokenizer, HTTP_PROMPT)?;
+    let req =
+        GenerateRequest { prompt_ids, max_tokens: n, sampling: SamplingParams::greedy(), stop: vec![], logprobs: None };
+    let once = || -> anyhow::Result<f64> {
+        let g = generate(&m.model, &m.backend, &m.tokenizer, req.clone(), m.context_length, |_| {
+            std::ops::ControlFlow::Continue(())
+        })?;
+        g.timings.decode_tokens_per_s().ok_or_else(|| anyhow::anyhow!("the generation loop made fewer than 2 tokens"))
+    };
+    once()?;
+    let rates = (0..reps.max(1)).map(|_| once()).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(stats(format!("tg{n} (generate loop)"), &rates))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode through the HTTP stream
+
+/// A raw prompt greedy decoding keeps extending (the list goes on), so a run does not stop early.
+pub const HTTP_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpBenchError {
+    #[error("cannot reach the server at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}: {body}")]
+    Status { url: String, status: reqwest::StatusCode, body: String },
+    #[error("reading the stream from {url}")]
+    Read {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server reported an error in the stream: {0}")]
+    Stream(String),
+    #[error("stream line {line} is not a JSON object: {text:?}")]
+    BadLine { line: usize, text: String },
+    #[error("the stream ended without a done line")]
+    NoDone,
+    #[error("the server generated {eval_count} token(s) (done_reason {done_reason:?}); a rate needs at least 2")]
+    TooFew { eval_count: u64, done_reason: Option<String> },
+}
+
+/// What one streamed `/api/generate` response carried, with the client's arrival times.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamStats {
+    /// When the first `done: false` line arrived; `None` when the done line was the only one.
+    pub first_at: Option<Instant>,
+    /// When the `done: true` line arrived.
+    pub done_at: Instant,
+    /// `done: false` lines (a token whose text is still an incomplete UTF-8 sequence sends none).
+    pub lines: usize,
+    pub done_reason: Option<String>,
+    /// Generated tokens, the first included (Ollama's convention).
+    pub eval_count: u64,
+    /// Server time of the forwards after the first token, in ns.
+    pub eval_duration_ns: u64,
+    pub prompt_eval_count: u64,
+    pub prompt_eval_duration_ns: u64,
+    pub total_duration_ns: u64,
+}
+
+impl StreamStats {
+    /// Tokens that arrived after the first one.
+    pub fn client_tokens(&self) -> u64 {
+        self.eval_count.saturating_sub(1)
+    }
+
+    /// Client wall time from the first streamed line to the done line.
+    pub fn client_secs(&self) -> Option<f64> {
+        self.first_at.map(|t| self.done_at.saturating_duration_since(t).as_secs_f64())
+    }
+
+    /// Decode tokens/s seen by the client; `None` without a second token or a measurable span.
+    pub fn client_rate(&self) -> Option<f64> {
+        let secs = self.client_secs()?;
+        (self.client_tokens() > 0 && secs > 0.0).then(|| self.client_tokens() as f64 / secs)
+    }
+
+    /// The server's own rate, `eval_count / eval_duration` as Ollama clients compute it.
+    pub fn server_rate(&self) -> Option<f64> {
+        (self.eval_count > 0 && self.eval_duration_ns > 0)
+            .then(|| self.eval_count as f64 / (self.eval_duration_ns as f64 / 1e9))
+    }
+}
+
+/// Reads an Ollama NDJSON stream given as `(arrival time, line)` pairs, up to its done line.
+pub fn read_stream<I>(lines: I) -> Result<StreamStats, HttpBenchError>
+where
+    I: IntoIterator<Item = std::io::Result<(Instant, String)>>,
+{
+    let mut first_at = None;
+    let mut count = 0;
+    for (i, item) in lines.into_iter().enumerate() {
+        let (at, text) = item.map_err(|source| HttpBenchError::Read { url: String::new(), source })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let bad = || HttpBenchError::BadLine { line: i + 1, text: text.clone() };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+        let obj = v.as_object().ok_or_else(bad)?;
+        if let Some(e) = obj.get("error") {
+            return Err(HttpBenchError::Stream(e.as_str().map_or_else(|| e.to_string(), str::to_owned)));
+        }
+        if obj.get("done").and_then(serde_json::Value::as_bool) != Some(true) {
+            first_at.get_or_insert(at);
+            count += 1;
+            continue;
+        }
+        let n = |k: &str| obj.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        return Ok(StreamStats {
+            first_at,
+            done_at: at,
+            lines: count,
+            done_reason: obj.get("done_reason").and_then(|r| r.as_str()).map(str::to_owned),
+            eval_count: n("eval_count"),
+            eval_duration_ns: n("eval_duration"),
+            prompt_eval_count: n("prompt_eval_count"),
+            prompt_eval_duration_ns: n("prompt_eval_duration"),
+            total_duration_ns: n("total_duration"),
+        });
+    }
+    Err(HttpBenchError::NoDone)
+}
+
+/// Checks a `--server` value: an http(s) URL with a host and no query; the returned base ends in
+/// `/` so that `api/...` joins under any path prefix.
+pub fn parse_server_url(s: &str) -> Result<reqwest::Url, String> {
+    let mut url = reqwest::Url::parse(s)
+        .map_err(|e| format!("{s:?} is not a URL (expected e.g. http://127.0.0.1:11434): {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?}: expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:11434"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: the server URL takes no query or fragment"));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// A client to a bench target: no proxy (a proxy would be part of what is timed).
+pub struct HttpTarget {
+    client: reqwest::blocking::Client,
+    base: reqwest::Url,
+}
+
+impl HttpTarget {
+    pub fn new(base: reqwest::Url) -> Result<Self, HttpBenchError> {
+        let client = reqwest::blocking::Client::builder()
+            .user_agent(concat!("zoe-llm-bench/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(10))
+            // Covers a model load on the server's first request; a stall detector, not a budget.
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|source| HttpBenchError::Unreachable { url: base.to_string(), source })?;
+        Ok(Self { client, base })
+    }
+
+    fn url(&self, path: &str) -> String {
+        self.base.join(path).map_or_else(|_| format!("{}{path}", self.base), |u| u.to_string())
+    }
+
+    fn check(url: &str, resp: reqwest::blocking::Response) -> Result<reqwest::blocking::Response, HttpBenchError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().unwrap_or_default();
+        let body = if body.trim().is_empty() { "(empty body)".to_owned() } else { body.trim().to_owned() };
+        Err(HttpBenchError::Status { url: url.to_owned(), status, body })
+    }
+
+    /// `GET /api/version`: fails early, before the in-process runs, if nothing answers there.
+    pub fn probe(&self) -> Result<String, HttpBenchError> {
+        let url = self.url("api/version");
+        let resp =
+            self.client.get(&url).send().map_err(|source| HttpBenchError::Unreachable { url: url.clone(), source })?;
+        let resp = Self::check(&url, resp)?;
+        let v: serde_json::Value = resp.json().unwrap_or_default();
+        Ok(v.get("version").and_then(|v| v.as_str()).unwrap_or("unknown").to_owned())
+    }
+
+    /// One streamed raw greedy `/api/generate` of `n` tokens, timed as it arrives.
+    pub fn generate(&self, model: &str, n: usize) -> Result<StreamStats, HttpBenchError> {
+        let url = self.url("api/generate");
+        let body = serde_json::json!({
+            "model": model,
+            "prompt": HTTP_PROMPT,
+            "raw": true,
+            "stream": true,
+            "options": { "temperature": 0, "repeat_penalty": 1.0, "num_predict": n },
+        });
+        let resp = self
+            .client
+            .post(&url)
+            .json(&body)
+            .send()
+            .map_err(|source| HttpBenchError::Unreachable { url: url.clone(), source })?;
+        let resp = Self::check(&url, resp)?;
+        let lines = std::io::BufReader::new(resp).lines().map(|l| l.map(|l| (Instant::now(), l)));
+        read_stream(lines).map_err(|e| match e {
+            HttpBenchError::Read { source, .. } => HttpBenchError::Read { url, source },
+            e => e,
+        })
+    }
+}
+
+/// `tg N (http)`: the client-side rate and the server's own, over `reps` runs.
+#[derive(Clone, Debug)]
+pub struct HttpDecode {
+    pub client: Throughput,
+    /// `eval_count / eval_duration` from the done lines.
+    pub server: Option<Throughput>,
+    pub runs: Vec<StreamStats>,
+}
+
+/// Runs `reps` streamed generations of `n` tokens of `model` (after one untimed warm-up, which
+/// also loads the model on the server if needed).
+pub fn http_decode(target: &HttpTarget, model: &str, n: usize, reps: usize) -> Result<HttpDecode, HttpBenchError> {
+    target.generate(model, n.min(16))?;
+    let runs = (0..reps.max(1)).map(|_| target.generate(model, n)).collect::<Result<Vec<_>, _>>()?;
+    summarize_http(format!("tg{n} (http)"), runs)
+}
+
+fn summarize_http(test: String, runs: Vec<StreamStats>) -> Result<HttpDecode, HttpBenchError> {
+    let mut rates = Vec::with_capacity(runs.len());
+    for r in &runs {
+        match r.client_rate() {
+            Some(rate) => rates.push(rate),
+            None => {
+                return Err(HttpBenchError::TooFew { eval_count: r.eval_count, done_reason: r.done_reason.clone() })
+            }
+        }
+    }
+    let server: Option<Vec<f64>> = runs.iter().map(StreamStats::server_rate).collect();
+    Ok(HttpDecode {
+        client: stats(test.clone(), &rates),
+        server: server.map(|s| stats(format!("{test} server"), &s)),
+        runs,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +362,85 @@ mod tests {
         let s = stats("pp8".into(), &[10.0, 12.0, 14.0]);
         assert_eq!(s.tokens_per_s, 12.0);
         assert!((s.stddev - 2.0).abs() < 1e-12);
+    }
+
+    /// A fake stream: `(ms after t0, line)` pairs.
+    fn fake(t0: Instant, lines: &[(u64, &str)]) -> Vec<std::io::Result<(Instant, String)>> {
+        lines.iter().map(|&(ms, l)| Ok((t0 + Duration::from_millis(ms), l.to_owned()))).collect()
+    }
+
+    fn piece(text: &str) -> String {
+        serde_json::json!({"model": "smollm2", "created_at": "x", "response": text, "done": false}).to_string()
+    }
+
+    #[test]
+    fn client_rate_counts_tokens_after_the_first_over_first_line_to_done() {
+        let t0 = Instant::now();
+        let (a, b, c, d) = (piece(" 11"), piece(","), piece(" 12"), piece(","));
+        let done = r#"{"model":"smollm2","created_at":"x","response":"","done":true,"done_reason":"length","total_duration":900000000,"prompt_eval_count":20,"prompt_eval_duration":100000000,"eval_count":5,"eval_duration":400000000}"#;
+        let stream = fake(t0, &[(100, &a), (200, &b), (300, &c), (400, ""), (400, &d), (600, done)]);
+        let s = read_stream(stream).unwrap();
+        assert_eq!(s.first_at, Some(t0 + Duration::from_millis(100)));
+        assert_eq!(s.done_at, t0 + Duration::from_millis(600));
+        assert_eq!((s.lines, s.eval_count, s.client_tokens()), (4, 5, 4));
+        assert_eq!(s.done_reason.as_deref(), Some("length"));
+        assert_eq!(
+            (s.prompt_eval_count, s.prompt_eval_duration_ns, s.total_duration_ns),
+            (20, 100_000_000, 900_000_000)
+        );
+        // 4 tokens after the first in 0.5 s of client time; the server's 5 / 0.4 s.
+        assert!((s.client_rate().unwrap() - 8.0).abs() < 1e-9);
+        assert!((s.server_rate().unwrap() - 12.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn stream_without_a_second_token_has_no_rate() {
+        let t0 = Instant::now();
+        let done = r#"{"done":true,"done_reason":"stop","eval_count":1,"eval_duration":0}"#;
+        let s = read_stream(fake(t0, &[(5, &piece("1")), (6, done)])).unwrap();
+        assert_eq!((s.client_tokens(), s.client_rate(), s.server_rate()), (0, None, None));
+        let s = read_stream(fake(t0, &[(6, r#"{"done":true}"#)])).unwrap();
+        assert_eq!((s.first_at, s.lines, s.client_rate()), (None, 0, None));
+        let e = summarize_http("tg4 (http)".into(), vec![s]).unwrap_err();
+        assert!(matches!(e, HttpBenchError::TooFew { eval_count: 0, .. }), "{e}");
+    }
+
+    #[test]
+    fn stream_errors() {
+        let t0 = Instant::now();
+        let e = read_stream(fake(t0, &[(1, &piece("a")), (2, r#"{"error":"model crashed"}"#)])).unwrap_err();
+        assert_eq!(e.to_string(), "the server reported an error in the stream: model crashed");
+        let e = read_stream(fake(t0, &[(1, &piece("a")), (2, "not json")])).unwrap_err();
+        assert!(matches!(e, HttpBenchError::BadLine { line: 2, .. }), "{e}");
+        let e = read_stream(fake(t0, &[(1, &piece("a")), (2, "[1]")])).unwrap_err();
+        assert!(matches!(e, HttpBenchError::BadLine { line: 2, .. }), "{e}");
+        assert!(matches!(read_stream(fake(t0, &[(1, &piece("a"))])), Err(HttpBenchError::NoDone)));
+        let broken: Vec<std::io::Result<(Instant, String)>> = vec![Err(std::io::ErrorKind::ConnectionReset.into())];
+        assert!(matches!(read_stream(broken), Err(HttpBenchError::Read { .. })));
+    }
+
+    #[test]
+    fn summary_is_over_runs_and_keeps_early_stops() {
+        let t0 = Instant::now();
+        let run = |end_ms: u64, eval_count: u64, reason: &str| {
+            let done = serde_json::json!({"done": true, "done_reason": reason, "eval_count": eval_count, "eval_duration": 1_000_000_000u64});
+            read_stream(fake(t0, &[(0, &piece("1")), (end_ms, &done.to_string())])).unwrap()
+        };
+        // 9 tokens after the first in 1 s and in 0.5 s; the second stopped early at 5 tokens.
+        let h = summarize_http("tg10 (http)".into(), vec![run(1000, 10, "length"), run(500, 5, "stop")]).unwrap();
+        assert_eq!(h.client.test, "tg10 (http)");
+        assert!((h.client.tokens_per_s - 8.5).abs() < 1e-9);
+        assert!((h.server.unwrap().tokens_per_s - 7.5).abs() < 1e-9);
+        assert_eq!(h.runs[1].done_reason.as_deref(), Some("stop"));
+    }
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(parse_server_url("http://127.0.0.1:11600").unwrap().as_str(), "http://127.0.0.1:11600/");
+        let u = parse_server_url("https://box.lan/ollama").unwrap();
+        assert_eq!(u.join("api/generate").unwrap().as_str(), "https://box.lan/ollama/api/generate");
+        for bad in ["127.0.0.1:11600", "localhost:11434", "ftp://x/", "http://x/?a=1", "", "http://"] {
+            assert!(parse_server_url(bad).is_err(), "{bad}");
+        }
     }
 }

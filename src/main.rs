@@ -124,6 +124,11 @@ struct BenchArgs {
     /// Timed repetitions of each test.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// After the in-process runs, also decode --gen-tokens tokens of the same model through the
+    /// Ollama /api/generate stream of the server at URL (e.g. http://127.0.0.1:11434), timed on the
+    /// client, and print the ratio to the in-process tg rate.
+    #[arg(long, value_name = "URL", value_parser = zoe_llm::bench::parse_server_url)]
+    server: Option<reqwest::Url>,
 }
 
 fn main() -> ExitCode {
@@ -245,8 +250,13 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         let messages = [serde_json::json!({"role": "user", "content": args.prompt})];
         render_chat_prompt(&m.tokenizer, &messages)?
     };
-    let req =
-        GenerateRequest { prompt_ids, max_tokens: args.max_tokens, sampling, stop: manifest.defaults.stop.clone(), logprobs: None };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: args.max_tokens,
+        sampling,
+        stop: manifest.defaults.stop.clone(),
+        logprobs: None,
+    };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let out = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, |e| {
@@ -300,11 +310,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     let threads = threads(&EngineArgs { threads: config.threads, ..args.engine.clone() })?;
     // What to load at start: the config's list, else `-m`, else the default model. Everything is
     // checked (and pulled if missing) before the port is opened.
-    let names: Vec<String> = if !config.preload.is_empty() {
-        config.preload.clone()
-    } else {
-        args.engine.model.iter().cloned().collect()
-    };
+    let names: Vec<String> =
+        if !config.preload.is_empty() { config.preload.clone() } else { args.engine.model.iter().cloned().collect() };
     let mut preload = Vec::new();
     if names.is_empty() {
         preload.push(resolve(&registry, &EngineArgs { model: None, ..args.engine.clone() })?);
@@ -336,7 +343,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         for m in &preload {
-            // Pinned: never expires.
+            // Pinned: never expires, whatever later requests say.
+            state.engines.pin(&m.id);
             state.engines.get(m, &m.id, Some(None)).await.map_err(|e| {
                 anyhow::anyhow!("loading {}: {}", m.id, e.message(zoe_llm::server::error::Dialect::Ollama))
             })?;
@@ -346,6 +354,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
 }
 
 fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
+    use zoe_llm::bench::{http_decode, HttpTarget, HTTP_PROMPT};
     let manifest = resolve(registry, &args.engine)?;
     let threads = threads(&args.engine)?;
     let ctx = manifest.defaults.context_length as usize;
@@ -354,21 +363,75 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
             bail!("{flag} {n} is more than the model's context of {ctx} tokens");
         }
     }
+    // The server is checked before the (long) in-process runs, not after them.
+    let target = match &args.server {
+        Some(_) if args.gen_tokens == 0 => bail!("--server compares decode rates: it needs --gen-tokens above 0"),
+        Some(url) => {
+            let target = HttpTarget::new(url.clone())?;
+            let version = target.probe()?;
+            tracing::info!(%url, version, "bench server answers");
+            Some(target)
+        }
+        None => None,
+    };
     let m = load(store, &manifest, &args.engine, threads)?;
-    let results = zoe_llm::bench::run(&m, args.prompt_tokens, args.gen_tokens, args.reps)?;
+    let mut results = zoe_llm::bench::run(&m, args.prompt_tokens, args.gen_tokens, args.reps)?;
+    // With a server: the same generation loop in process, the like-for-like base of the HTTP run.
+    let in_loop = match &target {
+        Some(_) => Some(zoe_llm::bench::generate_loop(&m, args.gen_tokens, args.reps)?),
+        None => None,
+    };
+    results.extend(in_loop.clone());
+    let backend = zoe_llm::backend::Backend::name(&m.backend).to_owned();
+    let (n_threads, precision) = (m.backend.threads(), m.backend.precision());
+    // The in-process engine is idle from here; free it so the server has the machine to itself.
+    drop(m);
+    let http = match &target {
+        Some(t) => Some(http_decode(t, &manifest.id, args.gen_tokens, args.reps)?),
+        None => None,
+    };
     println!("| model | backend | threads | precision | test | t/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for r in results {
+    for r in &results {
         println!(
             "| {} | {} | {} | {:?} | {} | {:.2} ± {:.2} |",
-            manifest.id,
-            zoe_llm::backend::Backend::name(&m.backend),
-            m.backend.threads(),
-            m.backend.precision(),
-            r.test,
-            r.tokens_per_s,
-            r.stddev
+            manifest.id, backend, n_threads, precision, r.test, r.tokens_per_s, r.stddev
         );
+    }
+    let Some(h) = http else { return Ok(()) };
+    let c = &h.client;
+    println!("| {} | http | - | - | {} | {:.2} ± {:.2} |", manifest.id, c.test, c.tokens_per_s, c.stddev);
+    println!();
+    let url = args.server.as_ref().map(|u| u.as_str()).unwrap_or_default();
+    println!(
+        "{}: {url}api/generate, raw prompt {HTTP_PROMPT:?}, temperature 0, num_predict {}; client t/s = (eval_count - 1) / (done line - first line)",
+        c.test, args.gen_tokens
+    );
+    match &h.server {
+        Some(s) => println!("server eval rate (eval_count/eval_duration): {:.2} ± {:.2} t/s", s.tokens_per_s, s.stddev),
+        None => println!("server eval rate: not reported (no eval_duration in the done line)"),
+    }
+    for (i, r) in h.runs.iter().enumerate() {
+        if r.eval_count < args.gen_tokens as u64 {
+            println!(
+                "note: run {} stopped early (done_reason {}) after {} of {} tokens; its rate is from the tokens that arrived",
+                i + 1,
+                r.done_reason.as_deref().unwrap_or("none"),
+                r.eval_count,
+                args.gen_tokens
+            );
+        }
+    }
+    let tg = format!("tg{}", args.gen_tokens);
+    if let Some(local) = results.iter().find(|r| r.test == tg) {
+        println!(
+            "http/in-process decode (vs bare forwards, tg{}): {:.2}x",
+            args.gen_tokens,
+            c.tokens_per_s / local.tokens_per_s
+        );
+    }
+    if let Some(l) = &in_loop {
+        println!("http/in-process decode (vs the same generation loop): {:.2}x", c.tokens_per_s / l.tokens_per_s);
     }
     Ok(())
 }

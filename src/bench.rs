@@ -4,7 +4,7 @@
 //! are pseudo-random (content does not change the work). One untimed warm-up run of each first;
 //! then `reps` timed runs, reported as mean ± standard deviation.
 //!
-//! With a server URL, [`http_decode`] runs the same decode length through a running server's
+//! With a server URL, [`http_vs_loop`] runs the same decode length through a running server's
 //! Ollama `/api/generate` stream and times it on the client: tokens received after the first one
 //! over the wall time from the first streamed line to the `done` line, so the HTTP path (sampling,
 //! detokenization, JSON, the socket) can be compared with the bare forwards of `tg N`.
@@ -82,31 +82,6 @@ pub fn run<B: Backend>(
         out.push(stats(format!("tg{gen_tokens}"), &rates));
     }
     Ok(out)
-}
-
-/// Decode rate of the whole generation loop in process on [`HTTP_PROMPT`] with the parameters
-/// the HTTP run sends (raw, greedy, no repeat penalty, `n` tokens): the same work as
-/// [`http_decode`] minus HTTP, timed the same way (tokens after the first over the time after it),
-/// so `http / this` is the cost of the server path alone.
-pub fn generate_loop(
-    m: &LoadedModel<crate::backend::cpu::CpuBackend>,
-    n: usize,
-    reps: usize,
-) -> anyhow::Result<Throughput> {
-    use crate::engine::generate::{generate, raw_prompt_ids, GenerateRequest};
-    use crate::engine::sampler::SamplingParams;
-    let prompt_ids = raw_prompt_ids(&m.tokenizer, HTTP_PROMPT)?;
-    let req =
-        GenerateRequest { prompt_ids, max_tokens: n, sampling: SamplingParams::greedy(), stop: vec![], logprobs: None };
-    let once = || -> anyhow::Result<f64> {
-        let g = generate(&m.model, &m.backend, &m.tokenizer, req.clone(), m.context_length, |_| {
-            std::ops::ControlFlow::Continue(())
-        })?;
-        g.timings.decode_tokens_per_s().ok_or_else(|| anyhow::anyhow!("the generation loop made fewer than 2 tokens"))
-    };
-    once()?;
-    let rates = (0..reps.max(1)).map(|_| once()).collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(stats(format!("tg{n} (generate loop)"), &rates))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,12 +293,37 @@ pub struct HttpDecode {
     pub runs: Vec<StreamStats>,
 }
 
-/// Runs `reps` streamed generations of `n` tokens of `model` (after one untimed warm-up, which
-/// also loads the model on the server if needed).
-pub fn http_decode(target: &HttpTarget, model: &str, n: usize, reps: usize) -> Result<HttpDecode, HttpBenchError> {
+/// `tg N (http)` against `tg N (generate loop)`: the same request (raw [`HTTP_PROMPT`], greedy,
+/// no repeat penalty, `n` tokens) through the server's stream and through the generation loop in
+/// process (sampler, detokenizer, stop checks), timed alike (tokens after the first over the time
+/// after it). Runs alternate loop and HTTP, after one untimed warm-up of each (which also loads
+/// the model on the server), so drift on a shared machine hits both alike; `http / loop` is the
+/// cost of the server path alone.
+pub fn http_vs_loop(
+    m: &LoadedModel<crate::backend::cpu::CpuBackend>,
+    target: &HttpTarget,
+    model: &str,
+    n: usize,
+    reps: usize,
+) -> anyhow::Result<(Throughput, HttpDecode)> {
+    use crate::engine::generate::{generate, raw_prompt_ids, GenerateRequest};
+    use crate::engine::sampler::SamplingParams;
+    let prompt_ids = raw_prompt_ids(&m.tokenizer, HTTP_PROMPT)?;
+    let req =
+        GenerateRequest { prompt_ids, max_tokens: n, sampling: SamplingParams::greedy(), stop: vec![], logprobs: None };
+    let in_process = || -> anyhow::Result<f64> {
+        let keep_going = |_: crate::engine::generate::Emitted<'_>| std::ops::ControlFlow::Continue(());
+        let g = generate(&m.model, &m.backend, &m.tokenizer, req.clone(), m.context_length, keep_going)?;
+        g.timings.decode_tokens_per_s().ok_or_else(|| anyhow::anyhow!("the generation loop made fewer than 2 tokens"))
+    };
+    in_process()?;
     target.generate(model, n.min(16))?;
-    let runs = (0..reps.max(1)).map(|_| target.generate(model, n)).collect::<Result<Vec<_>, _>>()?;
-    summarize_http(format!("tg{n} (http)"), runs)
+    let (mut rates, mut runs) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        rates.push(in_process()?);
+        runs.push(target.generate(model, n)?);
+    }
+    Ok((stats(format!("tg{n} (generate loop)"), &rates), summarize_http(format!("tg{n} (http)"), runs)?))
 }
 
 fn summarize_http(test: String, runs: Vec<StreamStats>) -> Result<HttpDecode, HttpBenchError> {

@@ -354,7 +354,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
 }
 
 fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
-    use zoe_llm::bench::{http_decode, HttpTarget, HTTP_PROMPT};
+    use zoe_llm::bench::{http_vs_loop, HttpTarget, HTTP_PROMPT};
     let manifest = resolve(registry, &args.engine)?;
     let threads = threads(&args.engine)?;
     let ctx = manifest.defaults.context_length as usize;
@@ -376,20 +376,16 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
     };
     let m = load(store, &manifest, &args.engine, threads)?;
     let mut results = zoe_llm::bench::run(&m, args.prompt_tokens, args.gen_tokens, args.reps)?;
-    // With a server: the same generation loop in process, the like-for-like base of the HTTP run.
-    let in_loop = match &target {
-        Some(_) => Some(zoe_llm::bench::generate_loop(&m, args.gen_tokens, args.reps)?),
-        None => None,
-    };
-    results.extend(in_loop.clone());
     let backend = zoe_llm::backend::Backend::name(&m.backend).to_owned();
     let (n_threads, precision) = (m.backend.threads(), m.backend.precision());
-    // The in-process engine is idle from here; free it so the server has the machine to itself.
-    drop(m);
-    let http = match &target {
-        Some(t) => Some(http_decode(t, &manifest.id, args.gen_tokens, args.reps)?),
-        None => None,
+    let (in_loop, http) = match &target {
+        Some(t) => {
+            let (l, h) = http_vs_loop(&m, t, &manifest.id, args.gen_tokens, args.reps)?;
+            (Some(l), Some(h))
+        }
+        None => (None, None),
     };
+    results.extend(in_loop.clone());
     println!("| model | backend | threads | precision | test | t/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for r in &results {

@@ -63,7 +63,8 @@ fn chat_generation_follows_llama_cpp() {
     let g = generate(&model, &be, &tok, req, 2048, |e| {
         streamed.push_str(e.text);
         std::ops::ControlFlow::Continue(())
-    }).unwrap();
+    })
+    .unwrap();
     eprintln!("{:?} ({:?}): {:?}", g.finish_reason, g.timings, g.text);
     // Greedy through the whole loop (sampler, detokenizer, stops) equals llama.cpp's tokens
     // until it either ends or stops on an end-of-generation id the reference also produced.

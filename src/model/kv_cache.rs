@@ -9,6 +9,8 @@ use crate::backend::{Backend, BackendError};
 pub enum KvError {
     #[error("context full: {have} tokens cached + {add} new exceed the context length {capacity}")]
     ContextFull { have: usize, add: usize, capacity: usize },
+    #[error("KV cache out of blocks: {need} more needed, {available} free")]
+    OutOfBlocks { need: usize, available: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }

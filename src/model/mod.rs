@@ -4,6 +4,7 @@ pub mod config;
 pub mod kv_cache;
 pub mod llama;
 pub mod loaded;
+pub mod paged_kv;
 #[cfg(test)]
 pub(crate) mod test_model;
 pub mod tokenizer;

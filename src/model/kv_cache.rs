@@ -15,7 +15,7 @@ pub enum KvError {
     Backend(#[from] BackendError),
 }
 
-pub trait KvCache<B: Backend> {
+pub trait KvCache<B: Backend>: KvLayers<B> {
     /// Tokens cached so far (the position of the next token).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -26,8 +26,13 @@ pub trait KvCache<B: Backend> {
     fn append(&mut self, n: usize) -> Result<Vec<u32>, KvError>;
     /// Slots of positions `0..len` in order.
     fn slots(&self) -> &[u32];
+}
+
+/// Where a forward pass finds each layer's K/V storage: any [`KvCache`], or a whole paged pool
+/// when several sequences run in one forward.
+pub trait KvLayers<B: Backend> {
     /// K and V storage of one layer.
-    fn layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer);
+    fn kv_layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer);
 }
 
 /// One sequence, position p in slot p, capacity fixed at creation.
@@ -68,8 +73,10 @@ impl<B: Backend> KvCache<B> for ContiguousKvCache<B> {
     fn slots(&self) -> &[u32] {
         &self.slots
     }
+}
 
-    fn layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {
+impl<B: Backend> KvLayers<B> for ContiguousKvCache<B> {
+    fn kv_layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {
         let (k, v) = &mut self.layers[layer];
         (k, v)
     }

@@ -11,7 +11,8 @@
 
 use crate::backend::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
 use crate::model::config::{Architecture, ConfigError, ModelConfig};
-use crate::model::kv_cache::{KvCache, KvError};
+use crate::model::kv_cache::{KvCache, KvError, KvLayers};
+use crate::model::paged_kv::{PagedKvCache, Sequence};
 use crate::model::weights::{GgufFile, TensorInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -299,10 +300,70 @@ impl<B: Backend> Llama<B> {
         let slots = cache.slots().to_vec();
         let positions: Vec<u32> = (first as u32..(first + tokens.len()) as u32).collect();
         let n = tokens.len();
-        Ok(be.run(|| {
+        let seqs = [AttnSeq { q_rows: 0..n, slots: &slots }];
+        let rows: Vec<usize> = if output == Output::LastLogits { vec![n - 1] } else { (0..n).collect() };
+        Ok(self.compute(be, tokens, &positions, &new_slots, &seqs, &rows, output == Output::Hidden, cache))
+    }
+
+    /// One forward over several sequences of a paged cache at once: each `(tokens, sequence)`
+    /// appends its tokens (a whole prompt, a prompt chunk, or one decode token) and gets the
+    /// logits of its last token. Rows are laid out sequence after sequence; attention keeps each
+    /// sequence to its own slots, so every sequence's result equals running it alone.
+    pub fn forward_batch(
+        &self,
+        be: &B,
+        cache: &mut PagedKvCache<B>,
+        batch: &mut [(&[u32], &mut Sequence)],
+    ) -> Result<Vec<Vec<f32>>, ModelError>
+    where
+        B::KvLayer: Send,
+    {
+        if batch.is_empty() || batch.iter().any(|(t, _)| t.is_empty()) {
+            return Err(ModelError::Empty);
+        }
+        let (mut tokens, mut positions, mut new_slots, mut rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (t, seq) in batch.iter_mut() {
+            if let Some(&id) = t.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
+            }
+            let first = seq.len() as u32;
+            new_slots.extend(cache.view(seq, t).append(t.len())?);
+            positions.extend(first..first + t.len() as u32);
+            tokens.extend_from_slice(t);
+            rows.push(tokens.len() - 1);
+        }
+        let mut start = 0;
+        let seqs: Vec<AttnSeq> = batch
+            .iter()
+            .map(|(t, seq)| {
+                let q = AttnSeq { q_rows: start..start + t.len(), slots: seq.slots() };
+                start += t.len();
+                q
+            })
+            .collect();
+        let flat = self.compute(be, &tokens, &positions, &new_slots, &seqs, &rows, false, cache);
+        Ok(flat.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The decoder over flat rows: `tokens[i]` at `positions[i]` writes its K/V to
+    /// `new_slots[i]`; `seqs` say which rows attend over which slots; returns the final-norm
+    /// hidden states (`hidden`) or logits of `out_rows`, row after row.
+    #[allow(clippy::too_many_arguments)]
+    fn compute<C: KvLayers<B> + Send + ?Sized>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        positions: &[u32],
+        new_slots: &[u32],
+        seqs: &[AttnSeq<'_>],
+        out_rows: &[usize],
+        hidden: bool,
+        cache: &mut C,
+    ) -> Vec<f32> {
+        let n = tokens.len();
+        be.run(|| {
             let cfg = &self.config;
             let eps = cfg.rms_norm_eps;
-            let seqs = [AttnSeq { q_rows: 0..n, slots: &slots }];
             let mut h = be.zeros(n, cfg.hidden_size);
             be.embedding(&self.embed, tokens, &mut h);
             let mut normed = be.zeros(n, cfg.hidden_size);
@@ -317,10 +378,10 @@ impl<B: Backend> Llama<B> {
                     Some(p) => be.add_rms_norm(&mut h, &p, &layer.attn_norm, eps, &mut normed),
                 }
                 let mut qkv = layer.qkv.forward(be, &normed);
-                be.rope(&mut qkv, self.layout.n_heads + self.layout.n_kv_heads, &positions, &self.rope);
-                let (kc, vc) = cache.layer(l);
-                be.write_kv((&mut *kc, &mut *vc), &qkv, self.layout, &new_slots);
-                be.attention(&qkv, (&*kc, &*vc), self.layout, &seqs, &mut attn);
+                be.rope(&mut qkv, self.layout.n_heads + self.layout.n_kv_heads, positions, &self.rope);
+                let (kc, vc) = cache.kv_layer(l);
+                be.write_kv((&mut *kc, &mut *vc), &qkv, self.layout, new_slots);
+                be.attention(&qkv, (&*kc, &*vc), self.layout, seqs, &mut attn);
                 let o = layer.o.forward(be, &attn);
                 be.add_rms_norm(&mut h, &o, &layer.ffn_norm, eps, &mut normed);
                 let gu = layer.gate_up.forward(be, &normed);
@@ -330,17 +391,16 @@ impl<B: Backend> Llama<B> {
             if let Some(p) = pending {
                 be.add(&mut h, &p);
             }
-            let rows: Vec<usize> = if output == Output::LastLogits { vec![n - 1] } else { (0..n).collect() };
-            let last = be.gather_rows(&h, &rows);
-            let mut normed = be.zeros(rows.len(), cfg.hidden_size);
+            let last = be.gather_rows(&h, out_rows);
+            let mut normed = be.zeros(out_rows.len(), cfg.hidden_size);
             be.rms_norm(&last, &self.final_norm, eps, &mut normed);
-            if output == Output::Hidden {
+            if hidden {
                 return be.download(&normed);
             }
-            let mut logits = be.zeros(rows.len(), cfg.vocab_size);
+            let mut logits = be.zeros(out_rows.len(), cfg.vocab_size);
             be.linear(&normed, self.head.as_ref().unwrap_or(&self.embed), None, &mut logits, 0);
             be.download(&logits)
-        }))
+        })
     }
 }
 

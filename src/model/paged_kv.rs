@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
-use super::kv_cache::{KvCache, KvError};
+use super::kv_cache::{KvCache, KvError, KvLayers};
 use crate::backend::{Backend, BackendError};
 
 /// Default tokens per block (vLLM's default).
@@ -184,6 +184,18 @@ impl Sequence {
     pub fn blocks(&self) -> &[u32] {
         &self.blocks
     }
+
+    /// Slots of positions `0..len`.
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+}
+
+impl<B: Backend> KvLayers<B> for PagedKvCache<B> {
+    fn kv_layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {
+        let (k, v) = &mut self.layers[layer];
+        (k, v)
+    }
 }
 
 /// K/V storage for `num_blocks · block_size` slots per layer, and the pool that hands them out.
@@ -296,10 +308,11 @@ impl<B: Backend> KvCache<B> for SeqView<'_, B> {
     fn slots(&self) -> &[u32] {
         &self.seq.slots
     }
+}
 
-    fn layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {
-        let (k, v) = &mut self.cache.layers[layer];
-        (k, v)
+impl<B: Backend> KvLayers<B> for SeqView<'_, B> {
+    fn kv_layer(&mut self, layer: usize) -> (&mut B::KvLayer, &mut B::KvLayer) {
+        self.cache.kv_layer(layer)
     }
 }
 
@@ -385,6 +398,75 @@ mod tests {
         assert_eq!(second, want, "prefix-cached blocks hold the same K/V");
         assert_eq!(cached2, 20, "the 5 full prompt blocks were reused");
         assert!(paged.pool.hits >= 5);
+    }
+
+    fn argmax(logits: &[f32]) -> u32 {
+        (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32
+    }
+
+    /// Several sequences in one forward: prompts of different lengths prefilled together, a
+    /// sequence joining while others decode, a prompt fed in two chunks — each decodes exactly
+    /// what it decodes alone.
+    #[test]
+    fn batched_forward_equals_each_sequence_alone() {
+        let file = test_model::gguf(5);
+        let be = CpuBackend::new(2);
+        let model = Llama::from_gguf(&file, &be).unwrap();
+        let cols = model.layout().kv_cols();
+        let prompts: [Vec<u32>; 3] = [(10..17).collect(), (40..61).collect(), (70..73).collect()];
+        let steps = 10;
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut c = ContiguousKvCache::new(&be, test_model::LAYERS, cols, 64).unwrap();
+                greedy(|t| model.forward(&be, t, &mut c, false).unwrap(), p, steps)
+            })
+            .collect();
+
+        let mut paged = PagedKvCache::new(&be, test_model::LAYERS, cols, 64, 4).unwrap();
+        let mut seqs: Vec<Sequence> = prompts.iter().map(|p| paged.start(p, 64).0).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        // Step 0: sequence 0 whole prompt, sequence 1 the first 9 prompt tokens; sequence 2 waits.
+        // Step 1: sequence 0 decodes, sequence 1 the rest of its prompt, sequence 2 its prompt.
+        // Later steps: everyone decodes.
+        let mut next: Vec<Vec<u32>> = vec![prompts[0].clone(), prompts[1][..9].to_vec(), Vec::new()];
+        for step in 0..=steps + 1 {
+            if step == 1 {
+                next[1] = prompts[1][9..].to_vec();
+                next[2] = prompts[2].clone();
+            }
+            let active: Vec<usize> = (0..3).filter(|&i| !next[i].is_empty() && out[i].len() < steps).collect();
+            if active.is_empty() {
+                break;
+            }
+            let toks: Vec<Vec<u32>> = active.iter().map(|&i| next[i].clone()).collect();
+            let mut batch: Vec<(&[u32], &mut Sequence)> = Vec::new();
+            let mut rest: &mut [Sequence] = &mut seqs;
+            let mut taken = 0;
+            for (k, &i) in active.iter().enumerate() {
+                let (_, tail) = rest.split_at_mut(i - taken);
+                let (one, tail) = tail.split_first_mut().unwrap();
+                batch.push((&toks[k], one));
+                rest = tail;
+                taken = i + 1;
+            }
+            let logits = model.forward_batch(&be, &mut paged, &mut batch).unwrap();
+            for (k, &i) in active.iter().enumerate() {
+                // Sequence 1's first chunk ends mid-prompt: its logits are not a prediction.
+                if step == 0 && i == 1 {
+                    next[1].clear();
+                    continue;
+                }
+                let id = argmax(&logits[k]);
+                out[i].push(id);
+                next[i] = vec![id];
+            }
+        }
+        assert_eq!(out, alone);
+        for s in &mut seqs {
+            paged.free(s);
+        }
+        assert_eq!(paged.pool.available(), 64);
     }
 
     #[test]

@@ -187,89 +187,194 @@ pub fn generate<B: Backend>(
     context_len: usize,
     mut on_token: impl FnMut(Emitted<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
-    let prompt_tokens = req.prompt_ids.len();
-    if prompt_tokens == 0 {
-        return Err(GenerateError::EmptyPrompt);
-    }
-    if prompt_tokens >= context_len {
-        return Err(GenerateError::PromptTooLong { prompt_tokens, context_len });
-    }
-    // Ids past the tokenizer's vocabulary (a padded head) have no text; never sample them.
-    let vocab = tokenizer.vocab_size().min(model.config.vocab_size);
-    let mut sampler = Sampler::new(req.sampling, vocab)?;
-    let max_new = req.max_tokens.min(context_len - prompt_tokens);
+    let mut dec = SeqDecoder::new(tokenizer, model.config.vocab_size, req, context_len)?;
     // Every sampled token but the last is forwarded, so the cache holds at most
     // prompt + max_new − 1 positions.
-    let capacity = prompt_tokens + max_new.saturating_sub(1);
+    let capacity = dec.prompt().len() + dec.max_new().saturating_sub(1);
     let mut cache = ContiguousKvCache::new(be, model.config.n_layers, model.layout().kv_cols(), capacity)?;
-    let mut detok = Detokenizer::new(tokenizer, req.stop);
-    let eos = tokenizer.eos_ids();
+    dec.begin();
+    let mut logits = model.forward(be, dec.prompt(), &mut cache, false)?;
+    while let Some(id) = dec.step(&mut logits, &mut on_token) {
+        logits = model.forward(be, &[id], &mut cache, false)?;
+    }
+    Ok(dec.finish(&mut on_token))
+}
 
-    // The penalties see the prompt too, as llama.cpp's server feeds prompt tokens to its
-    // sampler: a repetition of the question counts as repetition.
-    let mut history = req.prompt_ids;
-    let mut tokens = Vec::with_capacity(max_new);
-    let mut text = String::new();
-    let mut timings = Timings { prompt_tokens, ..Timings::default() };
+/// One sequence's state between forward passes: sampler, detokenizer, history and the finish
+/// rules of the module doc. [`generate`] drives one with its own cache; the batching engine
+/// drives many, one forward for all of them per step.
+pub struct SeqDecoder<'t> {
+    sampler: Sampler,
+    detok: Detokenizer<&'t Tokenizer>,
+    eos: &'t [u32],
+    /// Prompt, then generated ids: what the penalties look at.
+    history: Vec<u32>,
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    text: String,
+    max_new: usize,
+    logprobs: Option<usize>,
+    raw_logits: Vec<f32>,
+    finish: Option<FinishReason>,
+    started: Option<Instant>,
+    decode_start: Option<Instant>,
+    timings: Timings,
+}
 
-    let start = Instant::now();
-    let mut logits = model.forward(be, &history, &mut cache, false)?;
-    if max_new == 0 {
-        timings.prompt_ms = ms_since(start);
-        let finish_reason = FinishReason::Length;
-        return Ok(Generation { tokens, text, finish_reason, stop_reason: None, prompt_tokens, timings });
+impl<'t> SeqDecoder<'t> {
+    /// Validates `req` against the context (`context_len` = prompt + generated budget) and the
+    /// vocabulary of the model's head (`model_vocab`).
+    pub fn new(
+        tokenizer: &'t Tokenizer,
+        model_vocab: usize,
+        req: GenerateRequest,
+        context_len: usize,
+    ) -> Result<Self, GenerateError> {
+        let prompt_tokens = req.prompt_ids.len();
+        if prompt_tokens == 0 {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt_tokens >= context_len {
+            return Err(GenerateError::PromptTooLong { prompt_tokens, context_len });
+        }
+        // Ids past the tokenizer's vocabulary (a padded head) have no text; never sample them.
+        let sampler = Sampler::new(req.sampling, tokenizer.vocab_size().min(model_vocab))?;
+        let max_new = req.max_tokens.min(context_len - prompt_tokens);
+        Ok(Self {
+            sampler,
+            detok: Detokenizer::new(tokenizer, req.stop),
+            eos: tokenizer.eos_ids(),
+            // The penalties see the prompt too, as llama.cpp's server feeds prompt tokens to its
+            // sampler: a repetition of the question counts as repetition.
+            history: req.prompt_ids,
+            prompt_tokens,
+            tokens: Vec::with_capacity(max_new),
+            text: String::new(),
+            max_new,
+            logprobs: req.logprobs,
+            raw_logits: Vec::new(),
+            finish: None,
+            started: None,
+            decode_start: None,
+            timings: Timings { prompt_tokens, ..Timings::default() },
+        })
     }
 
-    let mut decode_start = None;
-    let mut finish = FinishReason::Length;
-    let mut raw_logits = Vec::new();
-    for i in 0..max_new {
-        if req.logprobs.is_some() {
+    pub fn prompt(&self) -> &[u32] {
+        &self.history[..self.prompt_tokens]
+    }
+
+    /// Prompt and generated ids so far.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    pub fn max_new(&self) -> usize {
+        self.max_new
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Marks the start of the prefill (the time to first token counts from here).
+    pub fn begin(&mut self) {
+        self.started.get_or_insert_with(Instant::now);
+    }
+
+    /// Samples from the logits of the last forwarded position and reports the token through
+    /// `on_token`. Returns the token to forward next, or `None` when the sequence has finished
+    /// (end-of-generation id, stop string, `Break`, or length).
+    pub fn step(
+        &mut self,
+        logits: &mut [f32],
+        on_token: &mut impl FnMut(Emitted<'_>) -> ControlFlow<()>,
+    ) -> Option<u32> {
+        if self.finish.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        if self.decode_start.is_none() {
+            self.timings.prompt_ms = ms_between(self.started.unwrap_or(now), now);
+        }
+        if self.max_new == 0 {
+            self.finish = Some(FinishReason::Length);
+            return None;
+        }
+        if self.logprobs.is_some() {
             // The sampler rewrites logits in place (penalties); log-probabilities use the raw row.
-            raw_logits.clone_from(&logits);
+            self.raw_logits.clear();
+            self.raw_logits.extend_from_slice(logits);
         }
-        let id = sampler.sample(&mut logits, &history);
-        if decode_start.is_none() {
-            timings.prompt_ms = ms_since(start);
-            decode_start = Some(Instant::now());
+        let id = self.sampler.sample(logits, &self.history);
+        match self.decode_start {
+            None => {
+                let t = Instant::now();
+                self.timings.prompt_ms = ms_between(self.started.unwrap_or(now), t);
+                self.decode_start = Some(t);
+            }
+            Some(_) => self.timings.decode_tokens += 1,
         }
-        if eos.contains(&id) {
-            finish = FinishReason::Stop;
-            break;
+        if self.eos.contains(&id) {
+            self.finish = Some(FinishReason::Stop);
+            return None;
         }
-        tokens.push(id);
-        history.push(id);
-        let step = detok.push(id);
-        let logprobs = req.logprobs.map(|top| TokenLogprobs::of(&raw_logits, id, top));
-        text.push_str(&step.text);
+        self.tokens.push(id);
+        self.history.push(id);
+        let step = self.detok.push(id);
+        let logprobs = self.logprobs.map(|top| TokenLogprobs::of(&self.raw_logits, id, top));
+        self.text.push_str(&step.text);
         let flow = on_token(Emitted { text: &step.text, token: Some(id), logprobs: logprobs.as_ref() });
         if step.stopped.is_some() {
-            finish = FinishReason::Stop;
-            break;
+            self.finish = Some(FinishReason::Stop);
+        } else if flow.is_break() {
+            self.finish = Some(FinishReason::Cancelled);
+        } else if self.tokens.len() == self.max_new {
+            self.finish = Some(FinishReason::Length);
         }
-        if flow.is_break() {
-            finish = FinishReason::Cancelled;
-            break;
+        if self.finish.is_some() {
+            None
+        } else {
+            Some(id)
         }
-        if i + 1 == max_new {
-            break;
+    }
+
+    /// Ends the sequence now (a client that left while it waited between steps).
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+    }
+
+    /// Flushes held-back text (unless cancelled) and returns the result.
+    pub fn finish(mut self, on_token: &mut impl FnMut(Emitted<'_>) -> ControlFlow<()>) -> Generation {
+        let finish_reason = self.finish.unwrap_or(FinishReason::Length);
+        // Releases text held back as a possible stop-string prefix and any incomplete UTF-8
+        // tail (nothing after a stop string matched).
+        let tail = self.detok.finish();
+        if !tail.is_empty() && finish_reason != FinishReason::Cancelled {
+            self.text.push_str(&tail);
+            // Generation is over; a Break here has nothing left to stop.
+            let _ = on_token(Emitted { text: &tail, token: None, logprobs: None });
         }
-        logits = model.forward(be, &[id], &mut cache, false)?;
-        timings.decode_tokens += 1;
+        if let Some(t) = self.decode_start {
+            self.timings.decode_ms = ms_since(t);
+        }
+        Generation {
+            tokens: self.tokens,
+            text: self.text,
+            finish_reason,
+            stop_reason: self.detok.stopped().map(str::to_owned),
+            prompt_tokens: self.prompt_tokens,
+            timings: self.timings,
+        }
     }
-    // Releases text held back as a possible stop-string prefix and any incomplete UTF-8 tail
-    // (nothing after a stop string matched).
-    let tail = detok.finish();
-    if !tail.is_empty() && finish != FinishReason::Cancelled {
-        text.push_str(&tail);
-        // Generation is over; a Break here has nothing left to stop.
-        let _ = on_token(Emitted { text: &tail, token: None, logprobs: None });
-    }
-    if let Some(t) = decode_start {
-        timings.decode_ms = ms_since(t);
-    }
-    let stop_reason = detok.stopped().map(str::to_owned);
-    Ok(Generation { tokens, text, finish_reason: finish, stop_reason, prompt_tokens, timings })
+}
+
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1000.0
 }
 
 fn ms_since(t: Instant) -> f64 {

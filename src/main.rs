@@ -331,7 +331,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         Err(_) => config.host == "localhost",
     };
     let source = std::sync::Arc::new(StoreSource { store, threads, precision });
-    let engines = Engines::new(source, config.max_queue, config.keep_alive);
+    let engines = Engines::new(source, config.engine(), config.keep_alive);
     let state = std::sync::Arc::new(AppState {
         registry,
         engines,

@@ -11,9 +11,10 @@
 //! engine sees it at its next token and stops before the next forward pass. A job whose
 //! receiver is already gone when its turn comes is skipped.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,10 +22,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::cpu::CpuBackend;
-use crate::engine::generate::{generate, FinishReason, GenerateRequest, TokenLogprobs};
+use crate::engine::generate::{Emitted, FinishReason, GenerateRequest, SeqDecoder, TokenLogprobs};
 use crate::model::kv_cache::ContiguousKvCache;
 use crate::model::llama::Llama;
 use crate::model::loaded::LoadedModel;
+use crate::model::paged_kv::{PagedKvCache, Sequence};
 use crate::model::tokenizer::Tokenizer;
 
 /// One streamed step of a generation.
@@ -74,6 +76,8 @@ enum Job {
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub running: AtomicUsize,
+    /// The most sequences ever running at once.
+    pub running_peak: AtomicUsize,
     pub waiting: AtomicUsize,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
@@ -81,6 +85,39 @@ pub struct EngineStats {
     pub finished_length: AtomicU64,
     pub finished_abort: AtomicU64,
     pub errors: AtomicU64,
+    pub kv_blocks: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    pub preemptions: AtomicU64,
+}
+
+/// Batching and KV-cache settings of one engine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Jobs that may wait in the queue before submissions get `Busy`.
+    pub max_queue: usize,
+    /// Sequences decoded together per step (vLLM's `max_num_seqs`).
+    pub max_num_seqs: usize,
+    /// Tokens per forward across all sequences; long prompts are fed in chunks of what is left
+    /// after the decoding sequences, so they do not stall them.
+    pub max_batched_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes the KV cache may use (all layers, K and V); sets the number of blocks.
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 64,
+            max_num_seqs: 8,
+            max_batched_tokens: 512,
+            block_size: crate::model::paged_kv::DEFAULT_BLOCK_SIZE,
+            kv_cache_bytes: 512 << 20,
+        }
+    }
 }
 
 /// A model the server can use: its tokenizer and limits for request preparation, and the queue
@@ -103,26 +140,49 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
-    /// Starts the engine thread for `loaded` with room for `max_queue` waiting jobs.
-    pub fn start(loaded: LoadedModel<CpuBackend>, size_bytes: u64, load_duration: Duration, max_queue: usize) -> Self {
+    /// Starts the engine thread for `loaded`; allocates its KV cache (an error if the budget
+    /// holds less than one block per sequence).
+    pub fn start(
+        loaded: LoadedModel<CpuBackend>,
+        size_bytes: u64,
+        load_duration: Duration,
+        config: &EngineConfig,
+    ) -> Result<Self, String> {
         let LoadedModel { id, backend, model, tokenizer, context_length } = loaded;
         let tokenizer = Arc::new(tokenizer);
         let vocab_size = tokenizer.vocab_size().min(model.config.vocab_size);
         let hidden_size = model.config.hidden_size;
         let stats = Arc::new(EngineStats::default());
-        let (tx, rx) = sync_channel::<(Job, Instant, tracing::Span)>(max_queue.max(1));
-        let engine = Engine { backend, model, tokenizer: tokenizer.clone(), stats: stats.clone() };
+        let kv_cols = model.layout().kv_cols();
+        let bytes_per_block = config.block_size * kv_cols * model.config.n_layers * 2 * std::mem::size_of::<f32>();
+        // No more blocks than every sequence at full context could use.
+        let most = (config.max_num_seqs * context_length).div_ceil(config.block_size);
+        let num_blocks = (config.kv_cache_bytes / bytes_per_block.max(1)).min(most);
+        if num_blocks < config.max_num_seqs.max(1) {
+            return Err(format!(
+                "kv_cache_bytes = {} holds {num_blocks} blocks of {} tokens ({bytes_per_block} bytes each); \
+                 at least max_num_seqs = {} are needed",
+                config.kv_cache_bytes, config.block_size, config.max_num_seqs
+            ));
+        }
+        let cache = PagedKvCache::new(&backend, model.config.n_layers, kv_cols, num_blocks, config.block_size)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(model = %id, num_blocks, block_size = config.block_size, "KV cache allocated");
+        stats.kv_blocks.store(num_blocks, Ordering::Relaxed);
+        let (tx, rx) = sync_channel::<(Job, Instant, tracing::Span)>(config.max_queue.max(1));
+        let engine = Engine {
+            backend,
+            model,
+            tokenizer: tokenizer.clone(),
+            stats: stats.clone(),
+            max_num_seqs: config.max_num_seqs.max(1),
+            max_batched_tokens: config.max_batched_tokens.max(1),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("engine-{id}"))
-            .spawn(move || {
-                while let Ok((job, queued, span)) = rx.recv() {
-                    engine.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                    let _enter = span.enter();
-                    engine.run(job, queued.elapsed());
-                }
-            })
-            .expect("spawning an engine thread");
-        Self {
+            .spawn(move || engine.serve(rx, cache))
+            .map_err(|e| format!("spawning the engine thread: {e}"))?;
+        Ok(Self {
             id,
             tokenizer,
             context_length,
@@ -134,7 +194,7 @@ impl ModelHandle {
             stats,
             queue: Some(tx),
             thread: Some(thread),
-        }
+        })
     }
 
     /// Queues a generation; its events arrive on `events` tagged with `index`.
@@ -191,79 +251,350 @@ struct Engine {
     model: Llama<CpuBackend>,
     tokenizer: Arc<Tokenizer>,
     stats: Arc<EngineStats>,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+}
+
+/// A generation request not yet admitted (or preempted: then it keeps its decoder).
+struct Waiting<'t> {
+    req: Option<GenerateRequest>,
+    dec: Option<SeqDecoder<'t>>,
+    context_len: usize,
+    index: usize,
+    events: mpsc::UnboundedSender<Tagged>,
+    queued: Instant,
+    span: tracing::Span,
+}
+
+/// An admitted sequence.
+struct Running<'t> {
+    dec: SeqDecoder<'t>,
+    seq: Sequence,
+    /// Ids not yet forwarded: the (rest of the) prompt, or the last sampled token.
+    pending: Vec<u32>,
+    context_len: usize,
+    index: usize,
+    events: mpsc::UnboundedSender<Tagged>,
+    queued: Instant,
+    queue_time: Duration,
+    span: tracing::Span,
 }
 
 impl Engine {
-    fn run(&self, job: Job, queue: Duration) {
-        match job {
-            Job::Generate { req, context_len, index, events } => self.generate(req, context_len, index, events, queue),
-            Job::Embed { inputs, reply } => {
-                let out = self.embed(&inputs);
-                let _ = reply.send(out);
+    /// The engine loop: take jobs, admit sequences while blocks and `max_num_seqs` allow, run
+    /// one forward over every running sequence, sample, stream, finish — until the queue closes
+    /// and nothing is left.
+    fn serve(self, rx: Receiver<(Job, Instant, tracing::Span)>, mut cache: PagedKvCache<CpuBackend>) {
+        let tok: &Tokenizer = &self.tokenizer;
+        let mut waiting: VecDeque<Waiting<'_>> = VecDeque::new();
+        let mut running: Vec<Running<'_>> = Vec::new();
+        let mut open = true;
+        loop {
+            // Intake: block only when idle; look ahead no further than a batch, so the bounded
+            // channel stays the queue's bound.
+            while open && waiting.len() < self.max_num_seqs {
+                let job = if running.is_empty() && waiting.is_empty() {
+                    match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                };
+                let (job, queued, span) = job;
+                match job {
+                    Job::Embed { inputs, reply } => {
+                        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                        let _enter = span.enter();
+                        let _ = reply.send(self.embed(&inputs));
+                    }
+                    Job::Generate { req, context_len, index, events } => waiting.push_back(Waiting {
+                        req: Some(req),
+                        dec: None,
+                        context_len,
+                        index,
+                        events,
+                        queued,
+                        span,
+                    }),
+                }
             }
+            if !open && running.is_empty() && waiting.is_empty() {
+                return;
+            }
+            self.admit(tok, &mut cache, &mut waiting, &mut running);
+            if running.is_empty() {
+                continue;
+            }
+            self.step(&mut cache, &mut waiting, &mut running);
+            self.stats.kv_blocks_used.store(cache.pool.num_blocks() - cache.pool.available(), Ordering::Relaxed);
+            // In tokens, as vLLM counts them.
+            let bs = cache.pool.block_size() as u64;
+            self.stats.prefix_queries.store(cache.pool.queries * bs, Ordering::Relaxed);
+            self.stats.prefix_hits.store(cache.pool.hits * bs, Ordering::Relaxed);
         }
     }
 
-    fn generate(
+    /// Moves waiting sequences to running, first come first served, while `max_num_seqs` and
+    /// the free blocks (`can_allocate` before anything is taken) allow.
+    fn admit<'t>(
         &self,
-        req: GenerateRequest,
-        context_len: usize,
-        index: usize,
-        events: mpsc::UnboundedSender<Tagged>,
-        queue: Duration,
+        tok: &'t Tokenizer,
+        cache: &mut PagedKvCache<CpuBackend>,
+        waiting: &mut VecDeque<Waiting<'t>>,
+        running: &mut Vec<Running<'t>>,
     ) {
-        let stats = &self.stats;
-        if events.is_closed() {
-            tracing::info!("client left while the request was queued; skipped");
-            stats.finished_abort.fetch_add(1, Ordering::Relaxed);
+        while running.len() < self.max_num_seqs {
+            let Some(w) = waiting.front_mut() else { return };
+            if w.events.is_closed() {
+                let w = waiting.pop_front().expect("front exists");
+                let _enter = w.span.enter();
+                tracing::info!("client left while the request was queued; skipped");
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.stats.finished_abort.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if w.dec.is_none() {
+                let req = w.req.take().expect("a new request has its GenerateRequest");
+                match SeqDecoder::new(tok, self.model.config.vocab_size, req, w.context_len) {
+                    Ok(d) => w.dec = Some(d),
+                    Err(e) => {
+                        let w = waiting.pop_front().expect("front exists");
+                        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                        self.fail(&w.events, w.index, &w.span, e.to_string());
+                        continue;
+                    }
+                }
+            }
+            let dec = w.dec.as_ref().expect("set above");
+            // A preempted sequence recomputes everything it has (prompt and generated).
+            let history = dec.history().to_vec();
+            let (seq, cached) = cache.start(&history, w.context_len);
+            let need = cache.blocks_needed(&seq, history.len() - cached + 1);
+            if !cache.pool.can_allocate(need) {
+                let mut seq = seq;
+                cache.free(&mut seq);
+                return;
+            }
+            let w = waiting.pop_front().expect("front exists");
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            let now_running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
+            self.stats.running_peak.fetch_max(now_running, Ordering::Relaxed);
+            let mut dec = w.dec.expect("set above");
+            dec.begin();
+            running.push(Running {
+                dec,
+                seq,
+                pending: history[cached..].to_vec(),
+                context_len: w.context_len,
+                index: w.index,
+                events: w.events,
+                queue_time: w.queued.elapsed(),
+                queued: w.queued,
+                span: w.span,
+            });
+        }
+    }
+
+    /// One forward over the running sequences (decode tokens first, then prompt chunks within
+    /// the token budget), then sampling for every sequence whose pending ids were all fed.
+    fn step<'t>(
+        &self,
+        cache: &mut PagedKvCache<CpuBackend>,
+        waiting: &mut VecDeque<Waiting<'t>>,
+        running: &mut Vec<Running<'t>>,
+    ) {
+        // Clients that left between steps.
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].events.is_closed() {
+                let mut r = running.remove(i);
+                r.dec.cancel();
+                self.finish(cache, r);
+            } else {
+                i += 1;
+            }
+        }
+        // Decide how many pending ids each sequence feeds, and make sure its blocks exist,
+        // preempting the most recently admitted sequences when the pool runs dry.
+        let mut budget = self.max_batched_tokens;
+        let mut take = vec![0usize; running.len()];
+        let order: Vec<usize> = {
+            let mut o: Vec<usize> = (0..running.len()).collect();
+            // Decodes (one pending id) before prefills, so prompts never stall decoding.
+            o.sort_by_key(|&i| (running[i].pending.len() > 1, i));
+            o
+        };
+        for &i in &order {
+            if budget == 0 {
+                break;
+            }
+            let n = running[i].pending.len().min(budget);
+            take[i] = n;
+            budget -= n;
+        }
+        // Blocks each sequence will take in this forward, counted together against the pool.
+        let mut reserved: Vec<usize> = Vec::with_capacity(running.len());
+        let mut i = 0;
+        while i < running.len() {
+            let need = cache.blocks_needed(&running[i].seq, take[i]);
+            if cache.pool.can_allocate(reserved.iter().sum::<usize>() + need) {
+                reserved.push(need);
+                i += 1;
+                continue;
+            }
+            // Preempt the newest other sequence (recompute later), or fail this one if alone.
+            let victim = (0..running.len()).rev().find(|&j| j != i);
+            match victim {
+                Some(j) => {
+                    let mut r = running.remove(j);
+                    take.remove(j);
+                    if j < i {
+                        reserved.remove(j);
+                        i -= 1;
+                    }
+                    cache.free(&mut r.seq);
+                    self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+                    self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                    r.span.in_scope(|| tracing::info!("preempted: KV blocks ran out; will recompute"));
+                    waiting.push_front(Waiting {
+                        req: None,
+                        dec: Some(r.dec),
+                        context_len: r.context_len,
+                        index: r.index,
+                        events: r.events,
+                        queued: r.queued,
+                        span: r.span,
+                    });
+                }
+                None => {
+                    let r = running.remove(i);
+                    take.remove(i);
+                    let msg = format!(
+                        "the KV cache ({} blocks of {} tokens) cannot hold this sequence; raise kv_cache_bytes",
+                        cache.pool.num_blocks(),
+                        cache.pool.block_size()
+                    );
+                    self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                    let mut seq = r.seq;
+                    cache.free(&mut seq);
+                    self.fail(&r.events, r.index, &r.span, msg);
+                }
+            }
+        }
+        let fed: Vec<usize> = (0..running.len()).filter(|&i| take[i] > 0).collect();
+        if fed.is_empty() {
             return;
         }
-        stats.running.fetch_add(1, Ordering::Relaxed);
-        let prompt_tokens = req.prompt_ids.len();
-        let result = generate(&self.model, &self.backend, &self.tokenizer, req, context_len, |e| {
-            stats.generation_tokens.fetch_add(u64::from(e.token.is_some()), Ordering::Relaxed);
-            let event = Event::Token { text: e.text.to_owned(), token: e.token, logprobs: e.logprobs.cloned() };
-            match events.send((index, event)) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
+        let chunks: Vec<Vec<u32>> = fed.iter().map(|&i| running[i].pending[..take[i]].to_vec()).collect();
+        let logits = {
+            let mut batch: Vec<(&[u32], &mut Sequence)> = Vec::with_capacity(fed.len());
+            let mut k = 0;
+            for (i, r) in running.iter_mut().enumerate() {
+                if take[i] > 0 {
+                    batch.push((&chunks[k], &mut r.seq));
+                    k += 1;
+                }
             }
-        });
-        stats.running.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(g) => {
-                stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-                let counter = match g.finish_reason {
-                    FinishReason::Stop => &stats.finished_stop,
-                    FinishReason::Length => &stats.finished_length,
-                    FinishReason::Cancelled => &stats.finished_abort,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    prompt_tokens,
-                    generated = g.tokens.len(),
-                    finish = g.finish_reason.as_str(),
-                    queue_ms = queue.as_millis() as u64,
-                    prompt_ms = g.timings.prompt_ms as u64,
-                    decode_ms = g.timings.decode_ms as u64,
-                    "generation finished"
-                );
-                let summary = Summary {
-                    finish_reason: g.finish_reason,
-                    stop_reason: g.stop_reason,
-                    prompt_tokens,
-                    tokens: g.tokens,
-                    queue,
-                    prompt_eval: Duration::from_secs_f64(g.timings.prompt_ms / 1000.0),
-                    eval: Duration::from_secs_f64(g.timings.decode_ms / 1000.0),
-                };
-                let _ = events.send((index, Event::Done(summary)));
-            }
+            self.model.forward_batch(&self.backend, cache, &mut batch)
+        };
+        let mut logits = match logits {
+            Ok(l) => l,
             Err(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "generation failed");
-                let _ = events.send((index, Event::Error(e.to_string())));
+                // A failed forward leaves these sequences' caches undefined: end them all.
+                let msg = format!("forward pass failed: {e}");
+                for r in running.drain(..) {
+                    self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                    let mut seq = r.seq;
+                    cache.free(&mut seq);
+                    self.fail(&r.events, r.index, &r.span, msg.clone());
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (k, &i) in fed.iter().enumerate() {
+            let r = &mut running[i];
+            r.pending.drain(..take[i]);
+            if !r.pending.is_empty() {
+                continue; // a prompt chunk: its logits predict nothing yet
+            }
+            let stats = &self.stats;
+            let (events, index) = (&r.events, r.index);
+            let mut on_token = |e: Emitted<'_>| {
+                stats.generation_tokens.fetch_add(u64::from(e.token.is_some()), Ordering::Relaxed);
+                let event = Event::Token { text: e.text.to_owned(), token: e.token, logprobs: e.logprobs.cloned() };
+                match events.send((index, event)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            };
+            match r.dec.step(&mut logits[k], &mut on_token) {
+                Some(id) => r.pending.push(id),
+                None => finished.push(i),
             }
         }
+        for &i in finished.iter().rev() {
+            let r = running.remove(i);
+            self.finish(cache, r);
+        }
+    }
+
+    /// Frees a sequence's blocks and sends its `Done`.
+    fn finish(&self, cache: &mut PagedKvCache<CpuBackend>, r: Running<'_>) {
+        let Running { dec, mut seq, events, index, span, queue_time, .. } = r;
+        cache.free(&mut seq);
+        let stats = &self.stats;
+        stats.running.fetch_sub(1, Ordering::Relaxed);
+        let mut on_token = |e: Emitted<'_>| {
+            let _ = events.send((index, Event::Token { text: e.text.to_owned(), token: e.token, logprobs: None }));
+            ControlFlow::Continue(())
+        };
+        let g = dec.finish(&mut on_token);
+        stats.prompt_tokens.fetch_add(g.prompt_tokens as u64, Ordering::Relaxed);
+        let counter = match g.finish_reason {
+            FinishReason::Stop => &stats.finished_stop,
+            FinishReason::Length => &stats.finished_length,
+            FinishReason::Cancelled => &stats.finished_abort,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _enter = span.enter();
+        tracing::info!(
+            prompt_tokens = g.prompt_tokens,
+            generated = g.tokens.len(),
+            finish = g.finish_reason.as_str(),
+            queue_ms = queue_time.as_millis() as u64,
+            prompt_ms = g.timings.prompt_ms as u64,
+            decode_ms = g.timings.decode_ms as u64,
+            "generation finished"
+        );
+        let summary = Summary {
+            finish_reason: g.finish_reason,
+            stop_reason: g.stop_reason,
+            prompt_tokens: g.prompt_tokens,
+            tokens: g.tokens,
+            queue: queue_time,
+            prompt_eval: Duration::from_secs_f64(g.timings.prompt_ms / 1000.0),
+            eval: Duration::from_secs_f64(g.timings.decode_ms / 1000.0),
+        };
+        let _ = events.send((index, Event::Done(summary)));
+    }
+
+    fn fail(&self, events: &mpsc::UnboundedSender<Tagged>, index: usize, span: &tracing::Span, message: String) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        span.in_scope(|| tracing::warn!(error = %message, "generation failed"));
+        let _ = events.send((index, Event::Error(message)));
     }
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::error::ApiError;
 use crate::backend::cpu::{CpuBackend, Precision};
-use crate::engine::service::ModelHandle;
+use crate::engine::service::{EngineConfig, ModelHandle};
 use crate::hub::{Format, HubError, Manifest, PullOptions, Store};
 use crate::model::loaded::LoadedModel;
 
@@ -82,7 +82,7 @@ pub struct Engines {
     /// still unloads them, and `/health` then says so).
     pinned: Mutex<std::collections::HashSet<String>>,
     load_lock: tokio::sync::Mutex<()>,
-    max_queue: usize,
+    engine: EngineConfig,
     pub default_keep_alive: Duration,
 }
 
@@ -90,13 +90,13 @@ pub struct Engines {
 pub type KeepAlive = Option<Duration>;
 
 impl Engines {
-    pub fn new(source: Arc<dyn ModelSource>, max_queue: usize, default_keep_alive: Duration) -> Self {
+    pub fn new(source: Arc<dyn ModelSource>, engine: EngineConfig, default_keep_alive: Duration) -> Self {
         Self {
             source,
             resident: Mutex::new(HashMap::new()),
             pinned: Mutex::new(std::collections::HashSet::new()),
             load_lock: tokio::sync::Mutex::new(()),
-            max_queue,
+            engine,
             default_keep_alive,
         }
     }
@@ -140,12 +140,12 @@ impl Engines {
         }
         let source = self.source.clone();
         let manifest = m.clone();
-        let max_queue = self.max_queue;
+        let engine = self.engine.clone();
         let size = source.size(m);
         let handle = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let loaded = source.load(&manifest)?;
-            Ok::<_, String>(ModelHandle::start(loaded, size, t.elapsed(), max_queue))
+            ModelHandle::start(loaded, size, t.elapsed(), &engine)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("loading model '{}' panicked: {e}", m.id)))?

@@ -54,6 +54,14 @@ pub struct ServeConfig {
     pub port: u16,
     /// Jobs that may wait per model before requests get 503.
     pub max_queue: usize,
+    /// Sequences decoded together per model.
+    pub max_num_seqs: usize,
+    /// Tokens per forward pass (prompt chunks fill what decoding leaves).
+    pub max_batched_tokens: usize,
+    /// Bytes of KV cache per model.
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
     /// Extra CORS origins (`*` wildcards), added to Ollama's defaults; `OLLAMA_ORIGINS` too.
@@ -86,6 +94,10 @@ impl Default for ServeConfig {
             host: "127.0.0.1".into(),
             port: 11434,
             max_queue: 64,
+            max_num_seqs: 8,
+            max_batched_tokens: 512,
+            kv_cache_bytes: 512 << 20,
+            block_size: crate::model::paged_kv::DEFAULT_BLOCK_SIZE,
             max_body_bytes: 32 * 1024 * 1024,
             origins: Vec::new(),
             keep_alive: Duration::from_secs(300),
@@ -96,11 +108,29 @@ impl Default for ServeConfig {
 }
 
 impl ServeConfig {
+    /// The engine settings within these.
+    pub fn engine(&self) -> crate::engine::service::EngineConfig {
+        crate::engine::service::EngineConfig {
+            max_queue: self.max_queue,
+            max_num_seqs: self.max_num_seqs,
+            max_batched_tokens: self.max_batched_tokens,
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_bytes,
+        }
+    }
+
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let cfg: ServeConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        if cfg.max_queue == 0 {
-            anyhow::bail!("{}: max_queue must be at least 1", path.display());
+        for (key, v) in [
+            ("max_queue", cfg.max_queue),
+            ("max_num_seqs", cfg.max_num_seqs),
+            ("max_batched_tokens", cfg.max_batched_tokens),
+            ("block_size", cfg.block_size),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{}: {key} must be at least 1", path.display());
+            }
         }
         Ok(cfg)
     }
@@ -323,13 +353,19 @@ async fn metrics(State(state): State<Shared>) -> Response {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let families: [(&str, &str, &str); 6] = [
+    let families: [(&str, &str, &str); 12] = [
         ("vllm:num_requests_running", "gauge", "Requests being generated."),
         ("vllm:num_requests_waiting", "gauge", "Requests waiting in the queue."),
+        ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0..1)."),
+        ("vllm:gpu_cache_usage_perc", "gauge", "Same as vllm:kv_cache_usage_perc (older dashboards)."),
         ("vllm:prompt_tokens_total", "counter", "Prompt tokens processed."),
         ("vllm:generation_tokens_total", "counter", "Tokens generated."),
         ("vllm:request_success_total", "counter", "Finished requests by finish reason."),
+        ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."),
+        ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
+        ("vllm:num_preemptions_total", "counter", "Sequences preempted (recomputed) when KV blocks ran out."),
         ("zoe_engine_errors_total", "counter", "Generations that failed in the engine."),
+        ("zoe_kv_cache_blocks", "gauge", "KV-cache blocks of the model's pool."),
     ];
     let resident = state.engines.resident();
     for (name, kind, help) in families {
@@ -349,12 +385,21 @@ async fn metrics(State(state): State<Shared>) -> Response {
                         );
                     }
                 }
+                "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                    let total = s.kv_blocks.load(Relaxed).max(1) as f64;
+                    let v = s.kv_blocks_used.load(Relaxed) as f64 / total;
+                    let _ = writeln!(out, "{name}{{model_name=\"{m}\"}} {v}");
+                }
                 _ => {
                     let v = match name {
                         "vllm:num_requests_running" => s.running.load(Relaxed) as u64,
                         "vllm:num_requests_waiting" => s.waiting.load(Relaxed) as u64,
                         "vllm:prompt_tokens_total" => s.prompt_tokens.load(Relaxed),
                         "vllm:generation_tokens_total" => s.generation_tokens.load(Relaxed),
+                        "vllm:prefix_cache_queries_total" => s.prefix_queries.load(Relaxed),
+                        "vllm:prefix_cache_hits_total" => s.prefix_hits.load(Relaxed),
+                        "vllm:num_preemptions_total" => s.preemptions.load(Relaxed),
+                        "zoe_kv_cache_blocks" => s.kv_blocks.load(Relaxed) as u64,
                         _ => s.errors.load(Relaxed),
                     };
                     let _ = writeln!(out, "{name}{{model_name=\"{m}\"}} {v}");

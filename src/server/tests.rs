@@ -129,7 +129,7 @@ fn state_with(config: ServeConfig) -> Shared {
     let manifests = [TINY, ABSENT, AWQ].iter().map(|t| Manifest::from_toml(t, "test").unwrap()).collect();
     let registry = Registry::new(manifests).unwrap();
     let source = Arc::new(TestSource { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0) });
-    let engines = Engines::new(source, config.max_queue, config.keep_alive);
+    let engines = Engines::new(source, config.engine(), config.keep_alive);
     Arc::new(AppState {
         registry,
         engines,
@@ -1224,4 +1224,112 @@ async fn a_dropped_stream_cancels_its_generation() {
         eprintln!("note: the tiny model finished before the drop was seen; tests/serve.rs covers cancellation on the real model");
         assert_eq!(generated, 250);
     }
+}
+
+/// Continuous batching: concurrent greedy requests each return exactly what they return alone,
+/// and with more requests than `max_num_seqs` every one completes while at most that many run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_greedy_requests_equal_their_solo_runs() {
+    let st = state_with(ServeConfig { max_num_seqs: 8, max_batched_tokens: 64, ..ServeConfig::default() });
+    let body = |i: usize| {
+        json!({"model": "tiny", "prompt": format!("req {i}: {}", "ab ".repeat(i * 3)), "raw": true,
+               "stream": i.is_multiple_of(2), "options": {"temperature": 0, "num_predict": 24}})
+    };
+    let text = |r: &Reply| -> String {
+        if r.content_type() == "application/x-ndjson" {
+            ndjson(r).iter().map(|l| l["response"].as_str().unwrap().to_owned()).collect()
+        } else {
+            r.json()["response"].as_str().unwrap().to_owned()
+        }
+    };
+    let mut solo = Vec::new();
+    for i in 0..20 {
+        solo.push(text(&post(&st, "/api/generate", body(i)).await));
+    }
+    let together = futures_util::future::join_all((0..20).map(|i| {
+        let st = st.clone();
+        async move { post(&st, "/api/generate", body(i)).await }
+    }))
+    .await;
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(text(r), solo[i], "request {i}");
+    }
+    let stats = &st.engines.resident()[0].0.stats;
+    let peak = stats.running_peak.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&peak), "peak running {peak}");
+    assert_eq!(stats.running.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.waiting.load(Ordering::SeqCst), 0);
+}
+
+/// A KV pool far too small for the running sequences still completes every request correctly:
+/// sequences are preempted and recomputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_kv_pool_preempts_and_still_answers_correctly() {
+    let per_block = 4 * test_model::KV_HEADS * (test_model::HIDDEN / test_model::HEADS) * test_model::LAYERS * 2 * 4;
+    let st = state_with(ServeConfig {
+        max_num_seqs: 4,
+        block_size: 4,
+        kv_cache_bytes: 24 * per_block,
+        ..ServeConfig::default()
+    });
+    let body = |i: usize| {
+        json!({"model": "tiny", "prompt": format!("p{i} {}", "xy ".repeat(4)), "raw": true, "stream": false,
+                                 "options": {"temperature": 0, "num_predict": 40}})
+    };
+    let mut solo = Vec::new();
+    for i in 0..4 {
+        solo.push(post(&st, "/api/generate", body(i)).await.json()["response"].clone());
+    }
+    let together = futures_util::future::join_all((0..4).map(|i| {
+        let st = st.clone();
+        async move { post(&st, "/api/generate", body(i)).await }
+    }))
+    .await;
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json()["response"], solo[i], "request {i}");
+    }
+    let stats = &st.engines.resident()[0].0.stats;
+    assert!(stats.preemptions.load(Ordering::SeqCst) > 0, "the pool was small enough to force preemption");
+    assert_eq!(stats.kv_blocks.load(Ordering::SeqCst), 24);
+}
+
+/// A repeated long system prompt is computed once: the second request's prompt blocks come from
+/// the prefix cache (visible in /metrics), and its answer is unchanged.
+#[tokio::test]
+async fn a_repeated_system_prompt_hits_the_prefix_cache() {
+    let st = state();
+    let body = |q: &str| {
+        json!({"model": "tiny", "stream": false, "options": GREEDY(6), "messages": [
+            {"role": "system", "content": "You are a helpful assistant. ".repeat(4)},
+            {"role": "user", "content": q}]})
+    };
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{model_name=\"tiny\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let first = post(&st, "/api/chat", body("hi")).await.json();
+    let m1 = get(&st, "/metrics").await.text();
+    assert_eq!(metric(&m1, "vllm:prefix_cache_hits_total"), 0.0);
+    assert!(metric(&m1, "vllm:prefix_cache_queries_total") > 0.0);
+    let again = post(&st, "/api/chat", body("hi")).await.json();
+    assert_eq!(again["message"], first["message"]);
+    let m2 = get(&st, "/metrics").await.text();
+    let hits = metric(&m2, "vllm:prefix_cache_hits_total");
+    assert!(hits >= 64.0, "the system prompt's full blocks are reused: {hits}");
+    // Another question after the same system prompt reuses it too.
+    post(&st, "/api/chat", body("what now?")).await;
+    assert!(metric(&get(&st, "/metrics").await.text(), "vllm:prefix_cache_hits_total") > hits);
+    for name in
+        ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:num_preemptions_total", "zoe_kv_cache_blocks"]
+    {
+        assert!(m2.contains(&format!("# TYPE {name} ")), "{name}");
+        metric(&m2, name);
+    }
+    assert_eq!(metric(&m2, "vllm:kv_cache_usage_perc"), 0.0, "idle: every block released (cached blocks are free)");
 }

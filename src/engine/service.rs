@@ -1,10 +1,16 @@
-//! A loaded model behind a queue: one engine thread owns the weights and works through jobs in
-//! arrival order; the HTTP handlers talk to it through a [`ModelHandle`].
+//! A loaded model behind a queue: one engine thread owns the weights and the paged KV cache; the
+//! HTTP handlers talk to it through a [`ModelHandle`].
 //!
-//! This is the single-sequence engine serving concurrent clients: jobs wait in a bounded queue
-//! (full → [`SubmitError::Busy`], which the API turns into 503) and run one at a time. The
-//! engine-core issue replaces the thread's loop with continuous batching over a paged KV cache;
-//! the handle, the job types and the event stream stay.
+//! Continuous batching: jobs wait in a bounded queue (full → [`SubmitError::Busy`], which the API
+//! turns into 503). The loop admits waiting sequences first come first served while
+//! `max_num_seqs` and the free blocks allow (asking `can_allocate` before taking any; a prompt's
+//! hashed full blocks come from the prefix cache), then runs one forward over every running
+//! sequence per step: decode tokens first, then prompt chunks in what is left of
+//! `max_batched_tokens`, so a long prompt never stalls decoding. When blocks run out, the newest
+//! other sequence is preempted — its blocks freed, its decoder kept — and recomputed from its
+//! history when it is admitted again. Each sequence's [`SeqDecoder`] samples and applies the same
+//! finish rules as `generate`, so a request's greedy output does not depend on what runs beside
+//! it. Embedding jobs run between steps.
 //!
 //! Cancellation: a generation job streams [`Event`]s into a channel whose receiver is the HTTP
 //! response. When the client goes away the response is dropped, the channel closes, and the

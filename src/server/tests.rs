@@ -1217,6 +1217,8 @@ async fn a_dropped_stream_cancels_its_generation() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(stats.running.load(Ordering::SeqCst), 0);
+    // The sequence's KV blocks went back to the pool.
+    assert_eq!(stats.kv_blocks_used.load(Ordering::SeqCst), 0);
     let generated = stats.generation_tokens.load(Ordering::SeqCst);
     if stats.finished_abort.load(Ordering::SeqCst) == 1 {
         assert!(generated < 250, "{generated}");

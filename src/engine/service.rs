@@ -563,8 +563,8 @@ impl Engine {
         cache.free(&mut seq);
         let stats = &self.stats;
         // Before `running` drops, so whoever sees the sequence gone also sees its blocks back.
-        stats.kv_blocks_used.store(cache.pool.num_blocks() - cache.pool.available(), Ordering::Relaxed);
-        stats.running.fetch_sub(1, Ordering::Relaxed);
+        stats.kv_blocks_used.store(cache.pool.num_blocks() - cache.pool.available(), Ordering::SeqCst);
+        stats.running.fetch_sub(1, Ordering::SeqCst);
         let mut on_token = |e: Emitted<'_>| {
             let _ = events.send((index, Event::Token { text: e.text.to_owned(), token: e.token, logprobs: None }));
             ControlFlow::Continue(())

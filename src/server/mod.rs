@@ -18,6 +18,7 @@ pub mod infer;
 pub mod ollama;
 pub mod openai;
 pub mod openapi;
+mod sse;
 pub mod wire;
 
 #[cfg(test)]

@@ -19,13 +19,14 @@ use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::error::{json_response, read_json, ApiError, Dialect, OpenAiError};
-use super::infer::{self, Collected, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
+use super::error::{json_response, read_json, ApiError, OpenAiError};
+use super::infer::{self, Collected, InferenceRequest, Input, MaxTokens, SamplingOverrides};
 use super::ollama::{check_dimensions, embed_error, embedding_ids, listed_name, normalize};
+use super::sse::{ChatChunks, SseStream, TextChunks};
 use super::wire::{self, OneOrMany};
 use super::Shared;
 use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, TokenLogprobs};
-use crate::engine::service::{Event, ModelHandle, Summary};
+use crate::engine::service::{ModelHandle, Summary};
 use crate::hub::Manifest;
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -547,7 +548,7 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}{:032x}", rand::random::<u128>())
 }
 
-fn chat_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)]) -> ChoiceLogprobs {
+pub(super) fn chat_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)]) -> ChoiceLogprobs {
     let tok = &handle.tokenizer;
     let s = |id: u32| tok.decode(&[id], false);
     ChoiceLogprobs {
@@ -567,7 +568,7 @@ fn chat_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)]) -> ChoiceLo
     }
 }
 
-fn legacy_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)], offset: usize) -> CompletionLogprobs {
+pub(super) fn legacy_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)], offset: usize) -> CompletionLogprobs {
     let tok = &handle.tokenizer;
     let mut out = CompletionLogprobs::default();
     let mut at = offset;
@@ -582,12 +583,12 @@ fn legacy_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)], offset: u
     out
 }
 
-fn usage(prompt: usize, choices: &[&Summary]) -> Usage {
+pub(super) fn usage(prompt: usize, choices: &[&Summary]) -> Usage {
     let completion: usize = choices.iter().map(|s| s.tokens.len()).sum();
     Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }
 
-fn sse(out: &mut Vec<u8>, v: &impl Serialize) {
+pub(super) fn sse(out: &mut Vec<u8>, v: &impl Serialize) {
     out.extend_from_slice(b"data: ");
     serde_json::to_writer(&mut *out, v).expect("wire types serialize");
     out.extend_from_slice(b"\n\n");
@@ -650,18 +651,8 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
     let created = wire::unix_secs(SystemTime::now());
     let prompt_tokens = prepared.prompt_ids.len();
     if mapped.stream {
-        let writer = ChatStream {
-            id,
-            created,
-            model: model_name,
-            handle,
-            n: mapped.n,
-            started: false,
-            finished: vec![None; mapped.n],
-            include_usage: mapped.include_usage,
-            prompt_tokens,
-            logprobs: logprobs.is_some(),
-        };
+        let kind = ChatChunks { id, created, model: model_name, handle, logprobs: logprobs.is_some() };
+        let writer = SseStream::new(kind, mapped.n, mapped.include_usage, prompt_tokens);
         return Ok(sse_response(infer::stream_body(rx, writer)));
     }
     let got = infer::collect(rx, mapped.n).await?;
@@ -685,90 +676,6 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
         StatusCode::OK,
         &ChatCompletion { id, object: "chat.completion", created, model: model_name, choices, usage },
     ))
-}
-
-struct ChatStream {
-    id: String,
-    created: u64,
-    model: String,
-    handle: std::sync::Arc<ModelHandle>,
-    n: usize,
-    started: bool,
-    finished: Vec<Option<Summary>>,
-    include_usage: bool,
-    prompt_tokens: usize,
-    logprobs: bool,
-}
-
-impl ChatStream {
-    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
-        ChatCompletionChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: self.model.clone(),
-            choices,
-            usage,
-        }
-    }
-}
-
-impl StreamWriter for ChatStream {
-    fn event(&mut self, index: usize, event: Event, out: &mut Vec<u8>) -> bool {
-        if !self.started {
-            self.started = true;
-            for i in 0..self.n {
-                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-                let c = ChunkChoice { index: i, delta, logprobs: None, finish_reason: None, stop_reason: None };
-                sse(out, &self.chunk(vec![c], None));
-            }
-        }
-        match event {
-            Event::Token { text, token, logprobs } => {
-                let lps: Vec<(u32, TokenLogprobs)> = token.zip(logprobs).into_iter().collect();
-                if !text.is_empty() || (self.logprobs && !lps.is_empty()) {
-                    let c = ChunkChoice {
-                        index,
-                        delta: Delta { role: None, content: Some(text) },
-                        logprobs: self.logprobs.then(|| chat_logprobs(&self.handle, &lps)),
-                        finish_reason: None,
-                        stop_reason: None,
-                    };
-                    sse(out, &self.chunk(vec![c], None));
-                }
-                false
-            }
-            Event::Done(s) => {
-                let c = ChunkChoice {
-                    index,
-                    delta: Delta::default(),
-                    logprobs: None,
-                    finish_reason: Some(s.finish_reason.as_str()),
-                    stop_reason: s.stop_reason.clone(),
-                };
-                sse(out, &self.chunk(vec![c], None));
-                self.finished[index] = Some(s);
-                if self.finished.iter().all(Option::is_some) {
-                    if self.include_usage {
-                        let all: Vec<&Summary> = self.finished.iter().flatten().collect();
-                        sse(out, &self.chunk(Vec::new(), Some(usage(self.prompt_tokens, &all))));
-                    }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    return true;
-                }
-                false
-            }
-            Event::Error(e) => {
-                self.abort(&e, out);
-                true
-            }
-        }
-    }
-
-    fn abort(&mut self, message: &str, out: &mut Vec<u8>) {
-        sse(out, &ApiError::Internal(message.to_owned()).body(Dialect::OpenAi));
-        out.extend_from_slice(b"data: [DONE]\n\n");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -846,19 +753,16 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
     let created = wire::unix_secs(SystemTime::now());
     let prompt_tokens = prepared.prompt_ids.len();
     if mapped.stream {
-        let writer = CompletionStream {
+        let kind = TextChunks {
             id,
             created,
             model: model_name,
             handle,
             echo,
-            echoed: vec![false; mapped.n],
             offsets: vec![0; mapped.n],
-            finished: vec![None; mapped.n],
-            include_usage: mapped.include_usage,
-            prompt_tokens,
             logprobs: logprobs.is_some(),
         };
+        let writer = SseStream::new(kind, mapped.n, mapped.include_usage, prompt_tokens);
         return Ok(sse_response(infer::stream_body(rx, writer)));
     }
     let got: Vec<Collected> = infer::collect(rx, mapped.n).await?;
@@ -883,87 +787,6 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         StatusCode::OK,
         &Completion { id, object: "text_completion", created, model: model_name, choices, usage: Some(usage) },
     ))
-}
-
-struct CompletionStream {
-    id: String,
-    created: u64,
-    model: String,
-    handle: std::sync::Arc<ModelHandle>,
-    echo: Option<String>,
-    echoed: Vec<bool>,
-    offsets: Vec<usize>,
-    finished: Vec<Option<Summary>>,
-    include_usage: bool,
-    prompt_tokens: usize,
-    logprobs: bool,
-}
-
-impl CompletionStream {
-    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
-        Completion {
-            id: self.id.clone(),
-            object: "text_completion",
-            created: self.created,
-            model: self.model.clone(),
-            choices,
-            usage,
-        }
-    }
-}
-
-impl StreamWriter for CompletionStream {
-    fn event(&mut self, index: usize, event: Event, out: &mut Vec<u8>) -> bool {
-        if !self.echoed[index] {
-            self.echoed[index] = true;
-            if let Some(p) = self.echo.clone().filter(|p| !p.is_empty()) {
-                self.offsets[index] = p.len();
-                let c = CompletionChoice { index, text: p, logprobs: None, finish_reason: None, stop_reason: None };
-                sse(out, &self.chunk(vec![c], None));
-            }
-        }
-        match event {
-            Event::Token { text, token, logprobs } => {
-                let lps: Vec<(u32, TokenLogprobs)> = token.zip(logprobs).into_iter().collect();
-                if !text.is_empty() || (self.logprobs && !lps.is_empty()) {
-                    let logprobs = self.logprobs.then(|| legacy_logprobs(&self.handle, &lps, self.offsets[index]));
-                    self.offsets[index] += text.len();
-                    let c = CompletionChoice { index, text, logprobs, finish_reason: None, stop_reason: None };
-                    sse(out, &self.chunk(vec![c], None));
-                }
-                false
-            }
-            Event::Done(s) => {
-                let c = CompletionChoice {
-                    index,
-                    text: String::new(),
-                    logprobs: None,
-                    finish_reason: Some(s.finish_reason.as_str()),
-                    stop_reason: s.stop_reason.clone(),
-                };
-                sse(out, &self.chunk(vec![c], None));
-                self.finished[index] = Some(s);
-                if self.finished.iter().all(Option::is_some) {
-                    if self.include_usage {
-                        let all: Vec<&Summary> = self.finished.iter().flatten().collect();
-                        sse(out, &self.chunk(Vec::new(), Some(usage(self.prompt_tokens, &all))));
-                    }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    return true;
-                }
-                false
-            }
-            Event::Error(e) => {
-                self.abort(&e, out);
-                true
-            }
-        }
-    }
-
-    fn abort(&mut self, message: &str, out: &mut Vec<u8>) {
-        sse(out, &ApiError::Internal(message.to_owned()).body(Dialect::OpenAi));
-        out.extend_from_slice(b"data: [DONE]\n\n");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -336,7 +336,6 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         registry,
         engines,
         config,
-        started: std::time::Instant::now(),
         loopback,
         pinned: preload.iter().map(|m| m.id.clone()).collect(),
     });

@@ -188,7 +188,7 @@ pub fn float_repr(x: f64) -> String {
 
 /// A JSON string literal the way `json.dumps` writes it: with `ensure_ascii=False` only `"`,
 /// `\` and control characters are escaped; with `True` everything outside printable ASCII too
-/// (as `\uXXXX`, surrogate pairs above U+FFFF).
+/// (as `\u` and four hex digits, surrogate pairs above U+FFFF).
 fn quote(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
     for c in s.chars() {

@@ -297,11 +297,9 @@ impl<'t> SeqDecoder<'t> {
         if self.finish.is_some() {
             return None;
         }
-        let now = Instant::now();
-        if self.decode_start.is_none() {
-            self.timings.prompt_ms = ms_between(self.started.unwrap_or(now), now);
-        }
         if self.max_new == 0 {
+            // Prefill only: its time is the prompt's.
+            self.timings.prompt_ms = self.started.map_or(0.0, ms_since);
             self.finish = Some(FinishReason::Length);
             return None;
         }
@@ -312,9 +310,10 @@ impl<'t> SeqDecoder<'t> {
         }
         let id = self.sampler.sample(logits, &self.history);
         match self.decode_start {
+            // The first sample ends the time to first token.
             None => {
                 let t = Instant::now();
-                self.timings.prompt_ms = ms_between(self.started.unwrap_or(now), t);
+                self.timings.prompt_ms = self.started.map_or(0.0, |s| ms_between(s, t));
                 self.decode_start = Some(t);
             }
             Some(_) => self.timings.decode_tokens += 1,

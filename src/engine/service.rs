@@ -22,7 +22,6 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -141,8 +140,9 @@ pub struct ModelHandle {
     pub loaded_at: std::time::SystemTime,
     pub load_duration: Duration,
     pub stats: Arc<EngineStats>,
-    queue: Option<SyncSender<(Job, Instant, tracing::Span)>>,
-    thread: Option<JoinHandle<()>>,
+    /// Dropping it ends the engine loop once the running sequences finish; the thread is not
+    /// joined (it may be inside a long generation whose client is gone), it exits on its own.
+    queue: SyncSender<(Job, Instant, tracing::Span)>,
 }
 
 impl ModelHandle {
@@ -184,7 +184,7 @@ impl ModelHandle {
             max_num_seqs: config.max_num_seqs.max(1),
             max_batched_tokens: config.max_batched_tokens.max(1),
         };
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("engine-{id}"))
             .spawn(move || engine.serve(rx, cache))
             .map_err(|e| format!("spawning the engine thread: {e}"))?;
@@ -198,8 +198,7 @@ impl ModelHandle {
             loaded_at: std::time::SystemTime::now(),
             load_duration,
             stats,
-            queue: Some(tx),
-            thread: Some(thread),
+            queue: tx,
         })
     }
 
@@ -222,9 +221,8 @@ impl ModelHandle {
     }
 
     fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let sent = queue.try_send((job, Instant::now(), tracing::Span::current()));
+        let sent = self.queue.try_send((job, Instant::now(), tracing::Span::current()));
         if sent.is_err() {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         }
@@ -232,15 +230,6 @@ impl ModelHandle {
             TrySendError::Full(_) => SubmitError::Busy,
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         })
-    }
-}
-
-impl Drop for ModelHandle {
-    fn drop(&mut self) {
-        // Closing the queue ends the thread's loop; it is not joined here (it may be inside a
-        // long generation whose client is gone), it exits on its own.
-        self.queue.take();
-        self.thread.take();
     }
 }
 
@@ -261,10 +250,9 @@ struct Engine {
     max_batched_tokens: usize,
 }
 
-/// A generation request not yet admitted (or preempted: then it keeps its decoder).
+/// A sequence not yet admitted, or preempted (then its decoder holds what it generated).
 struct Waiting<'t> {
-    req: Option<GenerateRequest>,
-    dec: Option<SeqDecoder<'t>>,
+    dec: SeqDecoder<'t>,
     context_len: usize,
     index: usize,
     events: mpsc::UnboundedSender<Tagged>,
@@ -324,21 +312,21 @@ impl Engine {
                         let _enter = span.enter();
                         let _ = reply.send(self.embed(&inputs));
                     }
-                    Job::Generate { req, context_len, index, events } => waiting.push_back(Waiting {
-                        req: Some(req),
-                        dec: None,
-                        context_len,
-                        index,
-                        events,
-                        queued,
-                        span,
-                    }),
+                    Job::Generate { req, context_len, index, events } => {
+                        match SeqDecoder::new(tok, self.model.config.vocab_size, req, context_len) {
+                            Ok(dec) => waiting.push_back(Waiting { dec, context_len, index, events, queued, span }),
+                            Err(e) => {
+                                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                                self.fail(&events, index, &span, e.to_string());
+                            }
+                        }
+                    }
                 }
             }
             if !open && running.is_empty() && waiting.is_empty() {
                 return;
             }
-            self.admit(tok, &mut cache, &mut waiting, &mut running);
+            self.admit(&mut cache, &mut waiting, &mut running);
             if running.is_empty() {
                 continue;
             }
@@ -355,13 +343,12 @@ impl Engine {
     /// the free blocks (`can_allocate` before anything is taken) allow.
     fn admit<'t>(
         &self,
-        tok: &'t Tokenizer,
         cache: &mut PagedKvCache<CpuBackend>,
         waiting: &mut VecDeque<Waiting<'t>>,
         running: &mut Vec<Running<'t>>,
     ) {
         while running.len() < self.max_num_seqs {
-            let Some(w) = waiting.front_mut() else { return };
+            let Some(w) = waiting.front() else { return };
             if w.events.is_closed() {
                 let w = waiting.pop_front().expect("front exists");
                 let _enter = w.span.enter();
@@ -370,21 +357,8 @@ impl Engine {
                 self.stats.finished_abort.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if w.dec.is_none() {
-                let req = w.req.take().expect("a new request has its GenerateRequest");
-                match SeqDecoder::new(tok, self.model.config.vocab_size, req, w.context_len) {
-                    Ok(d) => w.dec = Some(d),
-                    Err(e) => {
-                        let w = waiting.pop_front().expect("front exists");
-                        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                        self.fail(&w.events, w.index, &w.span, e.to_string());
-                        continue;
-                    }
-                }
-            }
-            let dec = w.dec.as_ref().expect("set above");
             // A preempted sequence recomputes everything it has (prompt and generated).
-            let history = dec.history().to_vec();
+            let history = w.dec.history().to_vec();
             let (seq, cached) = cache.start(&history, w.context_len);
             let need = cache.blocks_needed(&seq, history.len() - cached + 1);
             if !cache.pool.can_allocate(need) {
@@ -396,7 +370,7 @@ impl Engine {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let now_running = self.stats.running.fetch_add(1, Ordering::Relaxed) + 1;
             self.stats.running_peak.fetch_max(now_running, Ordering::Relaxed);
-            let mut dec = w.dec.expect("set above");
+            let mut dec = w.dec;
             dec.begin();
             running.push(Running {
                 dec,
@@ -475,8 +449,7 @@ impl Engine {
                     self.stats.waiting.fetch_add(1, Ordering::Relaxed);
                     r.span.in_scope(|| tracing::info!("preempted: KV blocks ran out; will recompute"));
                     waiting.push_front(Waiting {
-                        req: None,
-                        dec: Some(r.dec),
+                        dec: r.dec,
                         context_len: r.context_len,
                         index: r.index,
                         events: r.events,

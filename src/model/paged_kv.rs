@@ -146,7 +146,12 @@ impl BlockPool {
 
 /// Chained hashes of the full blocks of `tokens`.
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut prev = 0u64;
+    chain_hashes(0, tokens, block_size)
+}
+
+/// Chained hashes of the full blocks of `tokens`, continuing from `prev` (the hash of the block
+/// before them; 0 at the start of a sequence).
+fn chain_hashes(mut prev: u64, tokens: &[u32], block_size: usize) -> Vec<u64> {
     tokens
         .chunks_exact(block_size)
         .map(|block| {
@@ -168,6 +173,8 @@ pub struct Sequence {
     tokens: Vec<u32>,
     /// Full blocks already registered for prefix caching.
     registered: usize,
+    /// Hash of the last registered block (0 before the first), so new blocks hash on from it.
+    last_hash: u64,
     /// Positions this sequence may hold at most (its context length).
     max_len: usize,
 }
@@ -232,7 +239,9 @@ impl<B: Backend> PagedKvCache<B> {
         let blocks = self.pool.take_prefix(&hashes);
         let cached = blocks.len() * bs;
         let slots = blocks.iter().flat_map(|&b| (0..bs as u32).map(move |i| b * bs as u32 + i)).collect();
-        let seq = Sequence { registered: blocks.len(), blocks, slots, tokens: prompt[..cached].to_vec(), max_len };
+        let last_hash = blocks.len().checked_sub(1).map_or(0, |i| hashes[i]);
+        let seq =
+            Sequence { registered: blocks.len(), last_hash, blocks, slots, tokens: prompt[..cached].to_vec(), max_len };
         (seq, cached)
     }
 
@@ -250,6 +259,7 @@ impl<B: Backend> PagedKvCache<B> {
         seq.slots.clear();
         seq.tokens.clear();
         seq.registered = 0;
+        seq.last_hash = 0;
     }
 
     /// `KvCache` for `seq`'s next forward over `tokens` (the ids, for prefix hashing).
@@ -296,11 +306,13 @@ impl<B: Backend> KvCache<B> for SeqView<'_, B> {
         // other sequence can look them up: lookups happen between forwards).
         let full = self.seq.tokens.len() / bs;
         if full > self.seq.registered {
-            let hashes = block_hashes(&self.seq.tokens[..full * bs], bs);
-            for (i, &h) in hashes.iter().enumerate().skip(self.seq.registered) {
-                self.cache.pool.register(self.seq.blocks[i], h);
+            let seq = &mut *self.seq;
+            let fresh = &seq.tokens[seq.registered * bs..full * bs];
+            for (i, h) in chain_hashes(seq.last_hash, fresh, bs).into_iter().enumerate() {
+                self.cache.pool.register(seq.blocks[seq.registered + i], h);
+                seq.last_hash = h;
             }
-            self.seq.registered = full;
+            seq.registered = full;
         }
         Ok(new)
     }

@@ -141,11 +141,11 @@ impl Engines {
         let source = self.source.clone();
         let manifest = m.clone();
         let engine = self.engine.clone();
-        let size = source.size(m);
+        // File I/O (sizes, the load) stays off the async threads.
         let handle = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let loaded = source.load(&manifest)?;
-            ModelHandle::start(loaded, size, t.elapsed(), &engine)
+            ModelHandle::start(loaded, source.size(&manifest), t.elapsed(), &engine)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("loading model '{}' panicked: {e}", m.id)))?

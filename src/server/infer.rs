@@ -12,7 +12,7 @@ use super::error::ApiError;
 use crate::chat::gotmpl::{GoTemplate, GoTemplateVars};
 use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, GenerateError, GenerateRequest, TokenLogprobs};
 use crate::engine::sampler::{SamplingError, SamplingParams};
-use crate::engine::service::{Event, ModelHandle, SubmitError, Summary, Tagged};
+use crate::engine::service::{EmbedError, Event, ModelHandle, SubmitError, Summary, Tagged};
 use crate::hub::Manifest;
 
 /// What to generate from.
@@ -88,19 +88,19 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
     let prompt_ids = match &req.input {
         Input::Chat { messages } => render_chat_prompt(tok, messages).map_err(prompt_error)?,
         Input::Text { prompt, raw, system, template, context } => {
+            // Text used as is: BOS per the tokenizer, unless it continues an earlier `context`.
+            let as_is = |text: &str| {
+                if context.is_empty() {
+                    raw_prompt_ids(tok, text)
+                } else {
+                    tok.encode(text, true).map_err(GenerateError::from)
+                }
+                .map_err(prompt_error)
+            };
             let text_ids = if let Some(t) = template {
-                let text = t.render(&GoTemplateVars { system: system.as_deref().unwrap_or(""), prompt, response: "" });
-                if context.is_empty() {
-                    raw_prompt_ids(tok, &text).map_err(prompt_error)?
-                } else {
-                    tok.encode(&text, true).map_err(|e| prompt_error(e.into()))?
-                }
+                as_is(&t.render(&GoTemplateVars { system: system.as_deref().unwrap_or(""), prompt, response: "" }))?
             } else if *raw || tok.chat_template().is_none() {
-                if context.is_empty() {
-                    raw_prompt_ids(tok, prompt).map_err(prompt_error)?
-                } else {
-                    tok.encode(prompt, true).map_err(|e| prompt_error(e.into()))?
-                }
+                as_is(prompt)?
             } else {
                 let mut messages = Vec::new();
                 if let Some(s) = system {
@@ -286,6 +286,68 @@ pub fn stream_body<W: StreamWriter>(rx: mpsc::UnboundedReceiver<Tagged>, writer:
         Some((Ok::<_, Infallible>(Bytes::from(out)), st))
     });
     Body::from_stream(stream)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings (both dialects)
+
+/// Tokenizes embedding inputs, cutting at the context (`truncate`) or refusing.
+pub fn embedding_ids(handle: &ModelHandle, inputs: &[String], truncate: bool) -> Result<Vec<Vec<u32>>, ApiError> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let mut ids = raw_prompt_ids(&handle.tokenizer, text)
+                .map_err(|e| ApiError::bad_field(&format!("input[{i}]"), e.to_string()))?;
+            if ids.len() > handle.context_length {
+                if !truncate {
+                    return Err(ApiError::bad_field(
+                        &format!("input[{i}]"),
+                        format!(
+                            "the input length exceeds the context length: input[{i}] is {} tokens, the context is {}",
+                            ids.len(),
+                            handle.context_length
+                        ),
+                    ));
+                }
+                ids.truncate(handle.context_length);
+            }
+            if ids.is_empty() {
+                return Err(ApiError::bad_field(&format!("input[{i}]"), format!("input[{i}] is empty")));
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// L2-normalizes `v` after cutting it to `dims`.
+pub fn normalize(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
+    if let Some(d) = dims {
+        v.truncate(d);
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+pub fn check_dimensions(dims: Option<i64>, hidden: usize) -> Result<Option<usize>, ApiError> {
+    match dims {
+        None => Ok(None),
+        Some(d) if d < 1 || d as u64 > hidden as u64 => Err(ApiError::bad_field(
+            "dimensions",
+            format!("dimensions = {d} is out of range: the model's embeddings have 1 to {hidden} dimensions"),
+        )),
+        Some(d) => Ok(Some(d as usize)),
+    }
+}
+
+pub fn embed_error(e: EmbedError) -> ApiError {
+    match e {
+        EmbedError::Submit(s) => submit_error(s),
+        EmbedError::Engine(m) => ApiError::Internal(format!("embedding failed: {m}")),
+    }
 }
 
 /// Whole nanoseconds (Ollama's duration fields).

@@ -142,7 +142,6 @@ pub struct AppState {
     pub registry: Registry,
     pub engines: Engines,
     pub config: ServeConfig,
-    pub started: Instant,
     /// True when bound to a loopback address: the Host check applies.
     pub loopback: bool,
     /// Model ids loaded at start; `/health` is 503 while one of them is not resident.
@@ -245,10 +244,8 @@ pub fn allowed_host(host_header: &str) -> bool {
     if host.is_empty() || host == "localhost" {
         return true;
     }
-    if let Ok(name) = std::env::var("HOSTNAME").or_else(|_| std::fs::read_to_string("/etc/hostname")) {
-        if host == name.trim().to_ascii_lowercase() {
-            return true;
-        }
+    if hostname().is_some_and(|name| host == name) {
+        return true;
     }
     if [".localhost", ".local", ".internal"].iter().any(|tld| host.ends_with(tld)) {
         return true;
@@ -261,6 +258,16 @@ pub fn allowed_host(host_header: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// This machine's name, lowercase, read once (not per request).
+fn hostname() -> Option<&'static str> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let name = std::env::var("HOSTNAME").or_else(|_| std::fs::read_to_string("/etc/hostname")).ok()?;
+        Some(name.trim().to_ascii_lowercase()).filter(|n| !n.is_empty())
+    })
+    .as_deref()
 }
 
 fn strip_port(host: &str) -> &str {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::engines::KeepAlive;
 use super::error::{json_response, read_json, ApiError, Dialect, OllamaError};
 use super::infer::{self, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
-use super::wire::{self, KeepAliveWire, OneOrMany};
+use super::wire::{self, KeepAliveWire, OneOrMany, TopLogprob};
 use super::{Shared, OLLAMA_COMPAT_VERSION};
 use crate::chat::gotmpl::GoTemplate;
 use crate::engine::generate::TokenLogprobs;
@@ -172,17 +172,9 @@ fn is_zero(v: &u64) -> bool {
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct Logprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
+    #[serde(flatten)]
+    pub chosen: TopLogprob,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_logprobs: Vec<TopLogprob>,
 }
@@ -423,35 +415,8 @@ async fn load_or_unload(st: &Shared, plan: &Plan, kind: Kind) -> Result<Response
         st.engines.get(&plan.manifest, &plan.model, plan.keep_alive).await?;
         "load"
     };
-    let created_at = wire::rfc3339(SystemTime::now());
     let done_reason = Some(reason.to_owned());
-    Ok(match kind {
-        Kind::Generate { .. } => json_response(
-            StatusCode::OK,
-            &GenerateResponse {
-                model: plan.model.clone(),
-                created_at,
-                response: String::new(),
-                done: true,
-                done_reason,
-                context: None,
-                metrics: Metrics::default(),
-                logprobs: None,
-            },
-        ),
-        Kind::Chat => json_response(
-            StatusCode::OK,
-            &ChatResponse {
-                model: plan.model.clone(),
-                created_at,
-                message: ResponseMessage { role: "assistant".into(), content: String::new() },
-                done: true,
-                done_reason,
-                metrics: Metrics::default(),
-                logprobs: None,
-            },
-        ),
-    })
+    Ok(json_response(StatusCode::OK, &kind.line(&plan.model, Line { done_reason, ..Line::default() })))
 }
 
 async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) -> Result<Response> {
@@ -466,7 +431,7 @@ async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) 
         start,
         load,
         prompt_ids: prepared.prompt_ids,
-        tokenizer: handle,
+        handle,
         logprobs: plan.logprobs.is_some(),
         text: String::new(),
         lps: Vec::new(),
@@ -492,7 +457,7 @@ struct Writer {
     start: Instant,
     load: std::time::Duration,
     prompt_ids: Vec<u32>,
-    tokenizer: Arc<ModelHandle>,
+    handle: Arc<ModelHandle>,
     logprobs: bool,
     /// Non-stream only: the whole text for the single object.
     text: String,
@@ -505,50 +470,19 @@ impl Writer {
         if !self.logprobs {
             return None;
         }
-        let tok = &self.tokenizer.tokenizer;
-        let text = |id: u32| tok.decode(&[id], false);
-        let bytes = |id: u32| tok.decode(&[id], false).into_bytes();
+        let tok = &self.handle.tokenizer;
         Some(
             lps.iter()
-                .map(|(id, lp)| Logprob {
-                    token: text(*id),
-                    logprob: lp.logprob,
-                    bytes: bytes(*id),
-                    top_logprobs: lp
-                        .top
-                        .iter()
-                        .map(|&(t, l)| TopLogprob { token: text(t), logprob: l, bytes: bytes(t) })
-                        .collect(),
+                .map(|(id, lp)| {
+                    let (chosen, top_logprobs) = TopLogprob::with_top(tok, *id, lp);
+                    Logprob { chosen, top_logprobs }
                 })
                 .collect(),
         )
     }
 
     fn piece(&self, text: String, lps: &[(u32, TokenLogprobs)]) -> serde_json::Value {
-        let created_at = wire::rfc3339(SystemTime::now());
-        let logprobs = self.logprob_entries(lps);
-        let v = match self.kind {
-            Kind::Generate { .. } => serde_json::to_value(GenerateResponse {
-                model: self.model.clone(),
-                created_at,
-                response: text,
-                done: false,
-                done_reason: None,
-                context: None,
-                metrics: Metrics::default(),
-                logprobs,
-            }),
-            Kind::Chat => serde_json::to_value(ChatResponse {
-                model: self.model.clone(),
-                created_at,
-                message: ResponseMessage { role: "assistant".into(), content: text },
-                done: false,
-                done_reason: None,
-                metrics: Metrics::default(),
-                logprobs,
-            }),
-        };
-        v.expect("wire types serialize")
+        self.kind.line(&self.model, Line { text, logprobs: self.logprob_entries(lps), ..Line::default() })
     }
 
     fn final_value(&self, s: &Summary) -> serde_json::Value {
@@ -560,29 +494,52 @@ impl Writer {
             eval_count: s.tokens.len() as u64,
             eval_duration: infer::nanos(s.eval),
         };
-        let created_at = wire::rfc3339(SystemTime::now());
+        let context = match self.kind {
+            Kind::Generate { context: true } => Some(self.prompt_ids.iter().chain(&s.tokens).copied().collect()),
+            _ => None,
+        };
+        // Streamed text went out piece by piece; a single object carries all of it.
+        let (text, logprobs) =
+            if self.stream { (String::new(), None) } else { (self.text.clone(), self.logprob_entries(&self.lps)) };
         let done_reason = Some(s.finish_reason.as_str().to_owned());
-        let text = if self.stream { String::new() } else { self.text.clone() };
-        let logprobs = if self.stream { None } else { self.logprob_entries(&self.lps) };
-        let v = match self.kind {
-            Kind::Generate { context } => serde_json::to_value(GenerateResponse {
-                model: self.model.clone(),
+        self.kind.line(&self.model, Line { text, done_reason, context, metrics, logprobs })
+    }
+}
+
+/// The fields of one generate/chat object; `done_reason` set means the final one.
+#[derive(Default)]
+struct Line {
+    text: String,
+    done_reason: Option<String>,
+    context: Option<Vec<u32>>,
+    metrics: Metrics,
+    logprobs: Option<Vec<Logprob>>,
+}
+
+impl Kind {
+    /// `l` in this endpoint's shape (`response` for generate, `message` for chat).
+    fn line(self, model: &str, l: Line) -> serde_json::Value {
+        let created_at = wire::rfc3339(SystemTime::now());
+        let (model, done) = (model.to_owned(), l.done_reason.is_some());
+        let v = match self {
+            Kind::Generate { .. } => serde_json::to_value(GenerateResponse {
+                model,
                 created_at,
-                response: text,
-                done: true,
-                done_reason,
-                context: context.then(|| self.prompt_ids.iter().chain(&s.tokens).copied().collect()),
-                metrics,
-                logprobs,
+                response: l.text,
+                done,
+                done_reason: l.done_reason,
+                context: l.context,
+                metrics: l.metrics,
+                logprobs: l.logprobs,
             }),
             Kind::Chat => serde_json::to_value(ChatResponse {
-                model: self.model.clone(),
+                model,
                 created_at,
-                message: ResponseMessage { role: "assistant".into(), content: text },
-                done: true,
-                done_reason,
-                metrics,
-                logprobs,
+                message: ResponseMessage { role: "assistant".into(), content: l.text },
+                done,
+                done_reason: l.done_reason,
+                metrics: l.metrics,
+                logprobs: l.logprobs,
             }),
         };
         v.expect("wire types serialize")
@@ -659,62 +616,6 @@ pub struct EmbeddingsResponse {
     pub embedding: Vec<f32>,
 }
 
-/// Tokenizes embedding inputs, cutting at the context (`truncate`) or refusing.
-pub(super) fn embedding_ids(
-    handle: &ModelHandle,
-    inputs: &[String],
-    truncate: bool,
-) -> Result<Vec<Vec<u32>>, ApiError> {
-    inputs
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let mut ids = crate::engine::generate::raw_prompt_ids(&handle.tokenizer, text)
-                .map_err(|e| ApiError::bad_field(&format!("input[{i}]"), e.to_string()))?;
-            if ids.len() > handle.context_length {
-                if !truncate {
-                    return Err(ApiError::bad_field(
-                        &format!("input[{i}]"),
-                        format!(
-                            "the input length exceeds the context length: input[{i}] is {} tokens, the context is {}",
-                            ids.len(),
-                            handle.context_length
-                        ),
-                    ));
-                }
-                ids.truncate(handle.context_length);
-            }
-            if ids.is_empty() {
-                return Err(ApiError::bad_field(&format!("input[{i}]"), format!("input[{i}] is empty")));
-            }
-            Ok(ids)
-        })
-        .collect()
-}
-
-/// L2-normalizes `v` after cutting it to `dims`.
-pub(super) fn normalize(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
-    if let Some(d) = dims {
-        v.truncate(d);
-    }
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
-pub(super) fn check_dimensions(dims: Option<i64>, hidden: usize) -> Result<Option<usize>, ApiError> {
-    match dims {
-        None => Ok(None),
-        Some(d) if d < 1 || d as u64 > hidden as u64 => Err(ApiError::bad_field(
-            "dimensions",
-            format!("dimensions = {d} is out of range: the model's embeddings have 1 to {hidden} dimensions"),
-        )),
-        Some(d) => Ok(Some(d as usize)),
-    }
-}
-
 async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
     let start = Instant::now();
     let req: EmbedRequest = read_json(body, st.config.max_body_bytes).await?;
@@ -726,11 +627,11 @@ async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
         Some(i) => i.into_vec(),
     };
     let (handle, load) = st.engines.get(&manifest, &req.model, keep_alive).await?;
-    let dims = check_dimensions(req.dimensions, handle.hidden_size)?;
-    let ids = embedding_ids(&handle, &inputs, req.truncate.unwrap_or(true))?;
+    let dims = infer::check_dimensions(req.dimensions, handle.hidden_size)?;
+    let ids = infer::embedding_ids(&handle, &inputs, req.truncate.unwrap_or(true))?;
     let prompt_eval_count = ids.iter().map(Vec::len).sum::<usize>() as u64;
-    let vectors = if ids.is_empty() { Vec::new() } else { handle.embed(ids).await.map_err(embed_error)? };
-    let embeddings = vectors.into_iter().map(|v| normalize(v, dims)).collect();
+    let vectors = if ids.is_empty() { Vec::new() } else { handle.embed(ids).await.map_err(infer::embed_error)? };
+    let embeddings = vectors.into_iter().map(|v| infer::normalize(v, dims)).collect();
     Ok(json_response(
         StatusCode::OK,
         &EmbedResponse {
@@ -743,13 +644,6 @@ async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
     ))
 }
 
-pub(super) fn embed_error(e: crate::engine::service::EmbedError) -> ApiError {
-    match e {
-        crate::engine::service::EmbedError::Submit(s) => infer::submit_error(s),
-        crate::engine::service::EmbedError::Engine(m) => ApiError::Internal(format!("embedding failed: {m}")),
-    }
-}
-
 async fn embeddings(State(st): State<Shared>, body: Body) -> Result<Response> {
     let req: EmbeddingsRequest = read_json(body, st.config.max_body_bytes).await?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
@@ -758,8 +652,8 @@ async fn embeddings(State(st): State<Shared>, body: Body) -> Result<Response> {
     if req.prompt.is_empty() {
         return Ok(json_response(StatusCode::OK, &EmbeddingsResponse { embedding: Vec::new() }));
     }
-    let ids = embedding_ids(&handle, std::slice::from_ref(&req.prompt), true)?;
-    let mut v = handle.embed(ids).await.map_err(embed_error)?;
+    let ids = infer::embedding_ids(&handle, std::slice::from_ref(&req.prompt), true)?;
+    let mut v = handle.embed(ids).await.map_err(infer::embed_error)?;
     Ok(json_response(StatusCode::OK, &EmbeddingsResponse { embedding: v.pop().unwrap_or_default() }))
 }
 

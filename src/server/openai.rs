@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{json_response, read_json, ApiError, OpenAiError};
 use super::infer::{self, Collected, InferenceRequest, Input, MaxTokens, SamplingOverrides};
-use super::ollama::{check_dimensions, embed_error, embedding_ids, listed_name, normalize};
+use super::infer::{check_dimensions, embed_error, embedding_ids, normalize};
+use super::ollama::listed_name;
 use super::sse::{ChatChunks, SseStream, TextChunks};
-use super::wire::{self, OneOrMany};
+use super::wire::{self, OneOrMany, TopLogprob};
 use super::Shared;
 use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, TokenLogprobs};
 use crate::engine::service::{ModelHandle, Summary};
@@ -271,17 +272,9 @@ pub struct Usage {
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct TokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
+    #[serde(flatten)]
+    pub chosen: TopLogprob,
     pub top_logprobs: Vec<TopLogprob>,
 }
 
@@ -549,23 +542,14 @@ fn request_id(prefix: &str) -> String {
 }
 
 pub(super) fn chat_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)]) -> ChoiceLogprobs {
-    let tok = &handle.tokenizer;
-    let s = |id: u32| tok.decode(&[id], false);
-    ChoiceLogprobs {
-        content: lps
-            .iter()
-            .map(|(id, lp)| TokenLogprob {
-                token: s(*id),
-                logprob: lp.logprob,
-                bytes: s(*id).into_bytes(),
-                top_logprobs: lp
-                    .top
-                    .iter()
-                    .map(|&(t, l)| TopLogprob { token: s(t), logprob: l, bytes: s(t).into_bytes() })
-                    .collect(),
-            })
-            .collect(),
-    }
+    let content = lps
+        .iter()
+        .map(|(id, lp)| {
+            let (chosen, top_logprobs) = TopLogprob::with_top(&handle.tokenizer, *id, lp);
+            TokenLogprob { chosen, top_logprobs }
+        })
+        .collect();
+    ChoiceLogprobs { content }
 }
 
 pub(super) fn legacy_logprobs(handle: &ModelHandle, lps: &[(u32, TokenLogprobs)], offset: usize) -> CompletionLogprobs {

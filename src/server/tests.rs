@@ -130,14 +130,7 @@ fn state_with(config: ServeConfig) -> Shared {
     let registry = Registry::new(manifests).unwrap();
     let source = Arc::new(TestSource { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0) });
     let engines = Engines::new(source, config.engine(), config.keep_alive);
-    Arc::new(AppState {
-        registry,
-        engines,
-        config,
-        started: std::time::Instant::now(),
-        loopback: true,
-        pinned: Vec::new(),
-    })
+    Arc::new(AppState { registry, engines, config, loopback: true, pinned: Vec::new() })
 }
 
 fn state() -> Shared {

@@ -5,12 +5,14 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::engines::KeepAlive;
 use super::error::ApiError;
 use super::AppState;
+use crate::engine::generate::TokenLogprobs;
 use crate::hub::{Manifest, Role};
+use crate::model::tokenizer::Tokenizer;
 
 /// A string or a list of strings (`stop`, embedding `input`).
 #[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
@@ -144,6 +146,29 @@ pub fn check_format(field: &str, format: Option<&serde_json::Value>) -> Result<(
             field,
             format!("{field}: structured output (JSON mode / JSON schema) is not supported by this server yet"),
         )),
+    }
+}
+
+/// One token with its log-probability, as both dialects write it (`bytes` are the UTF-8 of
+/// `token`).
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl TopLogprob {
+    /// Decodes `id` once.
+    pub fn of(tok: &Tokenizer, id: u32, logprob: f32) -> Self {
+        let token = tok.decode(&[id], false);
+        Self { bytes: token.as_bytes().to_vec(), token, logprob }
+    }
+
+    /// The chosen token of `lp` and its alternatives.
+    pub fn with_top(tok: &Tokenizer, id: u32, lp: &TokenLogprobs) -> (Self, Vec<Self>) {
+        let top = lp.top.iter().map(|&(t, l)| Self::of(tok, t, l)).collect();
+        (Self::of(tok, id, lp.logprob), top)
     }
 }
 

@@ -1328,3 +1328,62 @@ async fn a_repeated_system_prompt_hits_the_prefix_cache() {
     }
     assert_eq!(metric(&m2, "vllm:kv_cache_usage_perc"), 0.0, "idle: every block released (cached blocks are free)");
 }
+
+/// `options.stop` cuts the text before the stop string with `done_reason: "stop"`;
+/// `options.num_ctx` caps the context below the model's.
+#[tokio::test]
+async fn options_stop_and_num_ctx() {
+    let st = state();
+    let full = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": GREEDY(30)}),
+    )
+    .await
+    .json();
+    let text = full["response"].as_str().unwrap().to_owned();
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let at = text.find(&stop).unwrap();
+    let v = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false,
+        "options": {"temperature": 0, "num_predict": 30, "stop": [stop]}}),
+    )
+    .await
+    .json();
+    assert_eq!(v["done_reason"], "stop");
+    assert_eq!(v["response"].as_str().unwrap(), &text[..at]);
+
+    let r = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "ab ".repeat(20), "raw": true, "options": {"num_ctx": 16}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("maximum context length is 16 tokens"), "{}", r.error());
+    let v = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny", "prompt": "abc", "raw": true, "stream": false, "options": {"num_ctx": 8}}),
+    )
+    .await
+    .json();
+    assert_eq!(v["prompt_eval_count"].as_u64().unwrap() + v["eval_count"].as_u64().unwrap(), 8, "{v}");
+}
+
+/// `/health`: 200 with an empty body while the models loaded at start are resident, 503 naming
+/// them when one is not.
+#[tokio::test]
+async fn health_follows_the_pinned_models() {
+    let mut st = state();
+    Arc::get_mut(&mut st).unwrap().pinned = vec!["tiny".into()];
+    let r = get(&st, "/health").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json()["not_loaded"], json!(["tiny"]));
+    post(&st, "/api/generate", json!({"model": "tiny"})).await;
+    let r = get(&st, "/health").await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0));
+}

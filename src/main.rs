@@ -308,6 +308,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         config.threads = Some(t);
     }
     let threads = threads(&EngineArgs { threads: config.threads, ..args.engine.clone() })?;
+    let engine = config.engine()?;
     // What to load at start: the config's list, else `-m`, else the default model. Everything is
     // checked (and pulled if missing) before the port is opened.
     let names: Vec<String> =
@@ -331,14 +332,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         Err(_) => config.host == "localhost",
     };
     let source = std::sync::Arc::new(StoreSource { store, threads, precision });
-    let engines = Engines::new(source, config.engine(), config.keep_alive);
-    let state = std::sync::Arc::new(AppState {
-        registry,
-        engines,
-        config,
-        loopback,
-        pinned: preload.iter().map(|m| m.id.clone()).collect(),
-    });
+    let engines = Engines::new(source, engine, config.keep_alive, config.memory_budget());
+    let state = std::sync::Arc::new(AppState { registry, engines, config, loopback });
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         for m in &preload {

@@ -1,7 +1,11 @@
-//! Generation: sampling, detokenization, the single-sequence loop, and the engine thread that
-//! serves a loaded model.
+//! Generation: sampling, detokenization, the single-sequence loop, and the supervised engine
+//! that serves a loaded model with continuous batching.
 
+mod batch;
 pub mod detokenizer;
+pub mod fault;
 pub mod generate;
+pub mod histogram;
 pub mod sampler;
 pub mod service;
+mod supervisor;

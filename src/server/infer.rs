@@ -211,6 +211,7 @@ pub fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::Busy => ApiError::Busy,
         SubmitError::Stopped => ApiError::Unavailable(e.to_string()),
+        SubmitError::Unavailable(reason) => ApiError::Unavailable(reason),
     }
 }
 

@@ -15,12 +15,15 @@
 pub mod engines;
 pub mod error;
 pub mod infer;
+pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod openapi;
 mod sse;
 pub mod wire;
 
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;
 
@@ -29,7 +32,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -74,6 +76,18 @@ pub struct ServeConfig {
     pub preload: Vec<String>,
     /// CPU worker threads per model (default: physical cores).
     pub threads: Option<usize>,
+    /// Bytes the resident models may hold together (default: 80% of the machine's memory).
+    pub memory_budget_bytes: Option<u64>,
+    /// Seconds without a heartbeat after which a ready engine counts as stalled.
+    #[serde(with = "secs")]
+    pub stall_timeout: Duration,
+    /// Seconds before the first restart of a failed engine (doubling per failure).
+    #[serde(with = "secs")]
+    pub restart_backoff: Duration,
+    /// Engine failures within 10 minutes that are restarted; one more marks the model failed.
+    pub max_restarts: u32,
+    /// Run a short generation after each load before the model counts as ready.
+    pub warmup: bool,
 }
 
 mod secs {
@@ -83,7 +97,7 @@ mod secs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = f64::deserialize(d)?;
         if !(0.0..=1e9).contains(&s) {
-            return Err(serde::de::Error::custom(format!("keep_alive = {s}: expected seconds in [0, 1e9]")));
+            return Err(serde::de::Error::custom(format!("{s}: expected seconds in [0, 1e9]")));
         }
         Ok(Duration::from_secs_f64(s))
     }
@@ -104,20 +118,43 @@ impl Default for ServeConfig {
             keep_alive: Duration::from_secs(300),
             preload: Vec::new(),
             threads: None,
+            memory_budget_bytes: None,
+            stall_timeout: Duration::from_secs(30),
+            restart_backoff: Duration::from_millis(500),
+            max_restarts: 3,
+            warmup: true,
         }
     }
 }
 
 impl ServeConfig {
-    /// The engine settings within these.
-    pub fn engine(&self) -> crate::engine::service::EngineConfig {
-        crate::engine::service::EngineConfig {
+    /// The engine settings within these. With the `fault-injection` feature, `ZOE_FAULT` adds
+    /// an injected failure (an invalid spec is an error).
+    pub fn engine(&self) -> anyhow::Result<crate::engine::service::EngineConfig> {
+        #[cfg(feature = "fault-injection")]
+        let fault = crate::engine::fault::Fault::from_env().map_err(anyhow::Error::msg)?;
+        #[cfg(not(feature = "fault-injection"))]
+        let fault = None;
+        Ok(crate::engine::service::EngineConfig {
             max_queue: self.max_queue,
             max_num_seqs: self.max_num_seqs,
             max_batched_tokens: self.max_batched_tokens,
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_bytes,
-        }
+            stall_timeout: self.stall_timeout,
+            restart_backoff: self.restart_backoff,
+            max_restarts: self.max_restarts,
+            warmup: self.warmup,
+            fault,
+        })
+    }
+
+    /// The memory budget: the configured one, else 80% of the machine's memory.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget_bytes.unwrap_or_else(|| {
+            let total = provider_probe::probe().total_memory_bytes.unwrap_or(8 << 30);
+            total / 5 * 4
+        })
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -144,8 +181,6 @@ pub struct AppState {
     pub config: ServeConfig,
     /// True when bound to a loopback address: the Host check applies.
     pub loopback: bool,
-    /// Model ids loaded at start; `/health` is 503 while one of them is not resident.
-    pub pinned: Vec<String>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -156,7 +191,7 @@ pub fn router(state: Shared) -> Router {
         .merge(ollama::routes())
         .merge(openai::routes())
         .route("/openapi.json", get(openapi::handler))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::handler))
         .fallback(not_found)
         .with_state(state.clone());
     api.layer(cors(&state.config))
@@ -176,6 +211,8 @@ pub async fn serve(state: Shared) -> anyhow::Result<()> {
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(%local, "listening");
     eprintln!("zoe-llm listening on http://{local}");
+    engines::spawn_reaper(state.clone());
+    spawn_systemd_notifier(state.clone());
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }
@@ -197,6 +234,7 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// Request id + span around everything; one access line per request.
@@ -356,64 +394,79 @@ pub fn glob_match(pattern: &str, s: &str) -> bool {
     true
 }
 
-/// Prometheus text: the vLLM names the engine-core issue will complete, per model.
-async fn metrics(State(state): State<Shared>) -> Response {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut out = String::new();
-    let families: [(&str, &str, &str); 12] = [
-        ("vllm:num_requests_running", "gauge", "Requests being generated."),
-        ("vllm:num_requests_waiting", "gauge", "Requests waiting in the queue."),
-        ("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0..1)."),
-        ("vllm:gpu_cache_usage_perc", "gauge", "Same as vllm:kv_cache_usage_perc (older dashboards)."),
-        ("vllm:prompt_tokens_total", "counter", "Prompt tokens processed."),
-        ("vllm:generation_tokens_total", "counter", "Tokens generated."),
-        ("vllm:request_success_total", "counter", "Finished requests by finish reason."),
-        ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."),
-        ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
-        ("vllm:num_preemptions_total", "counter", "Sequences preempted (recomputed) when KV blocks ran out."),
-        ("zoe_engine_errors_total", "counter", "Generations that failed in the engine."),
-        ("zoe_kv_cache_blocks", "gauge", "KV-cache blocks of the model's pool."),
-    ];
-    let resident = state.engines.resident();
-    for (name, kind, help) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (h, _) in &resident {
-            let s = &h.stats;
-            let m = &h.id;
-            match name {
-                "vllm:request_success_total" => {
-                    for (reason, c) in
-                        [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)]
-                    {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{model_name=\"{m}\",finished_reason=\"{reason}\"}} {}",
-                            c.load(Relaxed)
-                        );
-                    }
-                }
-                "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
-                    let total = s.kv_blocks.load(Relaxed).max(1) as f64;
-                    let v = s.kv_blocks_used.load(Relaxed) as f64 / total;
-                    let _ = writeln!(out, "{name}{{model_name=\"{m}\"}} {v}");
-                }
-                _ => {
-                    let v = match name {
-                        "vllm:num_requests_running" => s.running.load(Relaxed) as u64,
-                        "vllm:num_requests_waiting" => s.waiting.load(Relaxed) as u64,
-                        "vllm:prompt_tokens_total" => s.prompt_tokens.load(Relaxed),
-                        "vllm:generation_tokens_total" => s.generation_tokens.load(Relaxed),
-                        "vllm:prefix_cache_queries_total" => s.prefix_queries.load(Relaxed),
-                        "vllm:prefix_cache_hits_total" => s.prefix_hits.load(Relaxed),
-                        "vllm:num_preemptions_total" => s.preemptions.load(Relaxed),
-                        "zoe_kv_cache_blocks" => s.kv_blocks.load(Relaxed) as u64,
-                        _ => s.errors.load(Relaxed),
-                    };
-                    let _ = writeln!(out, "{name}{{model_name=\"{m}\"}} {v}");
-                }
+/// `/health`: 200 when every pinned model is ready and its engine beating; 503 when one is not
+/// (down, restarting, failed, stalled, or not loaded); 200 with `"degraded"` when only an
+/// on-demand model has trouble. The body always lists every resident and pinned model's state.
+pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
+    let pinned = state.engines.pinned();
+    let mut models = Vec::new();
+    let (mut pinned_down, mut other_down) = (false, false);
+    for (h, _) in state.engines.resident() {
+        let s = h.health.state();
+        let is_pinned = pinned.contains(&h.id);
+        let alive = s == crate::engine::service::EngineState::Ready;
+        if !alive {
+            if is_pinned {
+                pinned_down = true;
+            } else if s.name() != "starting" {
+                other_down = true;
             }
         }
+        models.push(serde_json::json!({
+            "model": h.id,
+            "pinned": is_pinned,
+            "state": s.name(),
+            "reason": s.reason(),
+            "alive": alive,
+            "heartbeat_age_seconds": (h.health.since_beat().as_secs_f64() * 1000.0).round() / 1000.0,
+            "restarts": h.health.restarts.load(std::sync::atomic::Ordering::Relaxed),
+        }));
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], Body::from(out)).into_response()
+    for id in pinned.iter().filter(|id| !state.engines.is_loaded(id)) {
+        pinned_down = true;
+        models.push(serde_json::json!({
+            "model": id, "pinned": true, "state": "not_loaded", "reason": "the model is not loaded", "alive": false,
+        }));
+    }
+    let (code, status) = if pinned_down {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    } else if other_down {
+        (StatusCode::OK, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (code, serde_json::json!({ "status": status, "models": models }))
+}
+
+/// Every pinned model is loaded and its engine alive (what the systemd watchdog vouches for).
+pub fn pinned_alive(state: &AppState) -> bool {
+    state.engines.pinned().iter().all(|id| state.engines.handle(id).is_some_and(|h| h.health.is_alive()))
+}
+
+/// systemd: `READY=1` once serving, then `WATCHDOG=1` at half the unit's `WatchdogSec` — only
+/// while every pinned engine is alive, so a stalled or failed engine gets the process restarted.
+/// Without `NOTIFY_SOCKET` this sends nothing.
+fn spawn_systemd_notifier(state: Shared) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let every = (period / 2).max(Duration::from_millis(10));
+    tracing::info!(ms = every.as_millis() as u64, "systemd watchdog enabled");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        let mut was_alive = true;
+        loop {
+            tick.tick().await;
+            let alive = pinned_alive(&state);
+            if alive {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            } else if was_alive {
+                tracing::error!("a pinned engine is not alive: watchdog notifications stop");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("a pinned engine is not alive")]);
+            }
+            was_alive = alive;
+        }
+    });
 }

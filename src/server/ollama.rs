@@ -835,7 +835,7 @@ async fn ps(State(st): State<Shared>) -> Response {
             Some(PsModel {
                 name: listed_name(m),
                 model: listed_name(m),
-                size: h.size_bytes,
+                size: h.size_bytes(),
                 digest: st.engines.source().digest(m),
                 details: details(m),
                 expires_at: wire::rfc3339(expires_at),

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
@@ -103,15 +103,8 @@ async fn version() -> Response {
 
 /// 200 with an empty body when every model loaded at start is still resident; 503 otherwise.
 async fn health(State(st): State<Shared>) -> Response {
-    let down: Vec<&String> = st.pinned.iter().filter(|id| !st.engines.is_loaded(id)).collect();
-    if down.is_empty() {
-        StatusCode::OK.into_response()
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({ "status": "unavailable", "not_loaded": down }),
-        )
-    }
+    let (status, body) = super::health(&st);
+    json_response(status, &body)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use crate::model::test_model::{self, CHATML, CONTEXT};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::MetaValue;
 
-const TINY: &str = r#"
+pub(super) const TINY: &str = r#"
 id = "tiny"
 aliases = ["tiny:1b"]
 roles = ["default", "chat"]
@@ -70,21 +70,29 @@ context_length = 256
 "#;
 
 /// The tiny model (and an AWQ one) "in the store"; pull and delete flip presence.
-struct TestSource {
-    tiny_present: AtomicBool,
+pub(super) struct TestSource {
+    pub(super) tiny_present: AtomicBool,
     pulls: Mutex<usize>,
+    /// What `size` reports for every model.
+    pub(super) size: u64,
+}
+
+impl TestSource {
+    pub(super) fn new(size: u64) -> Self {
+        Self { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0), size }
+    }
 }
 
 impl ModelSource for TestSource {
     fn present(&self, m: &Manifest) -> bool {
         match m.id.as_str() {
-            "tiny" => self.tiny_present.load(Ordering::SeqCst),
+            "tiny" | "tiny2" => self.tiny_present.load(Ordering::SeqCst),
             "big-awq" => true,
             _ => false,
         }
     }
     fn size(&self, _: &Manifest) -> u64 {
-        1234
+        self.size
     }
     fn modified(&self, _: &Manifest) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
@@ -125,36 +133,53 @@ impl ModelSource for TestSource {
     }
 }
 
-fn state_with(config: ServeConfig) -> Shared {
-    let manifests = [TINY, ABSENT, AWQ].iter().map(|t| Manifest::from_toml(t, "test").unwrap()).collect();
-    let registry = Registry::new(manifests).unwrap();
-    let source = Arc::new(TestSource { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0) });
-    let engines = Engines::new(source, config.engine(), config.keep_alive);
-    Arc::new(AppState { registry, engines, config, loopback: true, pinned: Vec::new() })
+pub(super) fn state_with(config: ServeConfig) -> Shared {
+    state_from(config, &[TINY, ABSENT, AWQ], TestSource::new(1234))
 }
 
-fn state() -> Shared {
+/// A state over `manifests` (TOML) and `source`; the memory budget is unlimited unless
+/// configured.
+pub(super) fn state_from(config: ServeConfig, manifests: &[&str], source: TestSource) -> Shared {
+    let engine = config.engine().unwrap();
+    state_full(config, engine, manifests, source)
+}
+
+/// [`state_from`] with engine settings of its own (an injected fault).
+pub(super) fn state_full(
+    config: ServeConfig,
+    engine: crate::engine::service::EngineConfig,
+    manifests: &[&str],
+    source: TestSource,
+) -> Shared {
+    let manifests = manifests.iter().map(|t| Manifest::from_toml(t, "test").unwrap()).collect();
+    let registry = Registry::new(manifests).unwrap();
+    let budget = config.memory_budget_bytes.unwrap_or(u64::MAX);
+    let engines = Engines::new(Arc::new(source), engine, config.keep_alive, budget);
+    Arc::new(AppState { registry, engines, config, loopback: true })
+}
+
+pub(super) fn state() -> Shared {
     state_with(ServeConfig::default())
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Vec<u8>,
+pub(super) struct Reply {
+    pub(super) status: StatusCode,
+    pub(super) headers: axum::http::HeaderMap,
+    pub(super) body: Vec<u8>,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    fn content_type(&self) -> &str {
+    pub(super) fn content_type(&self) -> &str {
         self.headers.get(header::CONTENT_TYPE).map_or("", |v| v.to_str().unwrap())
     }
     /// The error message in either dialect's shape.
-    fn error(&self) -> String {
+    pub(super) fn error(&self) -> String {
         let v = self.json();
         match &v["error"] {
             Value::String(s) => s.clone(),
@@ -164,7 +189,7 @@ impl Reply {
     }
 }
 
-async fn send_raw(st: &Shared, req: Request<Body>) -> Reply {
+pub(super) async fn send_raw(st: &Shared, req: Request<Body>) -> Reply {
     let resp = router(st.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -172,21 +197,21 @@ async fn send_raw(st: &Shared, req: Request<Body>) -> Reply {
     Reply { status, headers, body }
 }
 
-async fn call(st: &Shared, method: Method, path: &str, body: impl Into<Body>) -> Reply {
+pub(super) async fn call(st: &Shared, method: Method, path: &str, body: impl Into<Body>) -> Reply {
     let req =
         Request::builder().method(method).uri(path).header(header::HOST, "localhost:11434").body(body.into()).unwrap();
     send_raw(st, req).await
 }
 
-async fn post(st: &Shared, path: &str, body: Value) -> Reply {
+pub(super) async fn post(st: &Shared, path: &str, body: Value) -> Reply {
     call(st, Method::POST, path, body.to_string()).await
 }
 
-async fn get(st: &Shared, path: &str) -> Reply {
+pub(super) async fn get(st: &Shared, path: &str) -> Reply {
     call(st, Method::GET, path, Body::empty()).await
 }
 
-fn ndjson(r: &Reply) -> Vec<Value> {
+pub(super) fn ndjson(r: &Reply) -> Vec<Value> {
     assert_eq!(r.content_type(), "application/x-ndjson");
     let text = r.text();
     assert!(text.ends_with('\n'), "every line ends in \\n");
@@ -194,7 +219,7 @@ fn ndjson(r: &Reply) -> Vec<Value> {
 }
 
 /// SSE events (`data: <json>` or `data: [DONE]`), checking the framing.
-fn sse(r: &Reply) -> Vec<String> {
+pub(super) fn sse(r: &Reply) -> Vec<String> {
     assert_eq!(r.content_type(), "text/event-stream");
     let text = r.text();
     assert!(text.ends_with("\n\n"));
@@ -203,7 +228,7 @@ fn sse(r: &Reply) -> Vec<String> {
         .collect()
 }
 
-const GREEDY: fn(u32) -> Value = |n| json!({ "temperature": 0, "num_predict": n });
+pub(super) const GREEDY: fn(u32) -> Value = |n| json!({ "temperature": 0, "num_predict": n });
 
 fn is_rfc3339(s: &str) -> bool {
     chrono::DateTime::parse_from_rfc3339(s).is_ok() && s.ends_with('Z')
@@ -1374,16 +1399,23 @@ async fn options_stop_and_num_ctx() {
     assert_eq!(v["prompt_eval_count"].as_u64().unwrap() + v["eval_count"].as_u64().unwrap(), 8, "{v}");
 }
 
-/// `/health`: 200 with an empty body while the models loaded at start are resident, 503 naming
-/// them when one is not.
+/// `/health`: 503 naming a pinned model that is not loaded, 200 once it is ready; the body
+/// lists each model's state either way.
 #[tokio::test]
 async fn health_follows_the_pinned_models() {
-    let mut st = state();
-    Arc::get_mut(&mut st).unwrap().pinned = vec!["tiny".into()];
+    let st = state();
+    st.engines.pin("tiny");
     let r = get(&st, "/health").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(r.json()["not_loaded"], json!(["tiny"]));
+    assert_eq!(r.json()["status"], "unavailable");
+    assert_eq!(r.json()["models"][0]["state"], "not_loaded");
     post(&st, "/api/generate", json!({"model": "tiny"})).await;
     let r = get(&st, "/health").await;
-    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0));
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(
+        (v["models"][0]["model"].clone(), v["models"][0]["state"].clone(), v["models"][0]["pinned"].clone()),
+        (json!("tiny"), json!("ready"), json!(true))
+    );
 }

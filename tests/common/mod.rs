@@ -117,6 +117,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(models_dir: &Path) -> Server {
+        Self::start_with(models_dir, &[], &[])
+    }
+
+    /// [`Server::start`] with extra `serve` arguments and environment variables.
+    pub fn start_with(models_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut last_log = String::new();
         // A port found free can be taken before the server binds it: then try another.
         for _ in 0..3 {
@@ -127,6 +132,13 @@ impl Server {
                 .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--log", "info"])
                 .arg("--models-dir")
                 .arg(models_dir)
+                .args(args)
+                // Nothing from the environment the tests run in (a CI under systemd).
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("WATCHDOG_USEC")
+                .env_remove("WATCHDOG_PID")
+                .env_remove("ZOE_FAULT")
+                .envs(envs.iter().copied())
                 .env("ZOE_PYPI_INDEX", DEAD_INDEX)
                 .env_remove("RUST_LOG")
                 .stdin(Stdio::null())

@@ -1,0 +1,150 @@
+//! The engine core on the real SmolLM2 model through `zoe-llm serve`: the prefix cache's effect
+//! on time to first token, and — with the `fault-injection` feature — the systemd watchdog,
+//! which is fed only while the engines are alive.
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use common::{ModelsDir, Server};
+use serde_json::{json, Value};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn lock() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A second chat with the same long system prompt finds it in the prefix cache: the metrics
+/// count the hit, the server's own prompt-evaluation time (prefill to first token) drops, and
+/// the answer is the same.
+#[test]
+fn a_repeated_long_system_prompt_is_served_from_the_prefix_cache() {
+    let Some(gguf) = common::smollm2_gguf("a_repeated_long_system_prompt_is_served_from_the_prefix_cache") else {
+        return;
+    };
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let server = Server::start(models.path());
+    let system = "You are Zoe, a helpful voice assistant in a family home. Answer briefly and kindly. ".repeat(24);
+    let chat = |q: &str| -> Value {
+        let body = json!({"model": "smollm2", "stream": false, "options": {"temperature": 0, "num_predict": 4},
+                          "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}]});
+        let r = http().post(server.at("/api/chat")).json(&body).send().unwrap();
+        assert!(r.status().is_success());
+        r.json().unwrap()
+    };
+    let hits = || {
+        let text = http().get(server.at("/metrics")).send().unwrap().text().unwrap();
+        metric(&text, "vllm:prefix_cache_hits_total{model_name=\"smollm2-135m\"}")
+    };
+    let first = chat("What time is it?");
+    assert_eq!(hits(), 0.0);
+    let second = chat("What time is it?");
+    let cached = hits();
+    assert!(cached >= 400.0, "the system prompt's blocks were reused: {cached} tokens");
+    assert_eq!(first["message"], second["message"]);
+    let (t1, t2) = (first["prompt_eval_duration"].as_u64().unwrap(), second["prompt_eval_duration"].as_u64().unwrap());
+    eprintln!(
+        "prompt of {} tokens: prefill {:.1} ms cold, {:.1} ms with {cached} tokens cached",
+        first["prompt_eval_count"],
+        t1 as f64 / 1e6,
+        t2 as f64 / 1e6
+    );
+    // About 480 prompt tokens against the ~20 left to compute: an order of magnitude apart; half
+    // leaves room for any noise.
+    assert!(t2 * 2 < t1, "prefill with the cached prefix ({t2} ns) vs cold ({t1} ns)");
+}
+
+/// systemd: READY=1 once serving, WATCHDOG=1 at half of WATCHDOG_USEC while the engine is alive,
+/// and none once it hangs (injected), while /health says 503 and the hung request ends.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_watchdog_is_fed_only_while_the_engine_is_alive() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Instant;
+
+    let Some(gguf) = common::smollm2_gguf("the_watchdog_is_fed_only_while_the_engine_is_alive") else { return };
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(&config, "stall_timeout = 0.5\n").unwrap();
+    let server = Server::start_with(
+        models.path(),
+        &["--config", config.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap()), ("WATCHDOG_USEC", "200000"), ("ZOE_FAULT", "hang@step:3")],
+    );
+    // Messages received within `window`.
+    let collect = |window: Duration| -> Vec<String> {
+        let mut out = Vec::new();
+        let end = Instant::now() + window;
+        let mut buf = [0u8; 512];
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            socket.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            match socket.recv(&mut buf) {
+                Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()),
+                Err(_) => break,
+            }
+        }
+        out
+    };
+    let alive = collect(Duration::from_millis(1500));
+    assert_eq!(alive.first().map(String::as_str), Some("READY=1"), "{alive:?}");
+    let pings = alive.iter().filter(|m| m.as_str() == "WATCHDOG=1").count();
+    assert!(pings >= 5, "pings every 100 ms while alive: {alive:?}");
+    assert_eq!(http().get(server.at("/health")).send().unwrap().status(), 200);
+
+    // The third forward step hangs: the request ends with an error instead of hanging.
+    let r = http()
+        .post(server.at("/api/generate"))
+        .json(&json!({"model": "smollm2", "prompt": "Hello", "stream": false, "options": {"num_predict": 20}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains("not responding"), "{body}");
+    let health = http().get(server.at("/health")).send().unwrap();
+    assert_eq!(health.status(), 503);
+    let health: Value = health.json().unwrap();
+    assert_eq!(health["models"][0]["state"], "stalled", "{health}");
+    // Drop what was sent before the stall was seen, then listen.
+    socket.set_nonblocking(true).unwrap();
+    while socket.recv(&mut [0u8; 512]).is_ok() {}
+    socket.set_nonblocking(false).unwrap();
+    let stalled = collect(Duration::from_millis(1000));
+    assert!(!stalled.iter().any(|m| m == "WATCHDOG=1"), "no pings for a stalled engine: {stalled:?}");
+    let text = http().get(server.at("/metrics")).send().unwrap().text().unwrap();
+    assert_eq!(metric(&text, "zoe_engine_alive{model_name=\"smollm2-135m\"}"), 0.0);
+}
+
+/// An invalid ZOE_FAULT stops `serve` before it opens the port, naming the variable.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn an_invalid_fault_spec_is_refused() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--port", "1"])
+        .env("ZOE_FAULT", "explode@step:1")
+        .env("ZOE_PYPI_INDEX", common::DEAD_INDEX)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ZOE_FAULT") && err.contains("unknown kind \"explode\""), "{err}");
+}

@@ -393,3 +393,30 @@ mod faults {
         assert!(!crate::server::pinned_alive(&st));
     }
 }
+
+/// The engine-core settings in a config file, and the ones refused.
+#[test]
+fn config_file_engine_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serve.toml");
+    let write = |text: &str| std::fs::write(&path, text).unwrap();
+    write(
+        "memory_budget_bytes = 1000000\nstall_timeout = 2.5\nrestart_backoff = 0.1\nmax_restarts = 0\nwarmup = false\n",
+    );
+    let c = ServeConfig::from_file(&path).unwrap();
+    let e = c.engine().unwrap();
+    assert_eq!(c.memory_budget(), 1_000_000);
+    assert_eq!(
+        (e.stall_timeout, e.restart_backoff, e.max_restarts, e.warmup),
+        (Duration::from_millis(2500), Duration::from_millis(100), 0, false)
+    );
+    write("stall_timeout = 0\n");
+    let err = ServeConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("stall_timeout must be above 0"), "{err}");
+    write("stall_timeout = -1\n");
+    let err = ServeConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("stall_timeout") && err.contains("expected seconds"), "{err}");
+    write("max_restart = 2\n");
+    let err = ServeConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("unknown field `max_restart`"), "{err}");
+}

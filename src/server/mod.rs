@@ -170,6 +170,9 @@ impl ServeConfig {
                 anyhow::bail!("{}: {key} must be at least 1", path.display());
             }
         }
+        if cfg.stall_timeout.is_zero() {
+            anyhow::bail!("{}: stall_timeout must be above 0 seconds", path.display());
+        }
         Ok(cfg)
     }
 }

@@ -187,7 +187,13 @@ impl Sampler {
         }
         let raw_argmax = raw_best.0;
 
-        if self.params.penalties_active() {
+        let penalties = self.params.penalties_active();
+        if self.params.temperature == 0.0 && !penalties {
+            // Plain greedy: the pass above already found it (highest, lowest id on ties, 0 when
+            // every logit is −∞), so the vocabulary is scanned once per token, not twice.
+            return raw_argmax;
+        }
+        if penalties {
             self.apply_penalties(logits, history);
         }
 

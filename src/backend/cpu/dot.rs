@@ -24,8 +24,19 @@ pub struct BlockQ8 {
     pub qs: [i8; QK],
 }
 
-/// Quantizes a row (length a multiple of 32) to 8-bit blocks, round-to-nearest, `d = amax / 127`.
+/// Quantizes a row (length a multiple of 32) to 8-bit blocks, round-to-nearest (halves away from
+/// zero), `d = amax / 127`. The AVX2 form gives bit-identical blocks for finite input.
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * QK);
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        return simd::quantize_row_q8(x, out);
+    }
+    quantize_row_q8_scalar(x, out)
+}
+
+/// The portable form of [`quantize_row_q8`] (and its oracle).
+pub fn quantize_row_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * QK);
     for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -361,6 +372,53 @@ mod simd {
         assert!(w.len() >= y.len() * 34);
         unsafe { q8_0(w, y) }
     }
+
+    pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+        assert_eq!(x.len(), out.len() * QK);
+        unsafe { quantize_q8(x, out) }
+    }
+
+    /// The scalar quantizer's arithmetic 8 lanes at a time: the same `amax`, `d`, `1/d` and
+    /// products; `round` (halves away from zero) as truncation plus a ±1 step where the exact
+    /// remainder is at least one half; the i32 → i8 narrowing by saturating packs, exact for
+    /// |q| ≤ 127.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+        let sign = _mm256_set1_ps(-0.0);
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let p = xb.as_ptr();
+            let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let idv = _mm256_set1_ps(id);
+            let q = v.map(|v| {
+                let r = _mm256_mul_ps(v, idv);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+                let f = _mm256_andnot_ps(sign, _mm256_sub_ps(r, t));
+                let step = _mm256_or_ps(one, _mm256_and_ps(sign, r));
+                let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half), step);
+                _mm256_cvttps_epi32(_mm256_add_ps(t, up))
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+            // packs interleave the 128-bit lanes: dwords come out as a0-3 b0-3 c0-3 d0-3 | a4-7 …
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, bytes);
+            ob.d = d;
+            ob.s = d * sum as f32;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +468,34 @@ mod tests {
                 for (r, g) in rows.iter().zip(got) {
                     let want = scalar_kernel(t)(r, &xq);
                     assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{t} x4 nb={nb}: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The fast quantizer gives the scalar one's blocks bit for bit, ties at .5 included.
+    #[test]
+    fn quantize_row_q8_matches_scalar_exactly() {
+        let mut rng = Lcg(5);
+        for nb in [1, 2, 7, 18] {
+            for scale in [0.0f32, 1e-30, 1e-3, 1.0, 3e4] {
+                let mut x: Vec<f32> = (0..nb * QK).map(|_| rng.normal() * scale).collect();
+                if scale == 1.0 {
+                    // Exact halves after scaling by 127/amax = 1: amax 127 with .5 remainders.
+                    x[0] = 127.0;
+                    for (i, v) in x[1..QK].iter_mut().enumerate() {
+                        *v = (i as f32 - 15.0) + if i % 2 == 0 { 0.5 } else { -0.5 };
+                    }
+                }
+                let (mut a, mut b) = (vec![BlockQ8::default(); nb], vec![BlockQ8::default(); nb]);
+                quantize_row_q8(&x, &mut a);
+                quantize_row_q8_scalar(&x, &mut b);
+                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(
+                        (a.d.to_bits(), a.s.to_bits(), a.qs),
+                        (b.d.to_bits(), b.s.to_bits(), b.qs),
+                        "nb={nb} scale={scale} block {i}"
+                    );
                 }
             }
         }

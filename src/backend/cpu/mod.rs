@@ -119,6 +119,12 @@ impl SyncPtr {
     unsafe fn write(self, i: usize, v: f32) {
         *self.0.add(i) = v;
     }
+
+    /// # Safety
+    /// `i..i + 8` is in bounds and no other task writes those elements.
+    unsafe fn write_group(self, i: usize, v: &[f32; packed::GROUP]) {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), packed::GROUP);
+    }
 }
 
 /// Sum of products in 8 independent lanes so the compiler can vectorize (a single f32
@@ -238,28 +244,30 @@ impl Backend for CpuBackend {
             let nb = k / QK;
             let mut xq = vec![BlockQ8::default(); n * nb];
             xq.par_chunks_mut(nb).zip(x.data.par_chunks(k)).for_each(|(q, xr)| quantize_row_q8(xr, q));
-            if let (Some(p), Some(k)) = (&w.packed, packed::kernel(w.dtype)) {
+            if let (Some(p), Some(kern)) = (&w.packed, packed::kernel(w.dtype)) {
+                const G: usize = packed::GROUP;
+                let xrows: Vec<&[BlockQ8]> = xq.chunks_exact(nb).collect();
+                // Up to 8 tokens per pass over a group: a decode batch of 8 reads each weight
+                // once per step.
+                let tiles: Vec<(usize, usize)> = packed::tiles(n).collect();
                 // Tasks own whole 8-row groups: rows_per_task is a multiple of 8 when packed.
                 (0..tasks).into_par_iter().for_each(|c| {
-                    for g in c * rows_per_task / packed::GROUP..((c + 1) * rows_per_task).min(m) / packed::GROUP {
+                    let mut vals = [[0.0f32; G]; packed::MAX_TOKENS];
+                    for g in c * rows_per_task / G..((c + 1) * rows_per_task).min(m) / G {
                         let blocks = p.group_blocks(g);
-                        let put = |t: usize, vals: [f32; packed::GROUP]| {
-                            for (r, v) in vals.into_iter().enumerate() {
-                                let j = g * packed::GROUP + r;
-                                store(t, j, v + bias.map_or(0.0, |b| b[j]));
+                        let j0 = g * G;
+                        for &(t0, len) in &tiles {
+                            let vals = &mut vals[..len];
+                            (kern.dot)(blocks, &xrows[t0..t0 + len], vals);
+                            for (t, v) in (t0..).zip(vals.iter_mut()) {
+                                if let Some(b) = bias {
+                                    for (v, b) in v.iter_mut().zip(&b[j0..j0 + G]) {
+                                        *v += b;
+                                    }
+                                }
+                                // Output columns j0..j0+8 of token t belong to this task alone.
+                                unsafe { ptr.write_group(t * oc + col0 + j0, v) };
                             }
-                        };
-                        let mut tokens = xq.chunks_exact(nb).enumerate();
-                        // Four tokens per pass while they last (prompt processing), then one.
-                        while tokens.len() >= 4 {
-                            let batch: [(usize, &[BlockQ8]); 4] = std::array::from_fn(|_| tokens.next().unwrap());
-                            let out = (k.four)(blocks, batch.map(|(_, x)| x));
-                            for ((t, _), vals) in batch.into_iter().zip(out) {
-                                put(t, vals);
-                            }
-                        }
-                        for (t, xr) in tokens {
-                            put(t, (k.one)(blocks, xr));
                         }
                     }
                 });
@@ -400,6 +408,21 @@ impl Backend for CpuBackend {
             }
         }
         let scale = 1.0 / (d as f32).sqrt();
+        #[cfg(target_arch = "x86_64")]
+        if d.is_multiple_of(attn_simd::CHUNK) && dot::simd_available() {
+            // One task per (row, KV head): the `group` query heads sharing a KV head are
+            // contiguous in the row, and each cached K/V row is loaded once for all of them.
+            let gw = group * d;
+            out.data.par_chunks_mut(gw).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+                let (r, g) = (idx / layout.n_kv_heads, idx % layout.n_kv_heads);
+                let (s, pos) = row_pos[r];
+                let slots = &seqs[s].slots[..=pos];
+                let q = &qkv.data[r * cols + g * gw..][..gw];
+                let kv = attn_simd::Kv { k: &kc.data, v: &vc.data, stride: kvw, offset: g * d };
+                attn_simd::attend(q, group, d, slots, kv, scale, scores, o);
+            });
+            return;
+        }
         out.data.par_chunks_mut(d).enumerate().for_each(|(idx, o)| {
             let (r, h) = (idx / layout.n_heads, idx % layout.n_heads);
             let (s, pos) = row_pos[r];
@@ -434,6 +457,128 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Attention of one row's query heads that share a KV head, with AVX2/FMA f32 arithmetic (the
+/// build targets baseline x86_64, so the plain loops above compile to SSE).
+#[cfg(target_arch = "x86_64")]
+mod attn_simd {
+    use std::arch::x86_64::*;
+
+    /// Head dimensions must be a multiple of this (64 and 128 are): one block of output columns
+    /// accumulates in 8 registers.
+    pub const CHUNK: usize = 64;
+
+    /// How many slots ahead the score loop prefetches K and V rows.
+    const PREFETCH: usize = 8;
+
+    /// One layer's K and V caches and where this KV head's columns start in a slot's row.
+    #[derive(Clone, Copy)]
+    pub struct Kv<'a> {
+        pub k: &'a [f32],
+        pub v: &'a [f32],
+        pub stride: usize,
+        pub offset: usize,
+    }
+
+    impl Kv<'_> {
+        fn k_row(&self, slot: u32) -> &[f32] {
+            &self.k[slot as usize * self.stride + self.offset..]
+        }
+        fn v_row(&self, slot: u32) -> &[f32] {
+            &self.v[slot as usize * self.stride + self.offset..]
+        }
+    }
+
+    /// `out[h]` = softmax(q_h·K / √d)·V over `slots` for the `heads` query heads in `q` (`heads ·
+    /// d` floats, head after head). `scores` is scratch space.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        q: &[f32],
+        heads: usize,
+        d: usize,
+        slots: &[u32],
+        kv: Kv<'_>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(super::dot::simd_available() && d.is_multiple_of(CHUNK));
+        assert!(q.len() == heads * d && out.len() == heads * d);
+        // Every row read below holds d floats: checked once per slot here, not per load.
+        for &sl in slots {
+            assert!(kv.k_row(sl).len() >= d && kv.v_row(sl).len() >= d, "attention: slot {sl} out of the cache");
+        }
+        unsafe { attend_impl(q, heads, d, slots, kv, scale, scores, out) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_impl(
+        q: &[f32],
+        heads: usize,
+        d: usize,
+        slots: &[u32],
+        kv: Kv<'_>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let n = slots.len();
+        scores.clear();
+        scores.resize(heads * n, 0.0);
+        for (i, &sl) in slots.iter().enumerate() {
+            // The cache rows of a long batch do not stay in cache from one step to the next:
+            // fetch K and V of a later slot ahead (V is read after the softmax).
+            if let Some(&next) = slots.get(i + PREFETCH) {
+                let (k, v) = (kv.k_row(next).as_ptr(), kv.v_row(next).as_ptr());
+                for c in (0..d).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(k.add(c) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(v.add(c) as *const i8);
+                }
+            }
+            let k = kv.k_row(sl).as_ptr();
+            for h in 0..heads {
+                let qh = q.as_ptr().add(h * d);
+                let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in (0..d).step_by(16) {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c)), _mm256_loadu_ps(k.add(c)), a);
+                    b = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c + 8)), _mm256_loadu_ps(k.add(c + 8)), b);
+                }
+                *scores.get_unchecked_mut(h * n + i) = hsum(_mm256_add_ps(a, b)) * scale;
+            }
+        }
+        for (h, p) in scores.chunks_exact_mut(n).enumerate() {
+            let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in p.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for c0 in (0..d).step_by(CHUNK) {
+                let mut acc = [_mm256_setzero_ps(); CHUNK / 8];
+                for (&w, &sl) in p.iter().zip(slots) {
+                    let w = _mm256_set1_ps(w * inv);
+                    let v = kv.v_row(sl).as_ptr().add(c0);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *a);
+                    }
+                }
+                let o = out.as_mut_ptr().add(h * d + c0);
+                for (j, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * j), *a);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The fast paths above against `reference`, on random inputs, with the tolerance each needs.
@@ -464,8 +609,10 @@ mod tests {
         let be = CpuBackend::with_precision(2, precision);
         let mut rng = Lcg(1);
         for t in GgmlType::ALL {
-            for (n, m) in [(1, 37), (3, 40), (17, 37), (5, 64)] {
-                // 37 rows take the file-order kernels; 40 and 64 the 8-row packed ones.
+            // Every decode batch size 1..=9 (tiles of up to 8 tokens, 9 = 5 + 4) and a prompt
+            // chunk of 17; 37 rows take the file-order kernels, 40 and 64 the 8-row packed ones.
+            let shapes = (1..=9).flat_map(|n| [(n, 37), (n, 40)]).chain([(17, 37), (17, 64), (5, 64)]);
+            for (n, m) in shapes {
                 let k = 512;
                 let bytes = random_blocks(t, m * k, &mut rng);
                 let w = be.weight("w", t, m, k, &bytes).unwrap();
@@ -482,6 +629,36 @@ mod tests {
                 // over 512 products); float and K types use f32 activations.
                 let tol = if precision == Precision::Q8 && uses_q8_activations(t) { 2e-2 } else { 1e-4 };
                 assert_close(&got, &want, tol, &format!("linear {t} n={n}"));
+            }
+        }
+    }
+
+    /// Each token's output row does not depend on which other tokens share the batch: greedy
+    /// decoding in a batch must give what decoding alone gives.
+    #[test]
+    fn linear_rows_are_independent_of_the_batch() {
+        for precision in [Precision::Q8, Precision::F32] {
+            let be = CpuBackend::with_precision(2, precision);
+            let mut rng = Lcg(4);
+            for t in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q6K] {
+                let (m, k) = (48, 256);
+                let w = be.weight("w", t, m, k, &random_blocks(t, m * k, &mut rng)).unwrap();
+                let x = be.upload(&rand_vec(17 * k, &mut rng), 17, k);
+                let alone: Vec<Vec<f32>> = (0..17)
+                    .map(|i| {
+                        let mut out = be.zeros(1, m);
+                        be.linear(&be.gather_rows(&x, &[i]), &w, None, &mut out, 0);
+                        out.data
+                    })
+                    .collect();
+                for n in 1..=17 {
+                    let xs = be.gather_rows(&x, &(0..n).collect::<Vec<_>>());
+                    let mut out = be.zeros(n, m);
+                    be.linear(&xs, &w, None, &mut out, 0);
+                    for (i, row) in out.data.chunks(m).enumerate() {
+                        assert_eq!(row, alone[i], "{precision:?} {t} batch {n} row {i}");
+                    }
+                }
             }
         }
     }
@@ -524,11 +701,18 @@ mod tests {
         assert_close(&h.data, &r::silu_mul(&x.data, c / 2), 1e-6, "silu_mul");
     }
 
+    /// Head dims 16 (the plain loops), 64 and 128 (the AVX2 path, one and two column blocks),
+    /// with grouped and one-to-one KV heads.
     #[test]
     fn attention_matches_reference_with_scattered_slots() {
+        for (n_heads, n_kv_heads, head_dim) in [(6, 2, 16), (9, 3, 64), (4, 4, 64), (4, 2, 128)] {
+            attention_matches_reference(QkvLayout { n_heads, n_kv_heads, head_dim });
+        }
+    }
+
+    fn attention_matches_reference(layout: QkvLayout) {
         let be = CpuBackend::new(2);
         let mut rng = Lcg(3);
-        let layout = QkvLayout { n_heads: 6, n_kv_heads: 2, head_dim: 16 };
         let cols = layout.total_cols();
         // Two sequences: one prefilling 4 tokens from scratch, one decoding its 9th token.
         let rows = 5;
@@ -546,7 +730,12 @@ mod tests {
         let mut out = be.zeros(rows, layout.q_cols());
         be.attention(&qkv, (&kc, &vc), layout, &seqs, &mut out);
         let want = r::attention(&qkv.data, &kc.data, &vc.data, layout, &seqs);
-        assert_close(&out.data, &want, 1e-5, "attention");
+        assert_close(&out.data, &want, 1e-5, &format!("attention {layout:?}"));
+        // The decoding row alone gets exactly what it got in the batch.
+        let alone = be.gather_rows(&qkv, &[4]);
+        let mut out1 = be.zeros(1, layout.q_cols());
+        be.attention(&alone, (&kc, &vc), layout, &[AttnSeq { q_rows: 0..1, slots: &s1 }], &mut out1);
+        assert_eq!(out1.data, out.data[4 * layout.q_cols()..], "attention {layout:?}: row 4 alone");
     }
 
     #[test]

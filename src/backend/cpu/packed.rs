@@ -135,16 +135,28 @@ fn unpack_nibbles(qs: &[u8]) -> [u8; 32] {
     q
 }
 
-/// Dots of the 8 rows of one packed group with one activation row, and with four at once (prompt
-/// processing: the quant unpacking and scale conversion are shared by the four tokens).
+/// Most activation rows one packed-kernel call takes. A decode step of up to this many sequences
+/// passes over each weight group once: the nibble unpacking and scale conversion are shared by
+/// every token of the tile, and the weights are read from memory once per step.
+pub const MAX_TOKENS: usize = 8;
+
+/// The packed dot kernel for one weight type on this CPU.
 #[derive(Clone, Copy)]
 pub struct GroupKernel {
-    pub one: fn(&[u8], &[BlockQ8]) -> [f32; GROUP],
-    pub four: DotGroup4,
+    pub dot: DotGroup,
 }
 
-/// One packed group against four activation rows: `out[token][row]`.
-pub type DotGroup4 = fn(&[u8], [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4];
+/// One packed group against `ys.len()` activation rows (1..=[`MAX_TOKENS`]): `out[token][row]`
+/// (`out.len() == ys.len()`). Each token's result is the same whatever the tile size.
+pub type DotGroup = fn(&[u8], &[&[BlockQ8]], &mut [[f32; GROUP]]);
+
+/// Splits `n` tokens into tiles of at most [`MAX_TOKENS`], as even as possible (9 → 5 + 4 rather
+/// than 8 + 1, whose single-token tile would pay the unpacking alone): `(start, len)` pairs.
+pub fn tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let count = n.div_ceil(MAX_TOKENS);
+    let (base, extra) = (n.checked_div(count).unwrap_or(0), n.checked_rem(count).unwrap_or(0));
+    (0..count).map(move |i| (i * base + i.min(extra), base + usize::from(i < extra)))
+}
 
 /// The packed kernels for `dtype` on this CPU, if there are any (x86_64 with AVX2).
 pub fn kernel(dtype: GgmlType) -> Option<GroupKernel> {
@@ -219,29 +231,51 @@ mod simd {
         }
     }
 
+    /// How far ahead of the block being multiplied the weight stream is fetched, in tiles of at
+    /// least `PREFETCH_FROM` tokens. Those spend long enough on each block that the hardware
+    /// prefetcher falls behind; a single token streams faster without the hints.
+    const PREFETCH_BYTES: usize = 1024;
+    const PREFETCH_FROM: usize = 4;
+
+    /// Prefetches the cache lines of the block `PREFETCH_BYTES` ahead of `block` (of `BYTES`
+    /// bytes). Past the end of the weights it only hints at addresses that are never read.
+    #[inline(always)]
+    unsafe fn prefetch<const BYTES: usize>(block: *const u8) {
+        let ahead = block.wrapping_add(PREFETCH_BYTES);
+        for line in (0..BYTES).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+        }
+    }
+
     #[inline(always)]
     unsafe fn bcast4(p: *const i8) -> __m256i {
         _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
+    /// Writes each token's 8 sums (a plain loop: `array::map` would call the store out of line,
+    /// outside the target features).
     #[inline(always)]
-    unsafe fn store(acc: __m256) -> [f32; GROUP] {
-        let mut out = [0.0f32; GROUP];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc);
-        out
+    unsafe fn store<const T: usize>(acc: &[__m256; T], out: &mut [[f32; GROUP]]) {
+        assert_eq!(out.len(), T);
+        for t in 0..T {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]);
+        }
     }
 
     /// One Q4_1 group against T activation rows: `d·dy·Σq·qy + m·s` for 8 rows per register.
     // `b` indexes the packed blocks and every token's activation blocks at once.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn q4_1<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
+    unsafe fn q4_1<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T], out: &mut [[f32; GROUP]]) {
         let nb = ys[0].len();
         assert!(p.len() >= nb * 160 && ys.iter().all(|y| y.len() == nb));
         let mask = _mm256_set1_epi8(15);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..nb {
             let base = p.as_ptr().add(b * 160);
+            if T >= PREFETCH_FROM {
+                prefetch::<160>(base);
+            }
             let mut isum = [_mm256_setzero_si256(); T];
             for k in 0..4 {
                 let v = _mm256_loadu_si256(base.add(32 + 32 * k) as *const __m256i);
@@ -262,19 +296,22 @@ mod simd {
                 acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc[t]);
             }
         }
-        acc.map(|a| store(a))
+        store(&acc, out)
     }
 
     /// One Q8_0 group against T activation rows. Signed × signed through the unsigned-left-operand
     /// instructions: |w| times y carrying w's sign.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn q8_0<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T]) -> [[f32; GROUP]; T] {
+    unsafe fn q8_0<D: Dot4, const T: usize>(p: &[u8], ys: [&[BlockQ8]; T], out: &mut [[f32; GROUP]]) {
         let nb = ys[0].len();
         assert!(p.len() >= nb * 272 && ys.iter().all(|y| y.len() == nb));
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..nb {
             let base = p.as_ptr().add(b * 272);
+            if T >= PREFETCH_FROM {
+                prefetch::<272>(base);
+            }
             let mut isum = [_mm256_setzero_si256(); T];
             for k in 0..8 {
                 let w = _mm256_loadu_si256(base.add(16 + 32 * k) as *const __m256i);
@@ -290,28 +327,33 @@ mod simd {
                 acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), acc[t]);
             }
         }
-        acc.map(|a| store(a))
+        store(&acc, out)
     }
 
-    // One `#[target_feature]` entry per (type, instruction set, token count). Safe wrappers are
-    // handed out by `kernels` only after the CPU features were detected.
+    // One `#[target_feature]` entry per (type, instruction set); the tile size picks a
+    // monomorphized body, so every token count has its own unrolled register set. Safe wrappers
+    // are handed out by `kernels` only after the CPU features were detected.
     macro_rules! entries {
         ($($name:ident: $body:ident<$d:ty>, $features:literal;)*) => {$(
             mod $name {
                 use super::*;
                 #[target_feature(enable = $features)]
-                unsafe fn one_impl(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-                    $body::<$d, 1>(p, [y])[0]
+                unsafe fn dot_impl(p: &[u8], ys: &[&[BlockQ8]], out: &mut [[f32; GROUP]]) {
+                    assert_eq!(ys.len(), out.len(), "one output row per token");
+                    match ys.len() {
+                        1 => $body::<$d, 1>(p, ys.try_into().unwrap(), out),
+                        2 => $body::<$d, 2>(p, ys.try_into().unwrap(), out),
+                        3 => $body::<$d, 3>(p, ys.try_into().unwrap(), out),
+                        4 => $body::<$d, 4>(p, ys.try_into().unwrap(), out),
+                        5 => $body::<$d, 5>(p, ys.try_into().unwrap(), out),
+                        6 => $body::<$d, 6>(p, ys.try_into().unwrap(), out),
+                        7 => $body::<$d, 7>(p, ys.try_into().unwrap(), out),
+                        8 => $body::<$d, 8>(p, ys.try_into().unwrap(), out),
+                        n => panic!("packed kernel: {n} tokens, expected 1..={}", super::super::MAX_TOKENS),
+                    }
                 }
-                #[target_feature(enable = $features)]
-                unsafe fn four_impl(p: &[u8], ys: [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4] {
-                    $body::<$d, 4>(p, ys)
-                }
-                pub fn one(p: &[u8], y: &[BlockQ8]) -> [f32; GROUP] {
-                    unsafe { one_impl(p, y) }
-                }
-                pub fn four(p: &[u8], ys: [&[BlockQ8]; 4]) -> [[f32; GROUP]; 4] {
-                    unsafe { four_impl(p, ys) }
+                pub fn dot(p: &[u8], ys: &[&[BlockQ8]], out: &mut [[f32; GROUP]]) {
+                    unsafe { dot_impl(p, ys, out) }
                 }
             }
         )*};
@@ -326,10 +368,10 @@ mod simd {
 
     pub fn kernels(dtype: GgmlType, vnni: bool) -> Option<GroupKernel> {
         Some(match (dtype, vnni) {
-            (GgmlType::Q4_1, true) => GroupKernel { one: q4_1_vnni::one, four: q4_1_vnni::four },
-            (GgmlType::Q4_1, false) => GroupKernel { one: q4_1_avx2::one, four: q4_1_avx2::four },
-            (GgmlType::Q8_0, true) => GroupKernel { one: q8_0_vnni::one, four: q8_0_vnni::four },
-            (GgmlType::Q8_0, false) => GroupKernel { one: q8_0_avx2::one, four: q8_0_avx2::four },
+            (GgmlType::Q4_1, true) => GroupKernel { dot: q4_1_vnni::dot },
+            (GgmlType::Q4_1, false) => GroupKernel { dot: q4_1_avx2::dot },
+            (GgmlType::Q8_0, true) => GroupKernel { dot: q8_0_vnni::dot },
+            (GgmlType::Q8_0, false) => GroupKernel { dot: q8_0_avx2::dot },
             _ => return None,
         })
     }
@@ -355,8 +397,25 @@ mod tests {
         }
     }
 
-    /// Every packed kernel this CPU can run, one token and four at a time, equals the scalar
-    /// kernel on the file-order rows.
+    #[test]
+    fn tiles_cover_every_token_once_evenly() {
+        for n in 0..=40 {
+            let t: Vec<(usize, usize)> = tiles(n).collect();
+            assert_eq!(t.iter().map(|&(_, l)| l).sum::<usize>(), n, "n={n}");
+            let mut next = 0;
+            for &(s, l) in &t {
+                assert_eq!(s, next, "n={n}: tiles are consecutive");
+                assert!((1..=MAX_TOKENS).contains(&l), "n={n}: tile of {l}");
+                next += l;
+            }
+            let (min, max) = (t.iter().map(|x| x.1).min(), t.iter().map(|x| x.1).max());
+            assert!(max.unwrap_or(0) - min.unwrap_or(0) <= 1, "n={n}: uneven {t:?}");
+        }
+    }
+
+    /// Every packed kernel this CPU can run, at every tile size 1..=8, equals the scalar kernel on
+    /// the file-order rows, and each token's result is bit-identical whatever tile it is in (a
+    /// sequence decoded in a batch must get the logits it gets alone).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn packed_kernels_match_scalar_rows() {
@@ -373,12 +432,14 @@ mod tests {
             for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
                 let k = simd::kernels(t, vnni).unwrap();
                 for nb in [1, 5, 18] {
-                    let (rows, cols) = (16, nb * QK);
+                    let (rows, cols) = (24, nb * QK);
                     let data = random_blocks(t, rows * cols, &mut rng);
                     let p = Packed::new(t, rows, cols, &data);
-                    let xq: Vec<Vec<BlockQ8>> = (0..4)
-                        .map(|_| {
-                            let x: Vec<f32> = (0..cols).map(|_| rng.normal() * 2.0).collect();
+                    let xq: Vec<Vec<BlockQ8>> = (0..MAX_TOKENS + 1)
+                        .map(|i| {
+                            // Varied magnitudes, including an all-zero row (d = 0).
+                            let scale = if i == 3 { 0.0 } else { 0.5 + i as f32 };
+                            let x: Vec<f32> = (0..cols).map(|_| rng.normal() * scale).collect();
                             let mut q = vec![BlockQ8::default(); nb];
                             quantize_row_q8(&x, &mut q);
                             q
@@ -386,19 +447,39 @@ mod tests {
                         .collect();
                     let rb = t.row_bytes(cols).unwrap();
                     for g in 0..rows / GROUP {
-                        let four = (k.four)(p.group_blocks(g), [&xq[0], &xq[1], &xq[2], &xq[3]]);
-                        for (tok, y) in xq.iter().enumerate() {
-                            let one = (k.one)(p.group_blocks(g), y);
-                            for r in 0..GROUP {
+                        let blocks = p.group_blocks(g);
+                        let alone: Vec<[f32; GROUP]> = xq
+                            .iter()
+                            .map(|y| {
+                                let mut o = [[0.0; GROUP]];
+                                (k.dot)(blocks, &[y], &mut o);
+                                o[0]
+                            })
+                            .collect();
+                        for (tok, (y, got)) in xq.iter().zip(&alone).enumerate() {
+                            for (r, &got) in got.iter().enumerate() {
                                 let row = g * GROUP + r;
                                 let want = scalar_kernel(t)(&data[row * rb..(row + 1) * rb], y);
                                 let tol = 1e-4 * want.abs().max(1.0);
                                 assert!(
-                                    (one[r] - want).abs() <= tol,
-                                    "{t} vnni={vnni} nb={nb} row {row}: {} vs {want}",
-                                    one[r]
+                                    (got - want).abs() <= tol,
+                                    "{t} vnni={vnni} nb={nb} row {row} token {tok}: {got} vs {want}"
                                 );
-                                assert_eq!(four[tok][r], one[r], "four-token kernel, token {tok}");
+                            }
+                        }
+                        // Every tile size, starting at every offset that fits.
+                        for len in 1..=MAX_TOKENS {
+                            for start in 0..=xq.len() - len {
+                                let ys: Vec<&[BlockQ8]> = xq[start..start + len].iter().map(|v| &v[..]).collect();
+                                let mut out = vec![[f32::NAN; GROUP]; len];
+                                (k.dot)(blocks, &ys, &mut out);
+                                for (i, o) in out.iter().enumerate() {
+                                    assert_eq!(
+                                        *o,
+                                        alone[start + i],
+                                        "{t} vnni={vnni} nb={nb} tile {start}+{len}, token {i}"
+                                    );
+                                }
                             }
                         }
                     }

@@ -46,6 +46,9 @@ pub(super) fn incarnation(
     init: Option<&SyncSender<Result<Init, String>>>,
 ) -> Result<(), String> {
     let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+    // Retries are in the in-flight table before anything can fail, so that a reload that fails
+    // too still answers them.
+    let carried: Vec<(u64, Ticket)> = carry.into_iter().map(|t| (core.register(t.clone()), t)).collect();
     let t = Instant::now();
     let LoadedModel { backend, model, tokenizer, context_length, .. } = loader()?;
     let kv_cols = model.layout().kv_cols();
@@ -103,7 +106,7 @@ pub(super) fn incarnation(
             warmup,
         }));
     }
-    engine.serve(&rx, cache, carry)
+    engine.serve(&rx, cache, carried)
 }
 
 struct Engine<'c> {
@@ -148,12 +151,17 @@ impl Engine<'_> {
     /// The engine loop: take jobs, admit sequences while blocks and `max_num_seqs` allow, run
     /// one forward over every running sequence, sample, stream, finish — until the queue closes
     /// and nothing is left. `carry` (retries from a failed incarnation) goes first.
-    fn serve(&self, rx: &Queue, mut cache: PagedKvCache<CpuBackend>, carry: Vec<Ticket>) -> Result<(), String> {
+    fn serve(
+        &self,
+        rx: &Queue,
+        mut cache: PagedKvCache<CpuBackend>,
+        carried: Vec<(u64, Ticket)>,
+    ) -> Result<(), String> {
         let tok: &Tokenizer = &self.tokenizer;
         let mut waiting: VecDeque<Waiting<'_>> = VecDeque::new();
         let mut running: Vec<Running<'_>> = Vec::new();
-        for t in carry {
-            self.intake(tok, t, &mut waiting);
+        for (id, t) in carried {
+            self.enqueue(tok, id, t, &mut waiting);
         }
         let mut open = true;
         loop {
@@ -211,18 +219,20 @@ impl Engine<'_> {
         }
     }
 
-    /// Records a job taken from the queue (or carried over) and makes it wait for admission.
+    /// Records a job taken from the queue and makes it wait for admission.
     fn intake<'t>(&self, tok: &'t Tokenizer, t: Ticket, waiting: &mut VecDeque<Waiting<'t>>) {
-        match SeqDecoder::new(tok, self.model.config.vocab_size, t.req.clone(), t.meta.context_len) {
-            Ok(dec) => {
-                let id = self.core.next_id.fetch_add(1, Ordering::Relaxed);
-                let meta = t.meta.clone();
-                self.core.inflight().insert(id, t);
-                waiting.push_back(Waiting { id, dec, meta });
-            }
+        let id = self.core.register(t.clone());
+        self.enqueue(tok, id, t, waiting);
+    }
+
+    /// Makes a recorded job wait for admission (or fails it when its request is invalid).
+    fn enqueue<'t>(&self, tok: &'t Tokenizer, id: u64, t: Ticket, waiting: &mut VecDeque<Waiting<'t>>) {
+        match SeqDecoder::new(tok, self.model.config.vocab_size, t.req, t.meta.context_len) {
+            Ok(dec) => waiting.push_back(Waiting { id, dec, meta: t.meta }),
             Err(e) => {
+                self.forget(id);
                 self.core.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                self.core.fail(&t, &e.to_string());
+                self.core.fail(&t.meta, &e.to_string());
             }
         }
     }
@@ -264,7 +274,7 @@ impl Engine<'_> {
                     stats.waiting.fetch_sub(1, Ordering::SeqCst);
                     self.forget(w.id);
                     let msg = self.too_long(cache);
-                    self.fail_meta(&w.meta, &msg);
+                    self.core.fail(&w.meta, &msg);
                     continue;
                 }
                 return;
@@ -369,7 +379,7 @@ impl Engine<'_> {
                     let mut seq = r.seq;
                     cache.free(&mut seq);
                     self.forget(r.id);
-                    self.fail_meta(&r.meta, &msg);
+                    self.core.fail(&r.meta, &msg);
                 }
             }
         }
@@ -481,12 +491,6 @@ impl Engine<'_> {
             eval: Duration::from_secs_f64(g.timings.decode_ms / 1000.0),
         };
         let _ = meta.events.send((meta.index, Event::Done(summary)));
-    }
-
-    fn fail_meta(&self, meta: &Meta, message: &str) {
-        self.core.stats.errors.fetch_add(1, Ordering::Relaxed);
-        meta.span.in_scope(|| tracing::warn!(error = %message, "generation failed"));
-        let _ = meta.events.send((meta.index, Event::Error(message.to_owned())));
     }
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::batch;
 use super::service::{
-    stall_reason, EngineConfig, EngineHealth, EngineState, EngineStats, Event, InFlight, Job, Loader, Ticket,
+    stall_reason, EngineConfig, EngineHealth, EngineState, EngineStats, Event, InFlight, Job, Loader, Meta, Ticket,
     FAILURE_WINDOW,
 };
 use crate::model::tokenizer::Tokenizer;
@@ -72,11 +72,18 @@ impl Core {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records a job the engine holds; returns its id.
+    pub fn register(&self, t: Ticket) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inflight().insert(id, t);
+        id
+    }
+
     /// Ends a job with an error event.
-    pub fn fail(&self, t: &Ticket, message: &str) {
+    pub fn fail(&self, meta: &Meta, message: &str) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        t.meta.span.in_scope(|| tracing::warn!(error = %message, "generation failed"));
-        let _ = t.meta.events.send((t.meta.index, Event::Error(message.to_owned())));
+        meta.span.in_scope(|| tracing::warn!(error = %message, "generation failed"));
+        let _ = meta.events.send((meta.index, Event::Error(message.to_owned())));
     }
 }
 
@@ -152,7 +159,7 @@ impl Supervisor {
                 for (job, _, _) in rx.iter() {
                     core.stats.waiting.fetch_sub(1, Ordering::SeqCst);
                     match job {
-                        Job::Generate(t) => core.fail(&t, &message),
+                        Job::Generate(t) => core.fail(&t.meta, &message),
                         Job::Embed { reply, .. } => {
                             let _ = reply.send(Err(message.clone()));
                         }
@@ -196,7 +203,7 @@ impl Supervisor {
                 t.meta.span.in_scope(|| tracing::info!("retrying after an engine failure (nothing was streamed)"));
                 carry.push(t);
             } else {
-                core.fail(&t, &message);
+                core.fail(&t.meta, &message);
             }
         }
         stats.waiting.fetch_add(carry.len(), Ordering::SeqCst);
@@ -219,7 +226,7 @@ fn watch<T>(core: &Core, config: &EngineConfig, engine: &std::thread::ScopedJoin
             let message = format!("model '{}' is not responding: {reason}", core.id);
             let tickets: Vec<Ticket> = core.inflight().drain().map(|(_, t)| t).collect();
             for t in &tickets {
-                core.fail(t, &message);
+                core.fail(&t.meta, &message);
             }
         } else if stalled && since <= config.stall_timeout {
             stalled = false;

@@ -230,9 +230,13 @@ mod faults {
     /// A state whose engines get `fault`, with `tiny` pinned (unless `pinned` is false) and
     /// loaded.
     async fn faulty_with(fault: Fault, config: ServeConfig, pinned: bool) -> Shared {
+        faulty_from(fault, config, pinned, TestSource::new(1234)).await
+    }
+
+    async fn faulty_from(fault: Fault, config: ServeConfig, pinned: bool, source: TestSource) -> Shared {
         let mut engine = config.engine().unwrap();
         engine.fault = Some(fault);
-        let st = state_full(config, engine, &[TINY], TestSource::new(1234));
+        let st = state_full(config, engine, &[TINY], source);
         if pinned {
             st.engines.pin("tiny");
         }
@@ -322,6 +326,19 @@ mod faults {
         assert!(failed.error().contains("failed mid-generation"), "{}", failed.error());
         assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
         assert_eq!(ok.json()["response"], solo(body(ok_prompt)).await["response"]);
+    }
+
+    /// A retried request whose reload fails too is answered with the reason, not dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_whose_reload_fails_gets_the_reason() {
+        let config = ServeConfig { restart_backoff: Duration::from_millis(10), ..quick() };
+        let source = TestSource { fail_from: 2, ..TestSource::new(1234) };
+        let st = faulty_from(Fault::new(FaultKind::Panic, 1, 1), config, true, source).await;
+        let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "x", "stream": false})).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.text());
+        assert!(r.error().contains("the test source refuses load 2"), "{}", r.error());
+        let v = health_becomes(&st, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(["restarting", "failed"].contains(&v["models"][0]["state"].as_str().unwrap()), "{v}");
     }
 
     /// A crash during a chunked prefill (nothing streamed yet) is invisible to the client.

@@ -72,14 +72,17 @@ context_length = 256
 /// The tiny model (and an AWQ one) "in the store"; pull and delete flip presence.
 pub(super) struct TestSource {
     pub(super) tiny_present: AtomicBool,
-    pulls: Mutex<usize>,
+    pub(super) pulls: Mutex<usize>,
     /// What `size` reports for every model.
     pub(super) size: u64,
+    /// Loads so far; from the `fail_from`th on (counting from 1), loading fails.
+    pub(super) loads: std::sync::atomic::AtomicUsize,
+    pub(super) fail_from: usize,
 }
 
 impl TestSource {
     pub(super) fn new(size: u64) -> Self {
-        Self { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0), size }
+        Self { tiny_present: AtomicBool::new(true), pulls: Mutex::new(0), size, loads: 0.into(), fail_from: usize::MAX }
     }
 }
 
@@ -101,6 +104,10 @@ impl ModelSource for TestSource {
         m.primary().sha256.clone().unwrap_or_default()
     }
     fn load(&self, m: &Manifest) -> Result<LoadedModel<CpuBackend>, String> {
+        let n = self.loads.fetch_add(1, Ordering::SeqCst) + 1;
+        if n >= self.fail_from {
+            return Err(format!("the test source refuses load {n}"));
+        }
         let mut w = test_model::writer(3);
         w.kv("tokenizer.chat_template", MetaValue::String(CHATML.into()));
         let file = w.build();

@@ -117,6 +117,8 @@ pub trait Backend: Send + Sync + 'static {
         bytes: &[u8],
     ) -> Result<Self::Weight, BackendError>;
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<Self::KvLayer, BackendError>;
+    /// Bytes one cached K or V value takes in this backend's KV layers.
+    fn kv_value_bytes(&self) -> usize;
 
     // Ops.
     /// `out[i] = table[ids[i]]`; `out` is `[ids.len(), table.cols]`.

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use super::service::{EngineConfig, EngineState, Event, Job, Loader, Meta, Summary, Ticket};
 use super::supervisor::{Core, Init};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::engine::fault::Fault;
 use crate::engine::generate::{Emitted, FinishReason, SeqDecoder};
 use crate::model::kv_cache::ContiguousKvCache;
@@ -52,7 +53,7 @@ pub(super) fn incarnation(
     let t = Instant::now();
     let LoadedModel { backend, model, tokenizer, context_length, .. } = loader()?;
     let kv_cols = model.layout().kv_cols();
-    let bytes_per_block = config.block_size * kv_cols * model.config.n_layers * 2 * std::mem::size_of::<f32>();
+    let bytes_per_block = config.block_size * kv_cols * model.config.n_layers * 2 * backend.kv_value_bytes();
     // No more blocks than every sequence at full context could use.
     let most = (config.max_num_seqs * context_length).div_ceil(config.block_size);
     let num_blocks = (config.kv_cache_bytes / bytes_per_block.max(1)).min(most);

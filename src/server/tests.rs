@@ -1293,7 +1293,8 @@ async fn concurrent_greedy_requests_equal_their_solo_runs() {
 /// sequences are preempted and recomputed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_kv_pool_preempts_and_still_answers_correctly() {
-    let per_block = 4 * test_model::KV_HEADS * (test_model::HIDDEN / test_model::HEADS) * test_model::LAYERS * 2 * 4;
+    // Bytes per block of 4 tokens: K and V of every layer, f16 (the default Q8 precision's cache).
+    let per_block = 4 * test_model::KV_HEADS * (test_model::HIDDEN / test_model::HEADS) * test_model::LAYERS * 2 * 2;
     let st = state_with(ServeConfig {
         max_num_seqs: 4,
         block_size: 4,

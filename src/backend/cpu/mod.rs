@@ -54,11 +54,59 @@ impl CpuWeight {
     }
 }
 
-/// K or V rows of one layer, one row of `cols` floats per cache slot.
+/// K or V rows of one layer, one row of `cols` values per cache slot: f16 with `Precision::Q8`
+/// (llama.cpp's default cache type: half the memory traffic of attention, which dominates
+/// decoding many sequences at once), f32 with `Precision::F32` (the exact model).
 #[derive(Debug)]
 pub struct CpuKv {
-    data: Vec<f32>,
+    data: KvData,
     cols: usize,
+}
+
+#[derive(Debug)]
+enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl CpuKv {
+    /// `d` values of `slot`'s row from column `off`, as f32.
+    fn row_into(&self, slot: u32, off: usize, buf: &mut [f32]) {
+        let s = slot as usize * self.cols + off;
+        match &self.data {
+            KvData::F32(v) => buf.copy_from_slice(&v[s..s + buf.len()]),
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[s..s + buf.len()].convert_to_f32_slice(buf)
+            }
+        }
+    }
+
+    /// Stores `values` (one row per slot) from slot `first` on.
+    fn write(&mut self, first: usize, values: &[f32]) {
+        let s = first * self.cols;
+        match &mut self.data {
+            KvData::F32(v) => v[s..s + values.len()].copy_from_slice(values),
+            KvData::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[s..s + values.len()].convert_from_f32_slice(values)
+            }
+        }
+    }
+
+    /// Every value, as f32 (tests compare against the reference with what was stored).
+    #[cfg(test)]
+    fn to_f32(&self) -> Vec<f32> {
+        let len = match &self.data {
+            KvData::F32(v) => v.len(),
+            KvData::F16(v) => v.len(),
+        };
+        let mut out = vec![0.0; len];
+        for (slot, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_into(slot as u32, 0, row);
+        }
+        out
+    }
 }
 
 /// What `linear` multiplies quantized weights with.
@@ -209,13 +257,32 @@ impl Backend for CpuBackend {
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CpuKv, BackendError> {
         let n = slots.saturating_mul(kv_cols);
-        let mut data = Vec::new();
-        data.try_reserve_exact(n).map_err(|_| BackendError::OutOfMemory {
+        let oom = || BackendError::OutOfMemory {
             what: format!("KV cache of {slots} slots"),
-            bytes: n.saturating_mul(4),
-        })?;
-        data.resize(n, 0.0);
+            bytes: n.saturating_mul(self.kv_value_bytes()),
+        };
+        let data = match self.precision {
+            Precision::F32 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(n).map_err(|_| oom())?;
+                v.resize(n, 0.0);
+                KvData::F32(v)
+            }
+            Precision::Q8 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(n).map_err(|_| oom())?;
+                v.resize(n, half::f16::ZERO);
+                KvData::F16(v)
+            }
+        };
         Ok(CpuKv { data, cols: kv_cols })
+    }
+
+    fn kv_value_bytes(&self) -> usize {
+        match self.precision {
+            Precision::F32 => 4,
+            Precision::Q8 => 2,
+        }
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) {
@@ -381,9 +448,8 @@ impl Backend for CpuBackend {
         let w = layout.kv_cols();
         assert!(kc.cols == w && vc.cols == w && slots.len() == qkv.rows && qkv.cols == layout.total_cols());
         for (row, &slot) in qkv.data.chunks_exact(qkv.cols).zip(slots) {
-            let s = slot as usize * w;
-            kc.data[s..s + w].copy_from_slice(&row[layout.k_offset()..layout.k_offset() + w]);
-            vc.data[s..s + w].copy_from_slice(&row[layout.v_offset()..layout.v_offset() + w]);
+            kc.write(slot as usize, &row[layout.k_offset()..layout.k_offset() + w]);
+            vc.write(slot as usize, &row[layout.v_offset()..layout.v_offset() + w]);
         }
     }
 
@@ -418,34 +484,51 @@ impl Backend for CpuBackend {
                 let (s, pos) = row_pos[r];
                 let slots = &seqs[s].slots[..=pos];
                 let q = &qkv.data[r * cols + g * gw..][..gw];
-                let kv = attn_simd::Kv { k: &kc.data, v: &vc.data, stride: kvw, offset: g * d };
-                attn_simd::attend(q, group, d, slots, kv, scale, scores, o);
+                match (&kc.data, &vc.data) {
+                    (KvData::F32(k), KvData::F32(v)) => {
+                        let kv = attn_simd::Kv { k, v, stride: kvw, offset: g * d };
+                        attn_simd::attend(q, group, d, slots, kv, scale, scores, o);
+                    }
+                    (KvData::F16(k), KvData::F16(v)) => {
+                        let kv = attn_simd::Kv { k, v, stride: kvw, offset: g * d };
+                        attn_simd::attend(q, group, d, slots, kv, scale, scores, o);
+                    }
+                    _ => unreachable!("K and V caches of one layer share their type"),
+                }
             });
             return;
         }
-        out.data.par_chunks_mut(d).enumerate().for_each(|(idx, o)| {
-            let (r, h) = (idx / layout.n_heads, idx % layout.n_heads);
-            let (s, pos) = row_pos[r];
-            let slots = &seqs[s].slots[..=pos];
-            let q = &qkv.data[r * cols + h * d..][..d];
-            let koff = (h / group) * d;
-            let mut scores: Vec<f32> =
-                slots.iter().map(|&sl| dot(q, &kc.data[sl as usize * kvw + koff..][..d]) * scale).collect();
-            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for v in scores.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            o.fill(0.0);
-            for (&p, &sl) in scores.iter().zip(slots) {
-                let v = &vc.data[sl as usize * kvw + koff..][..d];
-                let p = p / sum;
-                for (a, b) in o.iter_mut().zip(v) {
-                    *a += p * b;
+        out.data.par_chunks_mut(d).enumerate().for_each_init(
+            || vec![0.0f32; d],
+            |row, (idx, o)| {
+                let (r, h) = (idx / layout.n_heads, idx % layout.n_heads);
+                let (s, pos) = row_pos[r];
+                let slots = &seqs[s].slots[..=pos];
+                let q = &qkv.data[r * cols + h * d..][..d];
+                let koff = (h / group) * d;
+                let mut scores: Vec<f32> = slots
+                    .iter()
+                    .map(|&sl| {
+                        kc.row_into(sl, koff, row);
+                        dot(q, row) * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in scores.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
                 }
-            }
-        });
+                o.fill(0.0);
+                for (&p, &sl) in scores.iter().zip(slots) {
+                    vc.row_into(sl, koff, row);
+                    let p = p / sum;
+                    for (a, b) in o.iter_mut().zip(row.iter()) {
+                        *a += p * b;
+                    }
+                }
+            },
+        );
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> CpuTensor {
@@ -470,20 +553,41 @@ mod attn_simd {
     /// How many slots ahead the score loop prefetches K and V rows.
     const PREFETCH: usize = 8;
 
+    /// A cache value type: 8 of them load as 8 f32 lanes.
+    pub trait Elem: Copy {
+        /// # Safety
+        /// `p` points at 8 readable values; AVX2 and F16C are available.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Elem for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
     /// One layer's K and V caches and where this KV head's columns start in a slot's row.
     #[derive(Clone, Copy)]
-    pub struct Kv<'a> {
-        pub k: &'a [f32],
-        pub v: &'a [f32],
+    pub struct Kv<'a, T> {
+        pub k: &'a [T],
+        pub v: &'a [T],
         pub stride: usize,
         pub offset: usize,
     }
 
-    impl Kv<'_> {
-        fn k_row(&self, slot: u32) -> &[f32] {
+    impl<T> Kv<'_, T> {
+        fn k_row(&self, slot: u32) -> &[T] {
             &self.k[slot as usize * self.stride + self.offset..]
         }
-        fn v_row(&self, slot: u32) -> &[f32] {
+        fn v_row(&self, slot: u32) -> &[T] {
             &self.v[slot as usize * self.stride + self.offset..]
         }
     }
@@ -491,12 +595,12 @@ mod attn_simd {
     /// `out[h]` = softmax(q_h·K / √d)·V over `slots` for the `heads` query heads in `q` (`heads ·
     /// d` floats, head after head). `scores` is scratch space.
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(
+    pub fn attend<T: Elem>(
         q: &[f32],
         heads: usize,
         d: usize,
         slots: &[u32],
-        kv: Kv<'_>,
+        kv: Kv<'_, T>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
@@ -511,13 +615,13 @@ mod attn_simd {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_impl(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn attend_impl<T: Elem>(
         q: &[f32],
         heads: usize,
         d: usize,
         slots: &[u32],
-        kv: Kv<'_>,
+        kv: Kv<'_, T>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
@@ -529,10 +633,10 @@ mod attn_simd {
             // The cache rows of a long batch do not stay in cache from one step to the next:
             // fetch K and V of a later slot ahead (V is read after the softmax).
             if let Some(&next) = slots.get(i + PREFETCH) {
-                let (k, v) = (kv.k_row(next).as_ptr(), kv.v_row(next).as_ptr());
-                for c in (0..d).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(k.add(c) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(v.add(c) as *const i8);
+                let (k, v) = (kv.k_row(next).as_ptr() as *const i8, kv.v_row(next).as_ptr() as *const i8);
+                for b in (0..d * std::mem::size_of::<T>()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(k.add(b));
+                    _mm_prefetch::<_MM_HINT_T0>(v.add(b));
                 }
             }
             let k = kv.k_row(sl).as_ptr();
@@ -540,8 +644,8 @@ mod attn_simd {
                 let qh = q.as_ptr().add(h * d);
                 let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for c in (0..d).step_by(16) {
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c)), _mm256_loadu_ps(k.add(c)), a);
-                    b = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c + 8)), _mm256_loadu_ps(k.add(c + 8)), b);
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c)), T::load8(k.add(c)), a);
+                    b = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c + 8)), T::load8(k.add(c + 8)), b);
                 }
                 *scores.get_unchecked_mut(h * n + i) = hsum(_mm256_add_ps(a, b)) * scale;
             }
@@ -560,7 +664,7 @@ mod attn_simd {
                     let w = _mm256_set1_ps(w * inv);
                     let v = kv.v_row(sl).as_ptr().add(c0);
                     for (j, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *a);
+                        *a = _mm256_fmadd_ps(w, T::load8(v.add(8 * j)), *a);
                     }
                 }
                 let o = out.as_mut_ptr().add(h * d + c0);
@@ -711,7 +815,12 @@ mod tests {
     }
 
     fn attention_matches_reference(layout: QkvLayout) {
-        let be = CpuBackend::new(2);
+        for precision in [Precision::Q8, Precision::F32] {
+            attention_matches_reference_in(layout, CpuBackend::with_precision(2, precision));
+        }
+    }
+
+    fn attention_matches_reference_in(layout: QkvLayout, be: CpuBackend) {
         let mut rng = Lcg(3);
         let cols = layout.total_cols();
         // Two sequences: one prefilling 4 tokens from scratch, one decoding its 9th token.
@@ -722,14 +831,15 @@ mod tests {
         let s1: Vec<u32> = (12..21).collect();
         // Earlier tokens of seq 1 are already cached.
         let hist = rand_vec(32 * layout.kv_cols(), &mut rng);
-        kc.data.copy_from_slice(&hist);
-        vc.data.copy_from_slice(&hist.iter().map(|v| v * 0.5).collect::<Vec<_>>());
+        kc.write(0, &hist);
+        vc.write(0, &hist.iter().map(|v| v * 0.5).collect::<Vec<_>>());
         let new_slots = [3, 10, 11, 2, 20];
         be.write_kv((&mut kc, &mut vc), &qkv, layout, &new_slots);
         let seqs = [AttnSeq { q_rows: 0..4, slots: &s0 }, AttnSeq { q_rows: 4..5, slots: &s1 }];
         let mut out = be.zeros(rows, layout.q_cols());
         be.attention(&qkv, (&kc, &vc), layout, &seqs, &mut out);
-        let want = r::attention(&qkv.data, &kc.data, &vc.data, layout, &seqs);
+        // Against what the cache holds (f16 caches round what they store).
+        let want = r::attention(&qkv.data, &kc.to_f32(), &vc.to_f32(), layout, &seqs);
         assert_close(&out.data, &want, 1e-5, &format!("attention {layout:?}"));
         // The decoding row alone gets exactly what it got in the batch.
         let alone = be.gather_rows(&qkv, &[4]);

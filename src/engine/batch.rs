@@ -19,12 +19,12 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::service::{EngineConfig, EngineState, Event, Job, Loader, Meta, Summary, Ticket};
-use super::supervisor::{Core, Init};
+use super::supervisor::{Core, Init, Phase, Queue};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::engine::fault::Fault;
@@ -35,21 +35,15 @@ use crate::model::loaded::LoadedModel;
 use crate::model::paged_kv::{PagedKvCache, Sequence};
 use crate::model::tokenizer::Tokenizer;
 
-type Queue = Receiver<(Job, Instant, tracing::Span)>;
-
 /// Loads the model, allocates the KV cache, warms up, reports ready, and serves.
 pub(super) fn incarnation(
     loader: &mut Loader,
     core: &Core,
     config: &EngineConfig,
     rx: &Mutex<Queue>,
-    carry: Vec<Ticket>,
+    carried: Vec<(u64, Ticket)>,
     init: Option<&SyncSender<Result<Init, String>>>,
 ) -> Result<(), String> {
-    let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-    // Retries are in the in-flight table before anything can fail, so that a reload that fails
-    // too still answers them.
-    let carried: Vec<(u64, Ticket)> = carry.into_iter().map(|t| (core.register(t.clone()), t)).collect();
     let t = Instant::now();
     let LoadedModel { backend, model, tokenizer, context_length, .. } = loader()?;
     let kv_cols = model.layout().kv_cols();
@@ -107,7 +101,7 @@ pub(super) fn incarnation(
             warmup,
         }));
     }
-    engine.serve(&rx, cache, carried)
+    engine.serve(rx, cache, carried)
 }
 
 struct Engine<'c> {
@@ -154,7 +148,7 @@ impl Engine<'_> {
     /// and nothing is left. `carry` (retries from a failed incarnation) goes first.
     fn serve(
         &self,
-        rx: &Queue,
+        rx: &Mutex<Queue>,
         mut cache: PagedKvCache<CpuBackend>,
         carried: Vec<(u64, Ticket)>,
     ) -> Result<(), String> {
@@ -170,8 +164,11 @@ impl Engine<'_> {
             // Intake: block (beating) only when idle; look ahead no further than a batch, so the
             // bounded channel stays the queue's bound.
             while open && waiting.len() < self.max_num_seqs {
+                // The lock is held only to receive: a stalled engine leaves the queue to the
+                // supervisor, which answers what waits in it.
+                let queue = rx.lock().unwrap_or_else(|e| e.into_inner());
                 let job = if running.is_empty() && waiting.is_empty() {
-                    match rx.recv_timeout(self.beat_every) {
+                    match queue.recv_timeout(self.beat_every) {
                         Ok(j) => j,
                         Err(RecvTimeoutError::Timeout) => {
                             self.core.health.beat();
@@ -183,7 +180,7 @@ impl Engine<'_> {
                         }
                     }
                 } else {
-                    match rx.try_recv() {
+                    match queue.try_recv() {
                         Ok(j) => j,
                         Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => {
@@ -192,6 +189,7 @@ impl Engine<'_> {
                         }
                     }
                 };
+                drop(queue);
                 let (job, _, span) = job;
                 match job {
                     Job::Embed { inputs, reply } => {
@@ -231,16 +229,11 @@ impl Engine<'_> {
         match SeqDecoder::new(tok, self.model.config.vocab_size, t.req, t.meta.context_len) {
             Ok(dec) => waiting.push_back(Waiting { id, dec, meta: t.meta }),
             Err(e) => {
-                self.forget(id);
+                self.core.forget(id);
                 self.core.stats.waiting.fetch_sub(1, Ordering::SeqCst);
                 self.core.fail(&t.meta, &e.to_string());
             }
         }
-    }
-
-    /// The job ended (finished, failed or cancelled): the supervisor no longer answers for it.
-    fn forget(&self, id: u64) {
-        self.core.inflight().remove(&id);
     }
 
     /// Moves waiting sequences to running, first come first served, while `max_num_seqs` and
@@ -257,7 +250,7 @@ impl Engine<'_> {
             if w.meta.events.is_closed() {
                 let w = waiting.pop_front().expect("front exists");
                 w.meta.span.in_scope(|| tracing::info!("client left while the request was queued; skipped"));
-                self.forget(w.id);
+                self.core.forget(w.id);
                 stats.waiting.fetch_sub(1, Ordering::SeqCst);
                 stats.finished_abort.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -272,8 +265,8 @@ impl Engine<'_> {
                 if running.is_empty() {
                     // Even an empty pool cannot hold it: it would wait forever.
                     let w = waiting.pop_front().expect("front exists");
+                    self.core.forget(w.id);
                     stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                    self.forget(w.id);
                     let msg = self.too_long(cache);
                     self.core.fail(&w.meta, &msg);
                     continue;
@@ -282,6 +275,7 @@ impl Engine<'_> {
             }
             let w = waiting.pop_front().expect("front exists");
             stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.core.set_phase(w.id, Phase::Running);
             let now_running = stats.running.fetch_add(1, Ordering::SeqCst) + 1;
             stats.running_peak.fetch_max(now_running, Ordering::Relaxed);
             let mut dec = w.dec;
@@ -367,6 +361,7 @@ impl Engine<'_> {
                     }
                     cache.free(&mut r.seq);
                     stats.preemptions.fetch_add(1, Ordering::Relaxed);
+                    self.core.set_phase(r.id, Phase::Waiting);
                     stats.running.fetch_sub(1, Ordering::SeqCst);
                     stats.waiting.fetch_add(1, Ordering::SeqCst);
                     r.meta.span.in_scope(|| tracing::info!("preempted: KV blocks ran out; will recompute"));
@@ -376,10 +371,10 @@ impl Engine<'_> {
                     let r = running.remove(i);
                     take.remove(i);
                     let msg = self.too_long(cache);
+                    self.core.forget(r.id);
                     stats.running.fetch_sub(1, Ordering::SeqCst);
                     let mut seq = r.seq;
                     cache.free(&mut seq);
-                    self.forget(r.id);
                     self.core.fail(&r.meta, &msg);
                 }
             }
@@ -449,6 +444,7 @@ impl Engine<'_> {
         let stats = &self.core.stats;
         // Before `running` drops, so whoever sees the sequence gone also sees its blocks back.
         stats.kv_blocks_used.store(cache.pool.num_blocks() - cache.pool.available(), Ordering::SeqCst);
+        self.core.set_phase(id, Phase::Finishing);
         stats.running.fetch_sub(1, Ordering::SeqCst);
         let mut on_token = |e: Emitted<'_>| {
             let _ = meta
@@ -471,7 +467,7 @@ impl Engine<'_> {
             }
         }
         self.core.health.finished_one();
-        self.forget(id);
+        self.core.forget(id);
         let _enter = meta.span.enter();
         tracing::info!(
             prompt_tokens = g.prompt_tokens,
@@ -499,6 +495,7 @@ impl Engine<'_> {
         inputs
             .iter()
             .map(|ids| {
+                self.core.health.beat();
                 let mut cache = ContiguousKvCache::new(&self.backend, self.model.config.n_layers, cols, ids.len())
                     .map_err(|e| e.to_string())?;
                 self.core.stats.prompt_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);

@@ -16,7 +16,6 @@
 //! response. When the client goes away the response is dropped, the channel closes, and the
 //! engine sees it at its next token and stops before the next forward pass.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -123,6 +122,8 @@ pub struct EngineStats {
     pub prefix_queries: AtomicU64,
     pub prefix_hits: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Requests that went transparently into a restarted engine (they had streamed nothing).
+    pub retries: AtomicU64,
     /// Arrival to first token.
     pub ttft: Histogram,
     /// Mean time between output tokens after the first, per request.
@@ -148,6 +149,7 @@ impl Default for EngineStats {
             prefix_queries: AtomicU64::new(0),
             prefix_hits: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             tpot: Histogram::new(TPOT_BOUNDS),
             e2e: Histogram::new(E2E_BOUNDS),
@@ -310,6 +312,12 @@ impl EngineHealth {
         self.state() == EngineState::Ready
     }
 
+    /// Alive, or on its way back (loading or restarting after a failure; restarts are bounded
+    /// by `max_restarts`): what the systemd watchdog vouches for.
+    pub fn is_live_or_recovering(&self) -> bool {
+        matches!(self.state(), EngineState::Ready | EngineState::Starting | EngineState::Restarting { .. })
+    }
+
     /// When the last generation finished (the load time if none has).
     pub fn last_finish(&self) -> Instant {
         self.epoch + Duration::from_millis(self.finish_ms.load(Ordering::Relaxed))
@@ -385,6 +393,11 @@ impl ModelHandle {
         self.weight_bytes + self.kv_bytes
     }
 
+    /// False once the engine has failed for good or stopped: its weights and cache are gone.
+    pub fn holds_memory(&self) -> bool {
+        !matches!(self.health.raw_state(), EngineState::Failed { .. } | EngineState::Stopped)
+    }
+
     /// Whether any request is queued or running.
     pub fn busy(&self) -> bool {
         self.stats.running.load(Ordering::SeqCst) + self.stats.waiting.load(Ordering::SeqCst) > 0
@@ -450,6 +463,3 @@ pub enum EmbedError {
     #[error("{0}")]
     Engine(String),
 }
-
-/// In-flight tickets by id (the supervisor's view of what the engine holds).
-pub(super) type InFlight = Mutex<HashMap<u64, Ticket>>;

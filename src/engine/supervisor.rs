@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::batch;
 use super::service::{
-    stall_reason, EngineConfig, EngineHealth, EngineState, EngineStats, Event, InFlight, Job, Loader, Meta, Ticket,
+    stall_reason, EngineConfig, EngineHealth, EngineState, EngineStats, Event, Job, Loader, Meta, Ticket,
     FAILURE_WINDOW,
 };
 use crate::model::tokenizer::Tokenizer;
@@ -50,7 +50,7 @@ pub(super) struct Core {
     pub id: String,
     pub stats: Arc<EngineStats>,
     pub health: Arc<EngineHealth>,
-    pub inflight: InFlight,
+    pub inflight: Mutex<HashMap<u64, Entry>>,
     pub next_id: AtomicU64,
     /// The model has been ready at least once.
     pub ready_once: AtomicBool,
@@ -68,15 +68,53 @@ impl Core {
         }
     }
 
-    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Ticket>> {
+    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a job the engine holds; returns its id.
-    pub fn register(&self, t: Ticket) -> u64 {
+    /// Records a job the engine holds (waiting for admission); returns its id.
+    pub fn register(&self, ticket: Ticket) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.inflight().insert(id, t);
+        self.inflight().insert(id, Entry { ticket, phase: Phase::Waiting, answered: false });
         id
+    }
+
+    /// Moves a job to the counter `phase` stands for (the engine updates the counters itself).
+    pub fn set_phase(&self, id: u64, phase: Phase) {
+        if let Some(e) = self.inflight().get_mut(&id) {
+            e.phase = phase;
+        }
+    }
+
+    /// The job ended: the supervisor no longer answers for it.
+    pub fn forget(&self, id: u64) {
+        self.inflight().remove(&id);
+    }
+
+    /// Ends every job of a stalled engine with an error, once each: those it holds (they stay
+    /// recorded, since the engine may still wake up and release them) and those queued behind it.
+    fn answer_stalled(&self, queue: &Mutex<Queue>, message: &str) {
+        for e in self.inflight().values_mut().filter(|e| !e.answered) {
+            e.answered = true;
+            self.fail(&e.ticket.meta, message);
+        }
+        // The engine takes the queue's lock only to receive, so a hung engine does not hold it.
+        if let Ok(q) = queue.try_lock() {
+            while let Ok((job, _, _)) = q.try_recv() {
+                self.reject(job, message);
+            }
+        }
+    }
+
+    /// Answers a job from the queue with an error.
+    fn reject(&self, job: Job, message: &str) {
+        saturating_sub(&self.stats.waiting, 1);
+        match job {
+            Job::Generate(t) => self.fail(&t.meta, message),
+            Job::Embed { reply, .. } => {
+                let _ = reply.send(Err(message.to_owned()));
+            }
+        }
     }
 
     /// Ends a job with an error event.
@@ -85,6 +123,31 @@ impl Core {
         meta.span.in_scope(|| tracing::warn!(error = %message, "generation failed"));
         let _ = meta.events.send((meta.index, Event::Error(message.to_owned())));
     }
+}
+
+/// Where a recorded job stands, which says which counter holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Counted in `waiting` (admission queue, or preempted).
+    Waiting,
+    /// Counted in `running`.
+    Running,
+    /// No longer counted (its final events are being sent).
+    Finishing,
+}
+
+/// A job the engine holds, as the supervisor records it.
+pub(super) struct Entry {
+    pub ticket: Ticket,
+    pub phase: Phase,
+    /// Its client already got an error (the engine stalled).
+    pub answered: bool,
+}
+
+pub(super) type Queue = Receiver<(Job, Instant, tracing::Span)>;
+
+fn saturating_sub(c: &std::sync::atomic::AtomicUsize, n: usize) {
+    let _ = c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
 }
 
 pub(super) struct Supervisor {
@@ -105,18 +168,30 @@ impl Supervisor {
         let rx = Mutex::new(rx);
         loop {
             core.health.set(EngineState::Starting);
+            // Retries are recorded before anything can fail, so that a failed reload (or a
+            // failed spawn) still answers them.
+            let carried: Vec<(u64, Ticket)> =
+                std::mem::take(&mut carry).into_iter().map(|t| (core.register(t.clone()), t)).collect();
             let outcome = std::thread::scope(|s| {
                 let (loader, config, rx, core, init) = (&mut self.loader, &self.config, &rx, &*core, init.as_ref());
-                let carried = std::mem::take(&mut carry);
                 let engine = std::thread::Builder::new()
                     .name(format!("engine-{id}"))
-                    .spawn_scoped(s, move || batch::incarnation(loader, core, config, rx, carried, init))
+                    .spawn_scoped(s, move || {
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            batch::incarnation(loader, core, config, rx, carried, init)
+                        }));
+                        let r = r.unwrap_or_else(|payload| Err(panic_text(&*payload)));
+                        // Said at once, before the supervisor notices the thread is gone.
+                        if let Err(reason) = &r {
+                            if core.ready_once.load(Ordering::SeqCst) {
+                                core.health.set(EngineState::Restarting { attempt: 0, reason: reason.clone() });
+                            }
+                        }
+                        r
+                    })
                     .map_err(|e| format!("spawning the engine thread: {e}"))?;
-                watch(core, config, &engine);
-                match engine.join() {
-                    Ok(r) => r,
-                    Err(payload) => Err(panic_text(&*payload)),
-                }
+                watch(core, config, rx, &engine);
+                engine.join().unwrap_or_else(|payload| Err(panic_text(&*payload)))
             });
             let reason = match outcome {
                 Ok(()) => {
@@ -157,13 +232,7 @@ impl Supervisor {
                 // Answer whatever still arrives until the model is unloaded (the queue closes).
                 let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
                 for (job, _, _) in rx.iter() {
-                    core.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                    match job {
-                        Job::Generate(t) => core.fail(&t.meta, &message),
-                        Job::Embed { reply, .. } => {
-                            let _ = reply.send(Err(message.clone()));
-                        }
-                    }
+                    core.reject(job, &message);
                 }
                 core.health.set(EngineState::Stopped);
                 return;
@@ -177,17 +246,20 @@ impl Supervisor {
         }
     }
 
-    /// After a failed incarnation: the counters it held are released, requests that streamed
-    /// nothing come back for one retry (unless `giving_up`), the rest get an error.
+    /// After a failed incarnation: the counters its jobs held are released, jobs that streamed
+    /// nothing come back for one retry (unless `giving_up`), the rest get an error (unless a stall
+    /// already answered them).
     fn recover(&self, reason: &str, giving_up: bool) -> Vec<Ticket> {
         let core = &self.core;
         let stats = &core.stats;
-        let tickets: Vec<Ticket> = core.inflight().drain().map(|(_, t)| t).collect();
-        // The dead engine's running sequences and its admitted-but-waiting ones.
-        let running = stats.running.swap(0, Ordering::SeqCst);
-        let held_waiting = tickets.len().saturating_sub(running);
-        let _ =
-            stats.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(held_waiting)));
+        let entries: Vec<Entry> = core.inflight().drain().map(|(_, e)| e).collect();
+        for e in &entries {
+            match e.phase {
+                Phase::Waiting => saturating_sub(&stats.waiting, 1),
+                Phase::Running => saturating_sub(&stats.running, 1),
+                Phase::Finishing => {}
+            }
+        }
         stats.kv_blocks_used.store(0, Ordering::SeqCst);
         let mut carry = Vec::new();
         let message = if giving_up {
@@ -195,15 +267,19 @@ impl Supervisor {
         } else {
             format!("the engine for model '{}' failed mid-generation ({reason}); it is restarting", core.id)
         };
-        for mut t in tickets {
-            if t.meta.events.is_closed() {
+        for Entry { mut ticket, answered, .. } in entries {
+            if answered {
+                continue;
+            }
+            if ticket.meta.events.is_closed() {
                 stats.finished_abort.fetch_add(1, Ordering::Relaxed);
-            } else if !giving_up && !t.retried && !t.meta.streamed.load(Ordering::SeqCst) {
-                t.retried = true;
-                t.meta.span.in_scope(|| tracing::info!("retrying after an engine failure (nothing was streamed)"));
-                carry.push(t);
+            } else if !giving_up && !ticket.retried && !ticket.meta.streamed.load(Ordering::SeqCst) {
+                ticket.retried = true;
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                ticket.meta.span.in_scope(|| tracing::info!("retrying after an engine failure (nothing was streamed)"));
+                carry.push(ticket);
             } else {
-                core.fail(&t.meta, &message);
+                core.fail(&ticket.meta, &message);
             }
         }
         stats.waiting.fetch_add(carry.len(), Ordering::SeqCst);
@@ -211,23 +287,21 @@ impl Supervisor {
     }
 }
 
-/// Polls until the engine thread ends; on a stall, ends its requests with an error (once per
-/// stall).
-fn watch<T>(core: &Core, config: &EngineConfig, engine: &std::thread::ScopedJoinHandle<'_, T>) {
+/// Polls until the engine thread ends; while it is stalled, ends its requests and those queued
+/// behind it with an error.
+fn watch<T>(core: &Core, config: &EngineConfig, queue: &Mutex<Queue>, engine: &std::thread::ScopedJoinHandle<'_, T>) {
     let mut stalled = false;
     while !engine.is_finished() {
         std::thread::sleep(POLL);
         let since = core.health.since_beat();
         let ready = core.health.raw_state() == EngineState::Ready;
-        if !stalled && ready && since > config.stall_timeout {
-            stalled = true;
+        if ready && since > config.stall_timeout {
             let reason = stall_reason(since, config.stall_timeout);
-            tracing::error!(model = %core.id, %reason, "engine stalled");
-            let message = format!("model '{}' is not responding: {reason}", core.id);
-            let tickets: Vec<Ticket> = core.inflight().drain().map(|(_, t)| t).collect();
-            for t in &tickets {
-                core.fail(&t.meta, &message);
+            if !stalled {
+                stalled = true;
+                tracing::error!(model = %core.id, %reason, "engine stalled");
             }
+            core.answer_stalled(queue, &format!("model '{}' is not responding: {reason}", core.id));
         } else if stalled && since <= config.stall_timeout {
             stalled = false;
             tracing::warn!(model = %core.id, "engine is stepping again");

@@ -159,13 +159,11 @@ impl Engines {
         keep_alive: Option<KeepAlive>,
     ) -> Result<(Arc<ModelHandle>, Duration), ApiError> {
         let start = Instant::now();
-        if let Some(h) = self.touch(&m.id, keep_alive) {
-            h.available().map_err(submit_error)?;
+        if let Some(h) = self.touch(&m.id, keep_alive)? {
             return Ok((h, Duration::ZERO));
         }
         let _guard = self.load_lock.lock().await;
-        if let Some(h) = self.touch(&m.id, keep_alive) {
-            h.available().map_err(submit_error)?;
+        if let Some(h) = self.touch(&m.id, keep_alive)? {
             return Ok((h, start.elapsed()));
         }
         if m.format != Format::Gguf {
@@ -253,13 +251,16 @@ impl Engines {
         }
     }
 
-    fn touch(&self, id: &str, keep_alive: Option<KeepAlive>) -> Option<Arc<ModelHandle>> {
+    /// The resident handle of `id`, its keep-alive renewed — or the reason it cannot serve
+    /// (failed, stalled), without renewing anything, so that a failed model still expires.
+    fn touch(&self, id: &str, keep_alive: Option<KeepAlive>) -> Result<Option<Arc<ModelHandle>>, ApiError> {
         let keep_alive = self.keep_alive_for(id, keep_alive);
         let mut resident = self.resident.lock().unwrap();
-        let r = resident.get_mut(id)?;
+        let Some(r) = resident.get_mut(id) else { return Ok(None) };
+        r.handle.available().map_err(submit_error)?;
         r.keep_alive = keep_alive;
         r.touched = Instant::now();
-        Some(r.handle.clone())
+        Ok(Some(r.handle.clone()))
     }
 
     fn keep_alive_for(&self, id: &str, keep_alive: Option<KeepAlive>) -> KeepAlive {
@@ -304,9 +305,9 @@ impl Engines {
         self.resident.lock().unwrap().get(id).map(|r| r.handle.clone())
     }
 
-    /// Bytes the resident models hold.
+    /// Bytes the resident models hold (a failed model's engine has released its memory).
     pub fn memory_used(&self) -> u64 {
-        self.resident.lock().unwrap().values().map(|r| r.handle.size_bytes()).sum()
+        self.resident.lock().unwrap().values().filter(|r| r.handle.holds_memory()).map(|r| r.handle.size_bytes()).sum()
     }
 
     /// Loaded models with their expiry, latest expiry first (as `/api/ps` sorts).

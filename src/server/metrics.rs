@@ -39,6 +39,9 @@ const PER_MODEL: &[Series] = &[
     ("zoe_engine_errors_total", "counter", "Generations that ended with an error.", |h| {
         h.stats.errors.load(Relaxed) as f64
     }),
+    ("zoe_engine_retries_total", "counter", "Requests retried transparently after an engine failure.", |h| {
+        h.stats.retries.load(Relaxed) as f64
+    }),
     ("zoe_engine_restarts_total", "counter", "Times the supervisor restarted the model's engine.", |h| {
         h.health.restarts.load(Relaxed) as f64
     }),

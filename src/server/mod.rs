@@ -441,13 +441,15 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
     (code, serde_json::json!({ "status": status, "models": models }))
 }
 
-/// Every pinned model is loaded and its engine alive (what the systemd watchdog vouches for).
-pub fn pinned_alive(state: &AppState) -> bool {
-    state.engines.pinned().iter().all(|id| state.engines.handle(id).is_some_and(|h| h.health.is_alive()))
+/// Every pinned model is loaded and its engine alive or restarting (what the systemd watchdog
+/// vouches for: a restart in progress is the supervisor doing its job; a stall or a model
+/// marked failed is not).
+pub fn watchdog_ok(state: &AppState) -> bool {
+    state.engines.pinned().iter().all(|id| state.engines.handle(id).is_some_and(|h| h.health.is_live_or_recovering()))
 }
 
 /// systemd: `READY=1` once serving, then `WATCHDOG=1` at half the unit's `WatchdogSec` — only
-/// while every pinned engine is alive, so a stalled or failed engine gets the process restarted.
+/// while [`watchdog_ok`], so a stalled or failed pinned engine gets the process restarted.
 /// Without `NOTIFY_SOCKET` this sends nothing.
 fn spawn_systemd_notifier(state: Shared) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -462,12 +464,12 @@ fn spawn_systemd_notifier(state: Shared) {
         let mut was_alive = true;
         loop {
             tick.tick().await;
-            let alive = pinned_alive(&state);
+            let alive = watchdog_ok(&state);
             if alive {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             } else if was_alive {
-                tracing::error!("a pinned engine is not alive: watchdog notifications stop");
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("a pinned engine is not alive")]);
+                tracing::error!("a pinned engine is stalled or failed: watchdog notifications stop");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status("a pinned engine is stalled or failed")]);
             }
             was_alive = alive;
         }

@@ -1,6 +1,8 @@
-//! The engine core on the real SmolLM2 model through `zoe-llm serve`: the prefix cache's effect
-//! on time to first token, and — with the `fault-injection` feature — the systemd watchdog,
-//! which is fed only while the engines are alive.
+//! The engine core on the real SmolLM2 model through `zoe-llm serve`: batched greedy decoding
+//! equal to decoding alone (the tiny test model does not reach the SIMD attention and the
+//! multi-token weight kernels; this model does), the prefix cache's effect on time to first
+//! token, and — with the `fault-injection` feature — the systemd watchdog, which is fed only
+//! while the engines are alive.
 
 mod common;
 
@@ -27,6 +29,35 @@ fn metric(text: &str, series: &str) -> f64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// 8 concurrent greedy requests (one decode batch of 8) each return exactly what they return
+/// alone.
+#[test]
+fn eight_concurrent_greedy_requests_equal_their_solo_runs() {
+    let Some(gguf) = common::smollm2_gguf("eight_concurrent_greedy_requests_equal_their_solo_runs") else { return };
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let server = Server::start(models.path());
+    let generate = |i: usize| -> String {
+        let body = json!({"model": "smollm2", "stream": false, "raw": true,
+                          "prompt": format!("List {} animals that live in {}:", i + 2, ["Africa", "the sea", "cold places", "forests"][i % 4]),
+                          "options": {"temperature": 0, "num_predict": 40}});
+        let r = http().post(server.at("/api/generate")).json(&body).send().unwrap();
+        assert!(r.status().is_success());
+        let v: Value = r.json().unwrap();
+        v["response"].as_str().unwrap().to_owned()
+    };
+    let solo: Vec<String> = (0..8).map(generate).collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8).map(|i| s.spawn(move || generate(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for i in 0..8 {
+        assert_eq!(together[i], solo[i], "request {i}");
+    }
+    let text = http().get(server.at("/metrics")).send().unwrap().text().unwrap();
+    assert_eq!(metric(&text, "vllm:num_requests_running{model_name=\"smollm2-135m\"}"), 0.0);
 }
 
 /// A second chat with the same long system prompt finds it in the prefix cache: the metrics

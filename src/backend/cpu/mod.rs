@@ -629,6 +629,8 @@ mod attn_simd {
         let n = slots.len();
         scores.clear();
         scores.resize(heads * n, 0.0);
+        let scale8 = _mm256_set1_ps(scale);
+        let whole = n / 8 * 8;
         for (i, &sl) in slots.iter().enumerate() {
             // The cache rows of a long batch do not stay in cache from one step to the next:
             // fetch K and V of a later slot ahead (V is read after the softmax).
@@ -638,6 +640,26 @@ mod attn_simd {
                     _mm_prefetch::<_MM_HINT_T0>(k.add(b));
                     _mm_prefetch::<_MM_HINT_T0>(v.add(b));
                 }
+            }
+            if i < whole {
+                // Slots in groups of 8: one accumulator per slot, reduced together (one
+                // transpose-add for 8 scores instead of a horizontal sum each).
+                if i % 8 == 0 {
+                    let ks: [*const T; 8] = std::array::from_fn(|j| kv.k_row(slots[i + j]).as_ptr());
+                    for h in 0..heads {
+                        let qh = q.as_ptr().add(h * d);
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for c in (0..d).step_by(8) {
+                            let qv = _mm256_loadu_ps(qh.add(c));
+                            for (a, k) in acc.iter_mut().zip(&ks) {
+                                *a = _mm256_fmadd_ps(qv, T::load8(k.add(c)), *a);
+                            }
+                        }
+                        let s8 = _mm256_mul_ps(reduce8(&acc), scale8);
+                        _mm256_storeu_ps(scores.as_mut_ptr().add(h * n + i), s8);
+                    }
+                }
+                continue;
             }
             let k = kv.k_row(sl).as_ptr();
             for h in 0..heads {
@@ -673,6 +695,16 @@ mod attn_simd {
                 }
             }
         }
+    }
+
+    /// The 8 lane sums of `a[0..8]`, in order, in one vector.
+    #[inline(always)]
+    unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
+        let (t0, t1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let (t2, t3) = (_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums of the low and high lane halves, likewise a4..a7.
+        let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
     }
 
     #[inline(always)]

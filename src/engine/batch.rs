@@ -71,6 +71,7 @@ pub(super) fn incarnation(
         core,
         max_num_seqs: config.max_num_seqs.max(1),
         max_batched_tokens: config.max_batched_tokens.max(1),
+        context_length,
         beat_every: (config.stall_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1)),
         steps: Cell::new(0),
         fault: config.fault.clone(),
@@ -113,6 +114,7 @@ struct Engine<'c> {
     core: &'c Core,
     max_num_seqs: usize,
     max_batched_tokens: usize,
+    context_length: usize,
     /// How long an idle engine waits on its queue before beating again.
     beat_every: Duration,
     /// Forward steps of this incarnation.
@@ -510,14 +512,16 @@ impl Engine<'_> {
     fn warm_up(&self, cache: &mut PagedKvCache<CpuBackend>) -> Result<Duration, String> {
         let t = Instant::now();
         let vocab = self.model.config.vocab_size as u32;
-        let mut ids: Vec<u32> = self.tokenizer.bos_id().into_iter().collect();
-        ids.extend(self.tokenizer.encode("Hello", false).unwrap_or_default());
-        ids.retain(|&id| id < vocab);
-        // Short of a full block, so nothing of it enters the prefix cache.
-        ids.truncate(cache.pool.block_size().saturating_sub(2).max(1));
-        if ids.is_empty() {
-            ids.push(0);
+        // A prompt as long as a typical short request (one prefill of up to 64 tokens) so the
+        // buffers a real prefill needs are grown once here. Its full blocks enter the prefix
+        // cache like any freed block's; nothing real starts with this text.
+        let mut hello: Vec<u32> = self.tokenizer.encode("Hello, warm-up.", false).unwrap_or_default();
+        hello.retain(|&id| id < vocab);
+        if hello.is_empty() {
+            hello.push(0);
         }
+        let len = 64.min(self.max_batched_tokens).min(self.context_length.saturating_sub(2)).max(1);
+        let ids: Vec<u32> = hello.iter().copied().cycle().take(len).collect();
         let (mut seq, _) = cache.start(&ids, ids.len() + 1);
         let result = (|| {
             let logits = self.model.forward_batch(&self.backend, cache, &mut [(&ids[..], &mut seq)])?;

@@ -13,6 +13,9 @@ use super::Shared;
 use crate::engine::histogram::Histogram;
 use crate::engine::service::ModelHandle;
 
+/// A per-model histogram: (name, help, which one).
+type HistogramSeries = (&'static str, &'static str, fn(&ModelHandle) -> &Histogram);
+
 /// Per-model counters and gauges: (name, type, help, value).
 type Series = (&'static str, &'static str, &'static str, fn(&ModelHandle) -> f64);
 
@@ -90,7 +93,7 @@ pub fn render(state: &Shared) -> String {
             );
         }
     }
-    let histograms: [(&str, &str, fn(&ModelHandle) -> &Histogram); 3] = [
+    let histograms: [HistogramSeries; 3] = [
         ("vllm:time_to_first_token_seconds", "Time from arrival to the first token.", |h| &h.stats.ttft),
         ("vllm:time_per_output_token_seconds", "Mean time per output token after the first, per request.", |h| {
             &h.stats.tpot

@@ -39,14 +39,9 @@ fn post_json(server: &Server, path: &str, body: &Value) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: not JSON ({e}): {text}"))
 }
 
-/// One sample of `/metrics`: `name{labels}` → value.
+/// One sample of `/metrics` as a count.
 fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
-        .trim()
-        .parse::<f64>()
-        .unwrap() as u64
+    common::metric(text, series) as u64
 }
 
 struct Counters {

@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use common::{ModelsDir, Server};
+use common::{metric, ModelsDir, Server};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -20,15 +20,6 @@ fn http() -> reqwest::blocking::Client {
 
 fn lock() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// 8 concurrent greedy requests (one decode batch of 8) each return exactly what they return

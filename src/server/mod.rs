@@ -411,7 +411,7 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
         if !alive {
             if is_pinned {
                 pinned_down = true;
-            } else if s.name() != "starting" {
+            } else if s != crate::engine::service::EngineState::Starting {
                 other_down = true;
             }
         }

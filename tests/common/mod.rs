@@ -202,3 +202,13 @@ impl Drop for Server {
         }
     }
 }
+
+/// One sample of `/metrics` text: the value of `series` (`name{labels}` exactly).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -15,6 +15,8 @@ mod dtype;
 
 pub use dtype::GgmlType;
 
+use crate::model::weights::awq::AwqMatrix;
+
 /// Why an op could not run. Shape mismatches are bugs in the model code and assert; this enum is
 /// for what depends on input data (weights from a file, a context that is full).
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,9 @@ pub trait Backend: Send + Sync + 'static {
         cols: usize,
         bytes: &[u8],
     ) -> Result<Self::Weight, BackendError>;
+    /// An AWQ 4-bit weight `[m.n, m.k]` (`linear` semantics as for any weight: `y = x · Wᵀ` with
+    /// `W[n][k] = f16((q − z) · s)`); the backend repacks it into the layout its kernels read.
+    fn awq_weight(&self, name: &str, m: AwqMatrix) -> Result<Self::Weight, BackendError>;
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<Self::KvLayer, BackendError>;
     /// Bytes one cached K or V value takes in this backend's KV layers.
     fn kv_value_bytes(&self) -> usize;

@@ -2,6 +2,7 @@
 //! the AWQ issue, from HF config.json), plus the rotary table the weights require.
 
 use crate::backend::{Rope, RopeStyle};
+use crate::model::weights::awq::AwqConfig;
 use crate::model::weights::{GgufError, GgufFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -10,7 +11,7 @@ pub enum ConfigError {
     UnknownArchitecture(String),
     #[error("model config: {0}")]
     Invalid(String),
-    #[error("unsupported rope scaling type '{0}' (supported: none, linear; llama3 files carry rope_freqs.weight)")]
+    #[error("unsupported rope scaling type '{0}' (supported: none, linear, llama3)")]
     UnsupportedRopeScaling(String),
     #[error(transparent)]
     Gguf(#[from] GgufError),
@@ -64,6 +65,92 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Reads a Hugging Face `config.json` (Llama, Qwen2): the hyper-parameters and, for an AWQ
+    /// checkpoint, its `quantization_config`. Sizes are bounded before anything is allocated.
+    pub fn from_hf_json(v: &serde_json::Value) -> Result<(Self, Option<AwqConfig>), ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(m);
+        let arch = v
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .or_else(|| v.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()))
+            .ok_or_else(|| bad("config.json has neither model_type nor architectures".into()))?;
+        let architecture = match arch {
+            "llama" | "LlamaForCausalLM" => Architecture::Llama,
+            "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
+            other => return Err(ConfigError::UnknownArchitecture(other.into())),
+        };
+        let int = |k: &str| -> Result<usize, ConfigError> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .filter(|&x| x > 0 && x <= 1 << 24)
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("config.json: \"{k}\" must be a positive integer up to 2^24")))
+        };
+        let float = |k: &str, default: f64| -> Result<f32, ConfigError> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default as f32),
+                Some(x) => {
+                    x.as_f64().map(|x| x as f32).ok_or_else(|| bad(format!("config.json: \"{k}\" must be a number")))
+                }
+            }
+        };
+        let hidden_size = int("hidden_size")?;
+        let n_heads = int("num_attention_heads")?;
+        let n_kv_heads = if v.get("num_key_value_heads").is_some() { int("num_key_value_heads")? } else { n_heads };
+        if n_heads % n_kv_heads != 0 {
+            return Err(bad(format!("{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads")));
+        }
+        let head_dim = match v.get("head_dim") {
+            Some(serde_json::Value::Null) | None => hidden_size / n_heads,
+            Some(_) => int("head_dim")?,
+        };
+        if head_dim % 2 != 0 || (n_heads + 2 * n_kv_heads) * head_dim > 1 << 20 {
+            return Err(bad(format!("{n_heads} heads of dimension {head_dim} is not a model this engine runs")));
+        }
+        let n_layers = int("num_hidden_layers")?;
+        if n_layers > 1024 {
+            return Err(bad(format!("num_hidden_layers {n_layers} is beyond any real model")));
+        }
+        let rope_scaling = match v.get("rope_scaling") {
+            None | Some(serde_json::Value::Null) => RopeScaling::None,
+            Some(rs) => {
+                let f = |k: &str| rs.get(k).and_then(|x| x.as_f64()).map(|x| x as f32);
+                let need = |k: &str| f(k).ok_or_else(|| bad(format!("config.json: rope_scaling.{k} is missing")));
+                match rs.get("rope_type").or_else(|| rs.get("type")).and_then(|t| t.as_str()).unwrap_or("default") {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear { factor: need("factor")? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: need("factor")?,
+                        low_freq_factor: need("low_freq_factor")?,
+                        high_freq_factor: need("high_freq_factor")?,
+                        original_max_position: need("original_max_position_embeddings")?,
+                    },
+                    other => return Err(ConfigError::UnsupportedRopeScaling(other.into())),
+                }
+            }
+        };
+        let quant = match v.get("quantization_config") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(q) => Some(AwqConfig::from_json(q).map_err(ConfigError::Invalid)?),
+        };
+        let cfg = Self {
+            architecture,
+            hidden_size,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            intermediate_size: int("intermediate_size")?,
+            vocab_size: int("vocab_size")?,
+            context_length: int("max_position_embeddings")?,
+            rms_norm_eps: float("rms_norm_eps", 1e-6)?,
+            rope_theta: float("rope_theta", 10000.0)?,
+            rope_scaling,
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
+        };
+        Ok((cfg, quant))
+    }
+
     /// Reads `<arch>.*` hyper-parameters. Tensor-dependent facts (tied head, biases, rope
     /// divisors) are filled from the tensor list.
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ConfigError> {
@@ -223,5 +310,32 @@ mod tests {
             }
         }
         assert!((plain[30] / scaled[30] - 1.651).abs() < 0.01, "{}", plain[30] / scaled[30]);
+    }
+
+    /// Llama-3.2-3B-Instruct-AWQ's config.json (the published values, model-formats.md §2.1).
+    #[test]
+    fn hf_config_json_reads_llama_3_2_with_awq() {
+        let v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
+            "intermediate_size": 8192, "num_attention_heads": 24, "num_hidden_layers": 28,
+            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true, "vocab_size": 128256,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "quantization_config": {"bits": 4, "group_size": 128, "quant_method": "awq", "version": "gemm", "zero_point": true}
+        });
+        let (cfg, q) = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(cfg, llama32());
+        assert_eq!(q.unwrap().group_size, 128);
+
+        let mut bad = v.clone();
+        bad["num_attention_heads"] = serde_json::json!(-3);
+        assert!(ModelConfig::from_hf_json(&bad).unwrap_err().to_string().contains("num_attention_heads"));
+        bad = v.clone();
+        bad["rope_scaling"]["rope_type"] = serde_json::json!("yarn");
+        assert!(ModelConfig::from_hf_json(&bad).unwrap_err().to_string().contains("yarn"));
+        bad = v.clone();
+        bad["model_type"] = serde_json::json!("mamba");
+        assert!(ModelConfig::from_hf_json(&bad).unwrap_err().to_string().contains("mamba"));
     }
 }

@@ -13,7 +13,10 @@ use crate::backend::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, 
 use crate::model::config::{Architecture, ConfigError, ModelConfig};
 use crate::model::kv_cache::{KvCache, KvError, KvLayers};
 use crate::model::paged_kv::{PagedKvCache, Sequence};
-use crate::model::weights::{GgufFile, TensorInfo};
+use crate::model::weights::awq::{AwqConfig, AwqMatrix};
+use crate::model::weights::safetensors::{SafetensorsDir, StTensor};
+use crate::model::weights::GgufFile;
+use safetensors::Dtype;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -71,22 +74,40 @@ pub struct Llama<B: Backend> {
     layers: Vec<Layer<B>>,
 }
 
-/// One raw tensor on its way to the backend: rows of `cols` elements.
-struct Raw {
-    dtype: GgmlType,
-    rows: usize,
-    cols: usize,
-    bytes: Vec<u8>,
+/// One matrix `[rows, cols]` on its way to the backend.
+enum Raw {
+    /// GGUF block rows or plain float rows (safetensors F16/BF16/F32 rows are the same bytes).
+    Blocks { dtype: GgmlType, rows: usize, cols: usize, bytes: Vec<u8> },
+    /// AWQ 4-bit, already in the per-row layout.
+    Awq(AwqMatrix),
 }
 
 impl Raw {
-    fn row_bytes(&self) -> usize {
-        self.bytes.len() / self.rows
+    fn rows(&self) -> usize {
+        match self {
+            Raw::Blocks { rows, .. } => *rows,
+            Raw::Awq(m) => m.n,
+        }
     }
 
-    fn unpermute_heads(&mut self, head_dim: usize) {
-        let rb = self.row_bytes();
-        self.bytes = unpermute_heads(&self.bytes, rb, head_dim);
+    /// Appends `other`'s rows when both have the same storage (one fused matrix); gives `other`
+    /// back when they differ.
+    fn try_stack(&mut self, other: Raw) -> Option<Raw> {
+        match (self, other) {
+            (Raw::Blocks { dtype, rows, cols, bytes }, Raw::Blocks { dtype: d2, rows: r2, cols: c2, bytes: b2 })
+                if *dtype == d2 && *cols == c2 =>
+            {
+                bytes.extend_from_slice(&b2);
+                *rows += r2;
+                None
+            }
+            (Raw::Awq(a), Raw::Awq(b)) if (a.k, a.group) == (b.k, b.group) => {
+                let taken = std::mem::replace(a, AwqMatrix { n: 0, k: 0, group: 1, qw: vec![], zeros: vec![], scales: vec![] });
+                *a = AwqMatrix::concat(vec![taken, b]).expect("same K and group");
+                None
+            }
+            (_, other) => Some(other),
+        }
     }
 }
 
@@ -112,61 +133,207 @@ fn read_f32(dtype: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     v
 }
 
-struct Loader<'a, B: Backend> {
+/// Where a checkpoint's tensors come from. Names are logical, GGUF-style without the suffix
+/// (`token_embd`, `output`, `output_norm`, `blk.{l}.attn_q`, …); each source maps them to its
+/// file's names.
+trait Source {
+    /// The matrix `name` as `[rows, cols]` (an error when it is missing or shaped otherwise).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Raw, ModelError>;
+    /// The 1-D tensor `name` (`{name}.weight` or, with `bias`, `{name}.bias`) of `n` values as f32.
+    fn vector(&self, name: &str, bias: bool, n: usize) -> Result<Option<Vec<f32>>, ModelError>;
+    fn has_matrix(&self, name: &str) -> bool;
+    /// GGUF `llama` q/k rows are permuted for GPT-J-style rope.
+    fn permuted_qk(&self) -> bool;
+}
+
+fn check_vector(name: String, dims: &[u64], n: usize) -> Result<(), ModelError> {
+    if dims.iter().product::<u64>() != n as u64 || dims.len() != 1 {
+        return Err(ModelError::Shape { name, found: dims.to_vec(), expected: vec![n as u64] });
+    }
+    Ok(())
+}
+
+struct GgufSource<'a> {
     file: &'a GgufFile,
+    architecture: Architecture,
+}
+
+impl Source for GgufSource<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Raw, ModelError> {
+        let name = format!("{name}.weight");
+        let t = self.file.tensor(&name).ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+        if t.rows_cols() != (rows, cols) || t.dims.len() > 2 {
+            return Err(ModelError::Shape { name, found: t.dims.clone(), expected: vec![cols as u64, rows as u64] });
+        }
+        Ok(Raw::Blocks { dtype: t.dtype, rows, cols, bytes: self.file.tensor_data(t).to_vec() })
+    }
+
+    fn vector(&self, name: &str, bias: bool, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        let name = format!("{name}.{}", if bias { "bias" } else { "weight" });
+        let Some(t) = self.file.tensor(&name) else { return Ok(None) };
+        check_vector(name, &t.dims, n)?;
+        Ok(Some(read_f32(t.dtype, self.file.tensor_data(t), n)))
+    }
+
+    fn has_matrix(&self, name: &str) -> bool {
+        self.file.tensor(&format!("{name}.weight")).is_some()
+    }
+
+    fn permuted_qk(&self) -> bool {
+        self.architecture == Architecture::Llama
+    }
+}
+
+/// A Hugging Face checkpoint: fp16/bf16/f32 tensors and, with `awq`, AutoAWQ GEMM linears.
+struct HfSource<'a> {
+    st: &'a SafetensorsDir,
+    awq: Option<&'a AwqConfig>,
+}
+
+impl HfSource<'_> {
+    fn hf_name(name: &str) -> String {
+        let role = |r: &str| -> &'static str {
+            match r {
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                other => unreachable!("no HF name for layer tensor '{other}'"),
+            }
+        };
+        match name {
+            "token_embd" => "model.embed_tokens".into(),
+            "output" => "lm_head".into(),
+            "output_norm" => "model.norm".into(),
+            _ => {
+                let rest = name.strip_prefix("blk.").expect("layer tensor names start with blk.");
+                let (l, r) = rest.split_once('.').expect("blk.{l}.{role}");
+                format!("model.layers.{l}.{}", role(r))
+            }
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Result<&StTensor, ModelError> {
+        self.st.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))
+    }
+
+    fn shape_err(name: &str, t: &StTensor, expected: &[usize]) -> ModelError {
+        ModelError::Shape {
+            name: name.into(),
+            found: t.shape.iter().map(|&d| d as u64).collect(),
+            expected: expected.iter().map(|&d| d as u64).collect(),
+        }
+    }
+
+    fn float_type(name: &str, t: &StTensor) -> Result<GgmlType, ModelError> {
+        match t.dtype {
+            Dtype::F16 => Ok(GgmlType::F16),
+            Dtype::BF16 => Ok(GgmlType::BF16),
+            Dtype::F32 => Ok(GgmlType::F32),
+            other => Err(ModelError::Backend(BackendError::BadWeight {
+                name: name.into(),
+                reason: format!("dtype {other:?} is not a float type (F16, BF16, F32)"),
+            })),
+        }
+    }
+}
+
+impl Source for HfSource<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Raw, ModelError> {
+        let base = Self::hf_name(name);
+        let qname = format!("{base}.qweight");
+        if let (Some(q), Some(awq)) = (self.st.tensor(&qname), self.awq) {
+            let g = awq.group_size;
+            let (zname, sname) = (format!("{base}.qzeros"), format!("{base}.scales"));
+            let (z, s) = (self.tensor(&zname)?, self.tensor(&sname)?);
+            let checks = [
+                (&qname, q, Dtype::I32, vec![cols, rows / 8]),
+                (&zname, z, Dtype::I32, vec![cols / g, rows / 8]),
+                (&sname, s, Dtype::F16, vec![cols / g, rows]),
+            ];
+            for (n, t, dtype, shape) in checks {
+                if t.shape != shape || t.dtype != dtype {
+                    return Err(Self::shape_err(n, t, &shape));
+                }
+            }
+            let m = AwqMatrix::from_gemm(self.st.data(q), self.st.data(z), self.st.data(s), cols, rows, g)
+                .map_err(|reason| BackendError::BadWeight { name: qname, reason })?;
+            return Ok(Raw::Awq(m));
+        }
+        let wname = format!("{base}.weight");
+        let t = self.tensor(&wname)?;
+        if t.shape != [rows, cols] {
+            return Err(Self::shape_err(&wname, t, &[rows, cols]));
+        }
+        let dtype = Self::float_type(&wname, t)?;
+        Ok(Raw::Blocks { dtype, rows, cols, bytes: self.st.data(t).to_vec() })
+    }
+
+    fn vector(&self, name: &str, bias: bool, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        let name = format!("{}.{}", Self::hf_name(name), if bias { "bias" } else { "weight" });
+        let Some(t) = self.st.tensor(&name) else { return Ok(None) };
+        let dims: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        check_vector(name.clone(), &dims, n)?;
+        Ok(Some(read_f32(Self::float_type(&name, t)?, self.st.data(t), n)))
+    }
+
+    fn has_matrix(&self, name: &str) -> bool {
+        let base = Self::hf_name(name);
+        self.st.tensor(&format!("{base}.weight")).is_some() || self.st.tensor(&format!("{base}.qweight")).is_some()
+    }
+
+    fn permuted_qk(&self) -> bool {
+        false
+    }
+}
+
+struct Loader<'a, B: Backend> {
+    src: &'a dyn Source,
     be: &'a B,
 }
 
 impl<B: Backend> Loader<'_, B> {
-    fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
-        self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))
-    }
-
-    fn raw(&self, name: &str, rows: usize, cols: usize) -> Result<Raw, ModelError> {
-        let t = self.info(name)?;
-        let (r, c) = t.rows_cols();
-        if (r, c) != (rows, cols) || t.dims.len() > 2 {
-            return Err(ModelError::Shape {
-                name: name.into(),
-                found: t.dims.clone(),
-                expected: vec![cols as u64, rows as u64],
-            });
-        }
-        Ok(Raw { dtype: t.dtype, rows, cols, bytes: self.file.tensor_data(t).to_vec() })
-    }
-
-    /// A 1-D tensor (norm weight, bias) as f32 on the backend.
     fn vector(&self, name: &str, n: usize) -> Result<B::Tensor, ModelError> {
-        let t = self.info(name)?;
-        if t.n_elements() as usize != n || t.dims.len() != 1 {
-            return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] });
-        }
-        Ok(self.be.upload(&read_f32(t.dtype, self.file.tensor_data(t), n), 1, n))
+        let v = self.src.vector(name, false, n)?.ok_or_else(|| ModelError::MissingTensor(format!("{name}.weight")))?;
+        Ok(self.be.upload(&v, 1, n))
     }
 
-    fn weight(&self, name: &str, raw: &Raw) -> Result<B::Weight, ModelError> {
-        Ok(self.be.weight(name, raw.dtype, raw.rows, raw.cols, &raw.bytes)?)
+    fn weight(&self, name: &str, raw: Raw) -> Result<B::Weight, ModelError> {
+        Ok(match raw {
+            Raw::Blocks { dtype, rows, cols, bytes } => self.be.weight(name, dtype, rows, cols, &bytes)?,
+            Raw::Awq(m) => self.be.awq_weight(name, m)?,
+        })
     }
 
     /// Builds one Linear from parts stacked along the output dimension, fusing runs of parts
     /// that share a storage type into one matrix.
     fn linear(&self, name: &str, parts: Vec<(Raw, Option<Vec<f32>>)>) -> Result<Linear<B>, ModelError> {
-        let out_features = parts.iter().map(|(r, _)| r.rows).sum();
+        let out_features = parts.iter().map(|(r, _)| r.rows()).sum();
         let mut fused: Vec<(Raw, Option<Vec<f32>>, usize)> = Vec::new();
         let mut col0 = 0;
         let any_bias = parts.iter().any(|(_, b)| b.is_some());
         for (raw, bias) in parts {
-            let bias = if any_bias { Some(bias.unwrap_or_else(|| vec![0.0; raw.rows])) } else { None };
-            let rows = raw.rows;
-            match fused.last_mut() {
-                Some((prev, pb, _)) if prev.dtype == raw.dtype && prev.cols == raw.cols => {
-                    prev.bytes.extend_from_slice(&raw.bytes);
-                    prev.rows += raw.rows;
-                    if let (Some(pb), Some(b)) = (pb.as_mut(), bias) {
-                        pb.extend(b);
+            let rows = raw.rows();
+            let bias = if any_bias { Some(bias.unwrap_or_else(|| vec![0.0; rows])) } else { None };
+            let leftover = match fused.last_mut() {
+                Some((prev, pb, _)) => match prev.try_stack(raw) {
+                    None => {
+                        if let (Some(pb), Some(b)) = (pb.as_mut(), bias.clone()) {
+                            pb.extend(b);
+                        }
+                        None
                     }
-                }
-                _ => fused.push((raw, bias, col0)),
+                    Some(raw) => Some(raw),
+                },
+                None => Some(raw),
+            };
+            if let Some(raw) = leftover {
+                fused.push((raw, bias, col0));
             }
             col0 += rows;
         }
@@ -174,18 +341,10 @@ impl<B: Backend> Loader<'_, B> {
             .into_iter()
             .map(|(raw, bias, col0)| {
                 let b = bias.map(|b| self.be.upload(&b, 1, b.len()));
-                Ok((self.weight(name, &raw)?, b, col0))
+                Ok((self.weight(name, raw)?, b, col0))
             })
             .collect::<Result<_, ModelError>>()?;
         Ok(Linear { parts, out_features })
-    }
-
-    fn bias(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
-        match self.file.tensor(name) {
-            None => Ok(None),
-            Some(t) if t.n_elements() as usize == n => Ok(Some(read_f32(t.dtype, self.file.tensor_data(t), n))),
-            Some(t) => Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] }),
-        }
     }
 }
 
@@ -193,52 +352,66 @@ impl<B: Backend> Llama<B> {
     /// Loads a GGUF `llama` or `qwen2` checkpoint onto the backend.
     pub fn from_gguf(file: &GgufFile, be: &B) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(file)?;
-        let ld = Loader { file, be };
+        Self::load(&GgufSource { file, architecture: cfg.architecture }, cfg, be)
+    }
+
+    /// Loads a Hugging Face checkpoint (fp16/bf16, or AutoAWQ GEMM 4-bit with `awq`) whose
+    /// config.json gave `cfg`.
+    pub fn from_safetensors(
+        st: &SafetensorsDir,
+        cfg: ModelConfig,
+        awq: Option<&AwqConfig>,
+        be: &B,
+    ) -> Result<Self, ModelError> {
+        Self::load(&HfSource { st, awq }, cfg, be)
+    }
+
+    fn load(src: &dyn Source, mut cfg: ModelConfig, be: &B) -> Result<Self, ModelError> {
+        let ld = Loader { src, be };
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let layout = QkvLayout { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: d };
-        let permuted = cfg.architecture == Architecture::Llama;
-
-        let embed = ld.raw("token_embd.weight", cfg.vocab_size, h)?;
-        let head = if cfg.tie_word_embeddings { None } else { Some(ld.raw("output.weight", cfg.vocab_size, h)?) };
+        // A missing head means a tied one whatever the config says (Llama 3.2 AWQ exports may
+        // drop the duplicate `lm_head`).
+        cfg.tie_word_embeddings |= !src.has_matrix("output");
+        let embed = src.matrix("token_embd", cfg.vocab_size, h)?;
+        let head = if cfg.tie_word_embeddings { None } else { Some(src.matrix("output", cfg.vocab_size, h)?) };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = |s: &str| format!("blk.{l}.{s}");
-            let mut q = ld.raw(&p("attn_q.weight"), layout.q_cols(), h)?;
-            let mut k = ld.raw(&p("attn_k.weight"), layout.kv_cols(), h)?;
-            let v = ld.raw(&p("attn_v.weight"), layout.kv_cols(), h)?;
-            let mut qb = ld.bias(&p("attn_q.bias"), layout.q_cols())?;
-            let mut kb = ld.bias(&p("attn_k.bias"), layout.kv_cols())?;
-            let vb = ld.bias(&p("attn_v.bias"), layout.kv_cols())?;
-            if permuted {
-                q.unpermute_heads(d);
-                k.unpermute_heads(d);
+            let mut q = src.matrix(&p("attn_q"), layout.q_cols(), h)?;
+            let mut k = src.matrix(&p("attn_k"), layout.kv_cols(), h)?;
+            let v = src.matrix(&p("attn_v"), layout.kv_cols(), h)?;
+            let mut qb = src.vector(&p("attn_q"), true, layout.q_cols())?;
+            let mut kb = src.vector(&p("attn_k"), true, layout.kv_cols())?;
+            let vb = src.vector(&p("attn_v"), true, layout.kv_cols())?;
+            if src.permuted_qk() {
+                for raw in [&mut q, &mut k] {
+                    if let Raw::Blocks { bytes, rows, .. } = raw {
+                        let rb = bytes.len() / *rows;
+                        *bytes = unpermute_heads(bytes, rb, d);
+                    }
+                }
                 for b in [qb.as_mut(), kb.as_mut()].into_iter().flatten() {
                     *b = unpermute_heads(b, 1, d);
                 }
             }
-            let gate = ld.raw(&p("ffn_gate.weight"), cfg.intermediate_size, h)?;
-            let up = ld.raw(&p("ffn_up.weight"), cfg.intermediate_size, h)?;
+            let gate = src.matrix(&p("ffn_gate"), cfg.intermediate_size, h)?;
+            let up = src.matrix(&p("ffn_up"), cfg.intermediate_size, h)?;
             layers.push(Layer {
-                attn_norm: ld.vector(&p("attn_norm.weight"), h)?,
+                attn_norm: ld.vector(&p("attn_norm"), h)?,
                 qkv: ld.linear(&p("attn_qkv"), vec![(q, qb), (k, kb), (v, vb)])?,
-                o: ld.linear(
-                    &p("attn_output.weight"),
-                    vec![(ld.raw(&p("attn_output.weight"), h, layout.q_cols())?, None)],
-                )?,
-                ffn_norm: ld.vector(&p("ffn_norm.weight"), h)?,
+                o: ld.linear(&p("attn_output"), vec![(src.matrix(&p("attn_output"), h, layout.q_cols())?, None)])?,
+                ffn_norm: ld.vector(&p("ffn_norm"), h)?,
                 gate_up: ld.linear(&p("ffn_gate_up"), vec![(gate, None), (up, None)])?,
-                down: ld.linear(
-                    &p("ffn_down.weight"),
-                    vec![(ld.raw(&p("ffn_down.weight"), h, cfg.intermediate_size)?, None)],
-                )?,
+                down: ld.linear(&p("ffn_down"), vec![(src.matrix(&p("ffn_down"), h, cfg.intermediate_size)?, None)])?,
             });
         }
         Ok(Self {
             rope: cfg.rope(RopeStyle::Neox),
             layout,
-            embed: ld.weight("token_embd.weight", &embed)?,
-            head: head.map(|raw| ld.weight("output.weight", &raw)).transpose()?,
-            final_norm: ld.vector("output_norm.weight", h)?,
+            embed: ld.weight("token_embd", embed)?,
+            head: head.map(|raw| ld.weight("output", raw)).transpose()?,
+            final_norm: ld.vector("output_norm", h)?,
             layers,
             config: cfg,
         })
@@ -441,10 +614,7 @@ mod tests {
         let mut a = reference::linear(&x, 1, cols, &stored, rows, None);
         reference::rope(&mut a, rows, heads, &[7], &rope(RopeStyle::Norm));
 
-        let mut raw =
-            Raw { dtype: GgmlType::F32, rows, cols, bytes: stored.iter().flat_map(|v| v.to_le_bytes()).collect() };
-        raw.unpermute_heads(hd);
-        let hf = read_f32(GgmlType::F32, &raw.bytes, rows * cols);
+        let hf = unpermute_heads(&stored, cols, hd);
         let mut b = reference::linear(&x, 1, cols, &hf, rows, None);
         reference::rope(&mut b, rows, heads, &[7], &rope(RopeStyle::Neox));
 

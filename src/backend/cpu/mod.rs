@@ -20,6 +20,7 @@ use self::blocks::dequantize_row;
 use self::dot::{dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
 use self::packed::Packed;
 use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
+use crate::model::weights::awq::AwqMatrix;
 
 /// A host activation matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +33,7 @@ pub struct CpuTensor {
 /// A weight matrix in its file's storage type; rows are contiguous runs of blocks.
 #[derive(Debug)]
 pub struct CpuWeight {
+    /// The GGUF storage type; for an AWQ weight F16, the type its dequantized values have.
     pub dtype: GgmlType,
     pub rows: usize,
     pub cols: usize,
@@ -39,6 +41,8 @@ pub struct CpuWeight {
     /// File-order rows; empty when the weight lives in `packed` instead.
     data: Vec<u8>,
     packed: Option<Packed>,
+    /// AWQ 4-bit rows (then `data` is empty): dequantized row by row, exactly, into f32.
+    awq: Option<Box<AwqMatrix>>,
 }
 
 impl CpuWeight {
@@ -49,6 +53,9 @@ impl CpuWeight {
 
     /// Row `r` dequantized, whichever layout holds it.
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if let Some(m) = &self.awq {
+            return m.dequantize_row(r, out);
+        }
         match &self.packed {
             Some(p) => dequantize_row(self.dtype, &p.raw_row(r), out),
             None => dequantize_row(self.dtype, self.row(r), out),
@@ -252,9 +259,17 @@ impl Backend for CpuBackend {
         // (the packed form gives rows back for lookups), so memory does not double.
         if self.precision == Precision::Q8 && rows.is_multiple_of(packed::GROUP) && packed::kernel(dtype).is_some() {
             let p = Packed::new(dtype, rows, cols, bytes);
-            return Ok(CpuWeight { dtype, rows, cols, row_bytes, data: Vec::new(), packed: Some(p) });
+            return Ok(CpuWeight { dtype, rows, cols, row_bytes, data: Vec::new(), packed: Some(p), awq: None });
         }
-        Ok(CpuWeight { dtype, rows, cols, row_bytes, data: bytes.to_vec(), packed: None })
+        Ok(CpuWeight { dtype, rows, cols, row_bytes, data: bytes.to_vec(), packed: None, awq: None })
+    }
+
+    fn awq_weight(&self, name: &str, m: AwqMatrix) -> Result<CpuWeight, BackendError> {
+        AwqMatrix::check_shape(m.n, m.k, m.group)
+            .map_err(|reason| BackendError::BadWeight { name: name.into(), reason })?;
+        let (rows, cols) = (m.n, m.k);
+        let row_bytes = cols / 2;
+        Ok(CpuWeight { dtype: GgmlType::F16, rows, cols, row_bytes, data: Vec::new(), packed: None, awq: Some(Box::new(m)) })
     }
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CpuKv, BackendError> {
@@ -309,7 +324,8 @@ impl Backend for CpuBackend {
         let tasks = m.div_ceil(rows_per_task);
         // Each task owns output columns [j0, j1) of every row: disjoint writes through `ptr`.
         let store = move |t: usize, j: usize, v: f32| unsafe { ptr.write(t * oc + col0 + j, v) };
-        if self.precision == Precision::Q8 && uses_q8_activations(w.dtype) {
+        // AWQ weights always take the exact f32 path: the CPU is their oracle.
+        if self.precision == Precision::Q8 && w.awq.is_none() && uses_q8_activations(w.dtype) {
             let nb = k / QK;
             let mut xq = vec![BlockQ8::default(); n * nb];
             xq.par_chunks_mut(nb).zip(x.data.par_chunks(k)).for_each(|(q, xr)| quantize_row_q8(xr, q));

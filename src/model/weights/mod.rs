@@ -1,6 +1,8 @@
 //! Weight files: names → tensors.
 
+pub mod awq;
 pub mod gguf;
+pub mod safetensors;
 #[cfg(test)]
 pub(crate) mod gguf_writer;
 

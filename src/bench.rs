@@ -85,6 +85,117 @@ pub fn run<B: Backend>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Checkpoint benchmark: prefill sizes, batched decode, roofline
+
+/// One line of the checkpoint benchmark.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    /// `pp512` (one prompt of 512 tokens) or `tg b8` (decode, 8 sequences per step).
+    pub test: String,
+    /// Tokens per second (all sequences together for decode).
+    pub tokens_per_s: f64,
+    /// Milliseconds per forward: the prompt's time to first token, or one decode step.
+    pub ms: f64,
+    /// Decode only: weight + KV bytes one step reads ÷ step time ÷ measured copy bandwidth.
+    pub roofline: Option<f64>,
+}
+
+/// What [`run_checkpoint`] measured.
+#[derive(Clone, Debug)]
+pub struct CheckpointReport {
+    pub results: Vec<StepResult>,
+    /// Bytes of weights one decode step reads (every linear and the head).
+    pub weight_bytes: usize,
+    /// The backend's measured device copy bandwidth, bytes/s (read + write counted).
+    pub copy_bandwidth: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prefill `prompts` token counts (one sequence each) and decode `steps` steps at each batch
+/// size of `batches` (every sequence first prefilled with `context` tokens), each `reps` times
+/// after one warm-up; reports medians. Roofline bytes per decode step = the model's weight
+/// bytes + the K/V bytes of every sequence's context.
+pub fn run_checkpoint<B: Backend>(
+    m: &LoadedModel<B>,
+    prompts: &[usize],
+    batches: &[usize],
+    context: usize,
+    steps: usize,
+    reps: usize,
+) -> Result<CheckpointReport, ModelError>
+where
+    B::KvLayer: Send,
+{
+    use crate::model::paged_kv::PagedKvCache;
+    let (be, model) = (&m.backend, &m.model);
+    let cfg = &model.config;
+    let reps = reps.max(1);
+    let block = 16;
+    let longest = prompts.iter().copied().max().unwrap_or(0).max(context + steps + 1);
+    let max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
+    let blocks = (longest.div_ceil(block) + 1) * max_batch;
+    let mut cache = PagedKvCache::new(be, cfg.n_layers, model.layout().kv_cols(), blocks, block)?;
+    let mut results = Vec::new();
+    let mut seed = 1u64;
+    for &n in prompts {
+        let mut times = Vec::new();
+        for _ in 0..=reps {
+            seed += 1;
+            let prompt = random_tokens(n, cfg.vocab_size, seed);
+            let (mut seq, _) = cache.start(&prompt, n);
+            let t = Instant::now();
+            model.forward_batch(be, &mut cache, &mut [(&prompt[..], &mut seq)])?;
+            times.push(t.elapsed().as_secs_f64());
+            cache.free(&mut seq);
+        }
+        let s = median(times[1..].to_vec());
+        results.push(StepResult { test: format!("pp{n}"), tokens_per_s: n as f64 / s, ms: s * 1e3, roofline: None });
+    }
+    let weight_bytes = model.weight_bytes(be);
+    let copy_bandwidth = be.copy_bandwidth();
+    let kv_bytes_per_token = 2 * cfg.n_layers * model.layout().kv_cols() * be.kv_value_bytes();
+    for &b in batches {
+        let mut step_times = Vec::new();
+        for rep in 0..=reps {
+            let mut seqs = Vec::new();
+            for _ in 0..b {
+                seed += 1;
+                let prompt = random_tokens(context, cfg.vocab_size, seed);
+                let (mut seq, _) = cache.start(&prompt, context + steps + 1);
+                model.forward_batch(be, &mut cache, &mut [(&prompt[..], &mut seq)])?;
+                seqs.push((seq, random_tokens(steps, cfg.vocab_size, seed + 1000)));
+            }
+            for step in 0..steps {
+                let toks: Vec<[u32; 1]> = seqs.iter().map(|(_, t)| [t[step]]).collect();
+                let mut batch: Vec<(&[u32], &mut crate::model::paged_kv::Sequence)> =
+                    seqs.iter_mut().zip(&toks).map(|((s, _), t)| (&t[..], s)).collect();
+                let t = Instant::now();
+                model.forward_batch(be, &mut cache, &mut batch)?;
+                if rep > 0 {
+                    step_times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            for (mut s, _) in seqs {
+                cache.free(&mut s);
+            }
+        }
+        let s = median(step_times);
+        let bytes = weight_bytes + b * (context + steps / 2) * kv_bytes_per_token;
+        results.push(StepResult {
+            test: format!("tg b{b}"),
+            tokens_per_s: b as f64 / s,
+            ms: s * 1e3,
+            roofline: Some(bytes as f64 / s / copy_bandwidth),
+        });
+    }
+    Ok(CheckpointReport { results, weight_bytes, copy_bandwidth })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decode through the HTTP stream
 
 /// A raw prompt greedy decoding keeps extending (the list goes on), so a run does not stop early.

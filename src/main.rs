@@ -12,7 +12,7 @@ use zoe_llm::backend::cpu::Precision;
 use zoe_llm::engine::generate::{generate, raw_prompt_ids, render_chat_prompt, FinishReason, GenerateRequest};
 use zoe_llm::engine::sampler::SamplingParams;
 use zoe_llm::hub::{ensure, pull, Format, Manifest, PullOptions, Registry, Store};
-use zoe_llm::model::loaded::{LoadError, LoadedModel};
+use zoe_llm::model::loaded::LoadedModel;
 
 #[derive(Parser)]
 #[command(name = "zoe-llm", version, about = "LLM appliance for the Zoe home assistant")]
@@ -45,6 +45,16 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the Ollama and OpenAI APIs (default http://127.0.0.1:11434).
     Serve(ServeArgs),
+    /// Write a synthetic AWQ checkpoint (real names, shapes, packing and configs; random values).
+    Synth {
+        #[arg(long, value_enum)]
+        arch: zoe_llm::model::synth::SynthArch,
+        /// Directory to write (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Args)]
@@ -73,6 +83,13 @@ struct EngineArgs {
     /// Activation precision of the CPU engine: q8 (fast, llama.cpp's scheme) or f32 (exact).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Q8)]
     precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +132,31 @@ struct RunArgs {
 struct BenchArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    /// Benchmark a synthetic AWQ checkpoint of these shapes (written once to a temporary
+    /// directory, or to --out): prefill at --prompts, decode at --batches, roofline fraction.
+    #[arg(long, value_enum, conflicts_with_all = ["model_dir", "server"])]
+    synthetic: Option<zoe_llm::model::synth::SynthArch>,
+    /// Benchmark the Hugging Face checkpoint (AWQ or fp16 safetensors) in DIR, like --synthetic.
+    #[arg(long, value_name = "DIR", conflicts_with = "server")]
+    model_dir: Option<PathBuf>,
+    /// Where --synthetic writes its checkpoint (reused when it is already there).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Backend for --synthetic/--model-dir: cpu, cuda, or auto (CUDA when a device is there).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Prompt lengths to prefill (--synthetic/--model-dir).
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 512, 2048])]
+    prompts: Vec<usize>,
+    /// Decode batch sizes (--synthetic/--model-dir).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    batches: Vec<usize>,
+    /// Decode steps timed per batch size (--synthetic/--model-dir).
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Tokens already in each sequence's context before the timed decode steps.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
     /// Prompt tokens per prompt-processing run (0 skips it).
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -171,6 +213,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench(&store, &registry, args),
         Command::Serve(args) => serve(store, registry, args),
+        Command::Synth { arch, out, seed } => {
+            let t = std::time::Instant::now();
+            let s = zoe_llm::model::synth::write(arch, &out, seed)
+                .with_context(|| format!("writing the synthetic checkpoint to {}", out.display()))?;
+            eprintln!(
+                "{}: {} tensors, {:.2} GiB in {} file(s), {:.1} s",
+                arch.name(),
+                s.tensors,
+                s.bytes as f64 / (1u64 << 30) as f64,
+                s.shards,
+                t.elapsed().as_secs_f64()
+            );
+            println!("{}", out.display());
+            Ok(())
+        }
     }
 }
 
@@ -195,7 +252,13 @@ fn resolve(registry: &Registry, args: &EngineArgs) -> Result<Manifest> {
         None => registry.default_model().context("no default model in the registry")?.clone(),
     };
     if manifest.format != Format::Gguf {
-        return Err(LoadError::NeedsCuda { id: manifest.id.clone(), format: manifest.format }.into());
+        // AWQ checkpoints load on the CPU's exact AWQ path (`bench --model-dir`), but serving them
+        // waits for the CUDA engine to be wired into the model manager.
+        bail!(
+            "model '{}' is {:?}, which needs the CUDA engine; this build runs GGUF models on the CPU only",
+            manifest.id,
+            manifest.format
+        );
     }
     Ok(manifest)
 }
@@ -347,8 +410,72 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     })
 }
 
+/// `bench --synthetic` / `--model-dir`: the checkpoint benchmark on the chosen backend.
+fn bench_checkpoint(args: &BenchArgs) -> Result<()> {
+    let dir = match (&args.model_dir, args.synthetic) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(arch)) => {
+            let dir = args.out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("zoe-synth-{}", arch.name())));
+            if !dir.join("config.json").is_file() {
+                eprintln!("writing the synthetic {} checkpoint to {} …", arch.name(), dir.display());
+                zoe_llm::model::synth::write(arch, &dir, 0)
+                    .with_context(|| format!("writing the synthetic checkpoint to {}", dir.display()))?;
+            }
+            dir
+        }
+        (None, None) => unreachable!("called for --synthetic or --model-dir"),
+    };
+    if args.prompts.contains(&0) || args.batches.contains(&0) || args.steps == 0 || args.context == 0 {
+        bail!("--prompts, --batches, --steps and --context must all be above 0");
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    #[cfg(feature = "cuda")]
+    if args.backend != BackendArg::Cpu {
+        match zoe_llm::backend::cuda::CudaBackend::new(0) {
+            Ok(be) => {
+                let m = LoadedModel::load_hf_dir(&name, &dir, be, None)?;
+                return print_checkpoint(&m, args);
+            }
+            Err(e) if args.backend == BackendArg::Cuda => return Err(e.into()),
+            Err(e) => tracing::warn!("{e}; benchmarking on the CPU"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if args.backend == BackendArg::Cuda {
+        bail!("--backend cuda: this binary was built without the `cuda` feature");
+    }
+    let be = zoe_llm::backend::cpu::CpuBackend::with_precision(threads(&args.engine)?, Precision::F32);
+    let m = LoadedModel::load_hf_dir(&name, &dir, be, None)?;
+    print_checkpoint(&m, args)
+}
+
+fn print_checkpoint<B: zoe_llm::backend::Backend>(m: &LoadedModel<B>, args: &BenchArgs) -> Result<()>
+where
+    B::KvLayer: Send,
+{
+    let r = zoe_llm::bench::run_checkpoint(m, &args.prompts, &args.batches, args.context, args.steps, args.reps)?;
+    let backend = zoe_llm::backend::Backend::name(&m.backend);
+    println!(
+        "model {} on {backend}: {:.3} GiB of weights read per decode step; copy bandwidth {:.1} GB/s (measured)",
+        m.id,
+        r.weight_bytes as f64 / (1u64 << 30) as f64,
+        r.copy_bandwidth / 1e9
+    );
+    println!("| test | t/s | ms per forward | roofline |");
+    println!("| --- | --- | --- | --- |");
+    for s in &r.results {
+        let roof = s.roofline.map_or("-".to_owned(), |f| format!("{:.0}%", f * 100.0));
+        println!("| {} | {:.1} | {:.2} | {roof} |", s.test, s.tokens_per_s, s.ms);
+    }
+    println!("pp N: one prompt of N tokens (ms = time to first token); tg bB: B sequences of {} context tokens, one token each per step, median of {} steps x {} reps", args.context, args.steps, args.reps);
+    Ok(())
+}
+
 fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
     use zoe_llm::bench::{http_vs_loop, HttpTarget, HTTP_PROMPT};
+    if args.synthetic.is_some() || args.model_dir.is_some() {
+        return bench_checkpoint(&args);
+    }
     let manifest = resolve(registry, &args.engine)?;
     let threads = threads(&args.engine)?;
     let ctx = manifest.defaults.context_length as usize;

@@ -124,6 +124,11 @@ pub trait Backend: Send + Sync + 'static {
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<Self::KvLayer, BackendError>;
     /// Bytes one cached K or V value takes in this backend's KV layers.
     fn kv_value_bytes(&self) -> usize;
+    /// Bytes a `linear` with `w` reads from memory (its storage size).
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
+    /// Measured copy bandwidth of this backend's memory in bytes/s (bytes read + bytes written),
+    /// the denominator of the benchmark's roofline fraction.
+    fn copy_bandwidth(&self) -> f64;
 
     // Ops.
     /// `out[i] = table[ids[i]]`; `out` is `[ids.len(), table.cols]`.

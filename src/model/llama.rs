@@ -421,6 +421,15 @@ impl<B: Backend> Llama<B> {
         self.layout
     }
 
+    /// Bytes of weights one decode step reads: every linear and the head (embedding lookups
+    /// read a row per token, which is noise).
+    pub fn weight_bytes(&self, be: &B) -> usize {
+        let linear = |l: &Linear<B>| l.parts.iter().map(|(w, _, _)| be.weight_bytes(w)).sum::<usize>();
+        let layers: usize =
+            self.layers.iter().map(|l| linear(&l.qkv) + linear(&l.o) + linear(&l.gate_up) + linear(&l.down)).sum();
+        layers + be.weight_bytes(self.head.as_ref().unwrap_or(&self.embed))
+    }
+
     /// Runs `tokens` (the next positions of the sequence in `cache`) and returns the logits of
     /// the last token (`vocab_size` values). With `all_logits`, returns logits of every token,
     /// row after row (for tests and scoring).

@@ -8,6 +8,8 @@ use crate::backend::Backend;
 use crate::hub::{Format, Manifest};
 use crate::model::llama::{Llama, ModelError};
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
+use crate::model::config::ModelConfig;
+use crate::model::weights::safetensors::{SafetensorsDir, SafetensorsError};
 use crate::model::weights::{GgufError, GgufFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +20,10 @@ pub enum LoadError {
     Model { path: String, source: ModelError },
     #[error("{path}: tokenizer: {source}")]
     Tokenizer { path: String, source: TokenizerError },
-    #[error("model '{id}' is {format:?}, which needs the CUDA engine; this build runs GGUF models on the CPU only")]
-    NeedsCuda { id: String, format: Format },
+    #[error("{path}: {source}")]
+    Safetensors { path: String, source: SafetensorsError },
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
 }
 
 pub struct LoadedModel<B: Backend> {
@@ -29,6 +33,31 @@ pub struct LoadedModel<B: Backend> {
     pub tokenizer: Tokenizer,
     /// The smaller of the file's and the manifest's context length.
     pub context_length: usize,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// Loads a Hugging Face checkpoint directory (config.json, tokenizer.json,
+    /// tokenizer_config.json, safetensors shards; fp16 or AWQ 4-bit) onto `backend`.
+    pub fn load_hf_dir(id: &str, dir: &Path, backend: B, context_limit: Option<usize>) -> Result<Self, LoadError> {
+        let p = |f: &str| dir.join(f).display().to_string();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| LoadError::Config { path: p("config.json"), reason: e.to_string() })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError::Config { path: p("config.json"), reason: e.to_string() })?;
+        let (cfg, awq) = ModelConfig::from_hf_json(&json)
+            .map_err(|e| LoadError::Config { path: p("config.json"), reason: e.to_string() })?;
+        let tok_config = dir.join("tokenizer_config.json");
+        let tokenizer =
+            Tokenizer::from_file(&dir.join("tokenizer.json"), tok_config.is_file().then_some(tok_config.as_path()))
+                .map_err(|source| LoadError::Tokenizer { path: p("tokenizer.json"), source })?;
+        let st = SafetensorsDir::open(dir)
+            .map_err(|source| LoadError::Safetensors { path: dir.display().to_string(), source })?;
+        let model = Llama::from_safetensors(&st, cfg, awq.as_ref(), &backend)
+            .map_err(|source| LoadError::Model { path: dir.display().to_string(), source })?;
+        let context_length = context_limit.map_or(model.config.context_length, |l| l.min(model.config.context_length));
+        Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length })
+    }
 }
 
 impl LoadedModel<CpuBackend> {
@@ -49,13 +78,16 @@ impl LoadedModel<CpuBackend> {
         Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length })
     }
 
-    /// Loads a manifest's primary file (already present at `path`).
+    /// Loads a manifest's primary file (already present at `path`) onto the CPU. An AWQ
+    /// checkpoint runs on the CPU's exact (slow) AWQ path, the oracle of the CUDA engine.
     pub fn load(manifest: &Manifest, path: &Path, threads: usize, precision: Precision) -> Result<Self, LoadError> {
+        let limit = Some(manifest.defaults.context_length as usize);
         match manifest.format {
-            Format::Gguf => {
-                Self::load_gguf(&manifest.id, path, threads, precision, Some(manifest.defaults.context_length as usize))
+            Format::Gguf => Self::load_gguf(&manifest.id, path, threads, precision, limit),
+            Format::AwqSafetensors => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                Self::load_hf_dir(&manifest.id, dir, CpuBackend::with_precision(threads, precision), limit)
             }
-            format => Err(LoadError::NeedsCuda { id: manifest.id.clone(), format }),
         }
     }
 }

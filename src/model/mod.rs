@@ -5,6 +5,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loaded;
 pub mod paged_kv;
+pub mod synth;
 #[cfg(test)]
 pub(crate) mod test_model;
 pub mod tokenizer;

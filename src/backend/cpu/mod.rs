@@ -295,6 +295,32 @@ impl Backend for CpuBackend {
         Ok(CpuKv { data, cols: kv_cols })
     }
 
+    fn weight_bytes(&self, w: &CpuWeight) -> usize {
+        match &w.awq {
+            Some(m) => m.stored_bytes(),
+            None => w.rows * w.row_bytes,
+        }
+    }
+
+    fn copy_bandwidth(&self) -> f64 {
+        // 256 MiB, far beyond any cache; copied by every worker at once in slices, best of 5.
+        let n = 256 << 20;
+        let src = vec![1u8; n];
+        let mut dst = vec![0u8; n];
+        let chunk = n / self.threads();
+        let best = (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                self.pool.install(|| {
+                    dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s))
+                });
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        std::hint::black_box(&dst);
+        2.0 * n as f64 / best
+    }
+
     fn kv_value_bytes(&self) -> usize {
         match self.precision {
             Precision::F32 => 4,

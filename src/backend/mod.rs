@@ -11,6 +11,8 @@
 //! along `in_features`), so `linear` computes `y = x · Wᵀ`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 
 pub use dtype::GgmlType;

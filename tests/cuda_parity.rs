@@ -1,0 +1,347 @@
+//! CUDA ↔ CPU parity: every op of the CUDA backend against the CPU backend (the oracle) on random
+//! inputs, each with a named tolerance, and whole synthetic models (prefill + 16 greedy decode
+//! steps, batch 1 and 8) against the CPU engine.
+//!
+//! Built with `--features cuda`. Without a GPU each test prints `skipped <test>: no CUDA device
+//! (…)` and returns (`scripts/test` runs this file with `--nocapture`, so the skips show); with
+//! `ZOE_REQUIRE_GPU=1` (the GPU machine's run) a missing device fails instead.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use zoe_llm::backend::cpu::{CpuBackend, Precision};
+use zoe_llm::backend::cuda::CudaBackend;
+use zoe_llm::backend::{AttnSeq, Backend, GgmlType, QkvLayout, Rope, RopeStyle};
+use zoe_llm::model::loaded::LoadedModel;
+use zoe_llm::model::paged_kv::PagedKvCache;
+use zoe_llm::model::synth::{write, SynthArch};
+use zoe_llm::model::weights::awq::AwqMatrix;
+
+fn gpu(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(be) => Some(be),
+        Err(e) if std::env::var("ZOE_REQUIRE_GPU").as_deref() == Ok("1") => panic!("{test}: ZOE_REQUIRE_GPU=1 but {e}"),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            None
+        }
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::with_precision(2, Precision::F32)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn uniform(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// `|got − want| ≤ atol + rtol·|want|` element-wise, with the worst offender in the message.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}[{i}] = {g}");
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if excess > worst.1 {
+            worst = (i, excess);
+        }
+    }
+    let i = worst.0;
+    assert!(worst.1 <= 0.0, "{what}[{i}]: cuda {} vs cpu {} (atol {atol}, rtol {rtol})", got[i], want[i]);
+}
+
+/// Named tolerances. fp16 rounding of activations (cuBLAS inputs) and of the KV cache sets them.
+mod tol {
+    /// GEMV kernels read f32 activations: only summation order differs.
+    pub const GEMV: (f32, f32) = (1e-4, 1e-4);
+    /// Prefill GEMM casts activations to fp16: about 2^-11 relative per product.
+    pub const GEMM: (f32, f32) = (2e-2, 1e-2);
+    pub const NORM: (f32, f32) = (1e-5, 1e-5);
+    pub const ROPE: (f32, f32) = (1e-4, 1e-5);
+    pub const ELEMENTWISE: (f32, f32) = (1e-6, 1e-6);
+    /// The CPU's KV cache is f32 (Precision::F32), the GPU's fp16.
+    pub const ATTENTION: (f32, f32) = (3e-3, 3e-3);
+    /// Whole-model logits after fp16 caches and GEMMs through the layers.
+    pub const LOGITS: (f32, f32) = (5e-2, 5e-2);
+}
+
+fn awq_weight(rng: &mut Rng, n: usize, k: usize) -> AwqMatrix {
+    let w = rng.vec(n * k, 0.1);
+    AwqMatrix::quantize(&w, n, k, 128).unwrap()
+}
+
+#[test]
+fn linear_awq_and_f16_match_cpu() {
+    let Some(g) = gpu("linear_awq_and_f16_match_cpu") else { return };
+    let c = cpu();
+    let mut rng = Rng(1);
+    for &(n, k) in &[(256usize, 512usize), (1032, 384), (96, 1024)] {
+        let m = awq_weight(&mut rng, n, k);
+        let f16_bytes: Vec<u8> = rng.vec(n * k, 0.1).iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let (wc, wg) = (c.awq_weight("w", m.clone()).unwrap(), g.awq_weight("w", m).unwrap());
+        let (fc, fg) =
+            (c.weight("f", GgmlType::F16, n, k, &f16_bytes).unwrap(), g.weight("f", GgmlType::F16, n, k, &f16_bytes).unwrap());
+        let bias = rng.vec(n, 1.0);
+        for rows in [1usize, 2, 3, 5, 8, 9, 40] {
+            let x = rng.vec(rows * k, 1.0);
+            let (xc, xg) = (c.upload(&x, rows, k), g.upload(&x, rows, k));
+            let (bc, bg) = (c.upload(&bias, 1, n), g.upload(&bias, 1, n));
+            let tol = if rows <= 8 { tol::GEMV } else { tol::GEMM };
+            for (label, wc, wg) in [("awq", &wc, &wg), ("f16", &fc, &fg)] {
+                // Written at a column offset inside a wider output, with bias.
+                let (mut oc, mut og) = (c.zeros(rows, n + 16), g.zeros(rows, n + 16));
+                c.linear(&xc, wc, Some(&bc), &mut oc, 8);
+                g.linear(&xg, wg, Some(&bg), &mut og, 8);
+                let what = format!("linear {label} n={n} k={k} rows={rows}");
+                assert_close(&what, &g.download(&og), &c.download(&oc), tol.0 * (k as f32).sqrt(), tol.1);
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_rope_and_elementwise_match_cpu() {
+    let Some(g) = gpu("norms_rope_and_elementwise_match_cpu") else { return };
+    let c = cpu();
+    let mut rng = Rng(2);
+    let (rows, cols) = (5, 3584);
+    let (x, y, w) = (rng.vec(rows * cols, 3.0), rng.vec(rows * cols, 3.0), rng.vec(cols, 1.0));
+    let up = |data: &[f32], r, cc| (c.upload(data, r, cc), g.upload(data, r, cc));
+    let ((xc, xg), (yc, yg), (wc, wg)) = (up(&x, rows, cols), up(&y, rows, cols), up(&w, 1, cols));
+
+    let (mut oc, mut og) = (c.zeros(rows, cols), g.zeros(rows, cols));
+    c.rms_norm(&xc, &wc, 1e-6, &mut oc);
+    g.rms_norm(&xg, &wg, 1e-6, &mut og);
+    assert_close("rms_norm", &g.download(&og), &c.download(&oc), tol::NORM.0, tol::NORM.1);
+
+    let ((mut rc, mut rg), (mut oc, mut og)) = (up(&x, rows, cols), (c.zeros(rows, cols), g.zeros(rows, cols)));
+    c.add_rms_norm(&mut rc, &yc, &wc, 1e-5, &mut oc);
+    g.add_rms_norm(&mut rg, &yg, &wg, 1e-5, &mut og);
+    assert_close("add_rms_norm residual", &g.download(&rg), &c.download(&rc), tol::ELEMENTWISE.0, tol::ELEMENTWISE.1);
+    assert_close("add_rms_norm out", &g.download(&og), &c.download(&oc), tol::NORM.0, tol::NORM.1);
+
+    let (mut ac, mut ag) = up(&x, rows, cols);
+    c.add(&mut ac, &yc);
+    g.add(&mut ag, &yg);
+    assert_close("add", &g.download(&ag), &c.download(&ac), tol::ELEMENTWISE.0, tol::ELEMENTWISE.1);
+
+    let (gu, h) = (rng.vec(rows * 2 * 1024, 4.0), 1024);
+    let (gc, gg) = up(&gu, rows, 2 * h);
+    let (mut sc, mut sg) = (c.zeros(rows, h), g.zeros(rows, h));
+    c.silu_mul(&gc, &mut sc);
+    g.silu_mul(&gg, &mut sg);
+    assert_close("silu_mul", &g.download(&sg), &c.download(&sc), 1e-5, 1e-5);
+
+    for d in [64usize, 128] {
+        let heads = 6;
+        let inv_freq = (0..d / 2).map(|i| 1e6f32.powf(-((2 * i) as f32) / d as f32)).collect();
+        let rope = Rope { style: RopeStyle::Neox, head_dim: d, inv_freq };
+        let positions = [0u32, 1, 17, 4095, 31999];
+        let x = rng.vec(positions.len() * (heads + 2) * d, 1.0);
+        let (mut rc, mut rg) = up(&x, positions.len(), (heads + 2) * d);
+        c.rope(&mut rc, heads, &positions, &rope);
+        g.rope(&mut rg, heads, &positions, &rope);
+        assert_close(&format!("rope d={d}"), &g.download(&rg), &c.download(&rc), tol::ROPE.0, tol::ROPE.1);
+    }
+
+    let (vocab, h) = (300, 256);
+    let table: Vec<u8> = rng.vec(vocab * h, 1.0).iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    let (tc, tg) = (c.weight("e", GgmlType::F16, vocab, h, &table).unwrap(), g.weight("e", GgmlType::F16, vocab, h, &table).unwrap());
+    let ids = [0u32, 299, 5, 5, 128];
+    let (mut ec, mut eg) = (c.zeros(ids.len(), h), g.zeros(ids.len(), h));
+    c.embedding(&tc, &ids, &mut ec);
+    g.embedding(&tg, &ids, &mut eg);
+    assert_close("embedding", &g.download(&eg), &c.download(&ec), 0.0, 0.0);
+    let rows_idx = [4usize, 0, 2];
+    assert_close("gather_rows", &g.download(&g.gather_rows(&eg, &rows_idx)), &c.download(&c.gather_rows(&ec, &rows_idx)), 0.0, 0.0);
+}
+
+/// Writes K/V for several sequences into a paged layout (scattered slots), then attends: decode
+/// (one row per sequence, contexts past the split length) and prefill (chunks with context).
+#[test]
+fn kv_write_and_attention_match_cpu() {
+    let Some(g) = gpu("kv_write_and_attention_match_cpu") else { return };
+    let c = cpu();
+    let mut rng = Rng(3);
+    for (d, heads, kv_heads) in [(64usize, 9usize, 3usize), (128, 28, 4)] {
+        let layout = QkvLayout { n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        let lens = [1usize, 70, 600, 1300];
+        let total: usize = lens.iter().sum();
+        let slots_total = total + 64;
+        // A permutation of slots: sequence i's position p sits at a scattered slot.
+        let mut perm: Vec<u32> = (0..slots_total as u32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.next() as usize % (i + 1));
+        }
+        let mut seq_slots = Vec::new();
+        let mut at = 0;
+        for &l in &lens {
+            seq_slots.push(perm[at..at + l].to_vec());
+            at += l;
+        }
+        let (mut kc, mut vc) = (c.kv_layer(slots_total, layout.kv_cols()).unwrap(), c.kv_layer(slots_total, layout.kv_cols()).unwrap());
+        let (mut kg, mut vg) = (g.kv_layer(slots_total, layout.kv_cols()).unwrap(), g.kv_layer(slots_total, layout.kv_cols()).unwrap());
+        // Fill every position's K/V (all rows at once).
+        let all_slots: Vec<u32> = seq_slots.concat();
+        let qkv = rng.vec(total * layout.total_cols(), 1.0);
+        let (qc, qg) = (c.upload(&qkv, total, layout.total_cols()), g.upload(&qkv, total, layout.total_cols()));
+        c.write_kv((&mut kc, &mut vc), &qc, layout, &all_slots);
+        g.write_kv((&mut kg, &mut vg), &qg, layout, &all_slots);
+
+        // Decode: the last position of every sequence queries its whole context.
+        let q = rng.vec(lens.len() * layout.total_cols(), 1.0);
+        let (qc, qg) = (c.upload(&q, lens.len(), layout.total_cols()), g.upload(&q, lens.len(), layout.total_cols()));
+        let seqs: Vec<AttnSeq> = seq_slots.iter().enumerate().map(|(i, s)| AttnSeq { q_rows: i..i + 1, slots: s }).collect();
+        let (mut oc, mut og) = (c.zeros(lens.len(), layout.q_cols()), g.zeros(lens.len(), layout.q_cols()));
+        c.attention(&qc, (&kc, &vc), layout, &seqs, &mut oc);
+        g.attention(&qg, (&kg, &vg), layout, &seqs, &mut og);
+        assert_close(&format!("decode attention d={d}"), &g.download(&og), &c.download(&oc), tol::ATTENTION.0, tol::ATTENTION.1);
+
+        // Prefill: the last 65 positions of the 600-long and the last 130 of the 1300-long
+        // sequence (chunks after cached context), plus the whole 70-long one.
+        let chunks = [(1usize, 70usize), (2, 65), (3, 130)];
+        let rows: usize = chunks.iter().map(|c| c.1).sum();
+        let q = rng.vec(rows * layout.total_cols(), 1.0);
+        let (qc, qg) = (c.upload(&q, rows, layout.total_cols()), g.upload(&q, rows, layout.total_cols()));
+        let mut start = 0;
+        let seqs: Vec<AttnSeq> = chunks
+            .iter()
+            .map(|&(s, n)| {
+                let a = AttnSeq { q_rows: start..start + n, slots: &seq_slots[s] };
+                start += n;
+                a
+            })
+            .collect();
+        let (mut oc, mut og) = (c.zeros(rows, layout.q_cols()), g.zeros(rows, layout.q_cols()));
+        c.attention(&qc, (&kc, &vc), layout, &seqs, &mut oc);
+        g.attention(&qg, (&kg, &vg), layout, &seqs, &mut og);
+        assert_close(&format!("prefill attention d={d}"), &g.download(&og), &c.download(&oc), tol::ATTENTION.0, tol::ATTENTION.1);
+    }
+}
+
+#[test]
+fn device_sampling_agrees_with_the_cpu_rules() {
+    let Some(g) = gpu("device_sampling_agrees_with_the_cpu_rules") else { return };
+    let mut rng = Rng(4);
+    let (rows, vocab) = (6, 152064);
+    let mut logits = rng.vec(rows * vocab, 5.0);
+    // Ties: the lowest index wins, as on the CPU.
+    logits[3 * vocab + 10] = 100.0;
+    logits[3 * vocab + 20] = 100.0;
+    let t = g.upload(&logits, rows, vocab);
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .map(|r| (0..vocab).fold(0, |b, i| if r[i] > r[b] { i } else { b }) as u32)
+        .collect();
+    assert_eq!(g.argmax(&t), want);
+    // Greedy by temperature 0, by top_k 1 and by a tiny top_p all give the argmax.
+    let ones = vec![1.0f32; rows];
+    assert_eq!(g.sample(&t, &[0.0; 6], &[0; 6], &ones, &[0.5; 6]), want);
+    assert_eq!(g.sample(&t, &ones, &[1; 6], &ones, &[0.99; 6]), want);
+    assert_eq!(g.sample(&t, &ones, &[0; 6], &[1e-6; 6], &[0.3; 6]), want);
+    // A two-token distribution: uniform below p0 picks the first, above it the second.
+    let mut two = vec![-1e4f32; vocab];
+    two[7] = 0.0;
+    two[9] = 0.0; // equal logits: 50/50
+    let t2 = g.upload(&two, 1, vocab);
+    assert_eq!(g.sample(&t2, &[1.0], &[0], &[1.0], &[0.25]), vec![7]);
+    assert_eq!(g.sample(&t2, &[1.0], &[0], &[1.0], &[0.75]), vec![9]);
+}
+
+/// Prefill + 16 greedy decode steps of the tiny synthetic AWQ model, batch 1 and 8: tokens equal
+/// the CPU engine's and logits agree within [`tol::LOGITS`].
+#[test]
+fn synthetic_model_decodes_like_the_cpu_engine() {
+    let Some(g) = gpu("synthetic_model_decodes_like_the_cpu_engine") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    write(SynthArch::Tiny, dir.path(), 11).unwrap();
+    let mc = LoadedModel::load_hf_dir("tiny", dir.path(), cpu(), None).unwrap();
+    let mg = LoadedModel::load_hf_dir("tiny", dir.path(), g, None).unwrap();
+    for batch in [1usize, 8] {
+        let run = |be: &dyn Fn(&mut Vec<Vec<u32>>) -> Vec<Vec<Vec<f32>>>| {
+            let mut toks: Vec<Vec<u32>> = (0..batch).map(|b| (0..(20 + 7 * b) as u32).map(|t| (t * 31 + b as u32) % 384).collect()).collect();
+            let logits = be(&mut toks);
+            (toks, logits)
+        };
+        let greedy = |l: &[f32]| (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+        macro_rules! engine {
+            ($m:expr) => {
+                |toks: &mut Vec<Vec<u32>>| {
+                    let m = &$m;
+                    let cfg = &m.model.config;
+                    let mut cache = PagedKvCache::new(&m.backend, cfg.n_layers, m.model.layout().kv_cols(), 64, 16).unwrap();
+                    let mut seqs: Vec<_> = toks.iter().map(|t| cache.start(t, 200).0).collect();
+                    let mut all = Vec::new();
+                    let prompts = toks.clone();
+                    let mut batch: Vec<_> = prompts.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
+                    let mut logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
+                    for _ in 0..16 {
+                        let next: Vec<[u32; 1]> = logits.iter().map(|l| [greedy(l)]).collect();
+                        for (t, n) in toks.iter_mut().zip(&next) {
+                            t.push(n[0]);
+                        }
+                        all.push(logits);
+                        let mut batch: Vec<_> = next.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
+                        logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
+                    }
+                    all.push(logits);
+                    all
+                }
+            };
+        }
+        let (tc, lc) = run(&engine!(mc));
+        let (tg, lg) = run(&engine!(mg));
+        assert_eq!(tg, tc, "batch {batch}: greedy tokens");
+        for (step, (a, b)) in lg.iter().zip(&lc).enumerate() {
+            for (s, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_close(&format!("batch {batch} step {step} seq {s} logits"), x, y, tol::LOGITS.0, tol::LOGITS.1);
+            }
+        }
+    }
+}
+
+/// The real SmolLM2 (GGUF, dequantized to fp16 on the GPU) decodes the CPU's greedy tokens.
+#[test]
+fn smollm2_decodes_like_the_cpu_engine() {
+    let Some(path) = common::smollm2_gguf("smollm2_decodes_like_the_cpu_engine") else { return };
+    let Some(g) = gpu("smollm2_decodes_like_the_cpu_engine") else { return };
+    let file = zoe_llm::model::weights::GgufFile::open(&path).unwrap();
+    let c = cpu();
+    let mc = zoe_llm::model::llama::Llama::from_gguf(&file, &c).unwrap();
+    let mg = zoe_llm::model::llama::Llama::from_gguf(&file, &g).unwrap();
+    let prompt: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 2, 198, 1, 4093, 198];
+    let run_c = || {
+        let mut cache = zoe_llm::model::kv_cache::ContiguousKvCache::new(&c, mc.config.n_layers, mc.layout().kv_cols(), 64).unwrap();
+        let mut out = vec![];
+        let mut l = mc.forward(&c, &prompt, &mut cache, false).unwrap();
+        for _ in 0..16 {
+            let t = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+            out.push(t);
+            l = mc.forward(&c, &[t], &mut cache, false).unwrap();
+        }
+        out
+    };
+    let run_g = || {
+        let mut cache = zoe_llm::model::kv_cache::ContiguousKvCache::new(&g, mg.config.n_layers, mg.layout().kv_cols(), 64).unwrap();
+        let mut out = vec![];
+        let mut l = mg.forward(&g, &prompt, &mut cache, false).unwrap();
+        for _ in 0..16 {
+            let t = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+            out.push(t);
+            l = mg.forward(&g, &[t], &mut cache, false).unwrap();
+        }
+        out
+    };
+    assert_eq!(run_g(), run_c());
+}

@@ -25,13 +25,12 @@ use std::time::{Duration, Instant};
 
 use super::service::{EngineConfig, EngineState, Event, Job, Loader, Meta, Summary, Ticket};
 use super::supervisor::{Core, Init, Phase, Queue};
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::engine::fault::Fault;
 use crate::engine::generate::{Emitted, FinishReason, SeqDecoder};
 use crate::model::kv_cache::ContiguousKvCache;
 use crate::model::llama::Llama;
-use crate::model::loaded::LoadedModel;
+use crate::model::loaded::{AnyModel, LoadedModel};
 use crate::model::paged_kv::{PagedKvCache, Sequence};
 use crate::model::tokenizer::Tokenizer;
 
@@ -45,7 +44,27 @@ pub(super) fn incarnation(
     init: Option<&SyncSender<Result<Init, String>>>,
 ) -> Result<(), String> {
     let t = Instant::now();
-    let LoadedModel { backend, model, tokenizer, context_length, .. } = loader()?;
+    match loader()? {
+        AnyModel::Cpu(m) => run(m, t, core, config, rx, carried, init),
+        #[cfg(feature = "cuda")]
+        AnyModel::Cuda(m) => run(m, t, core, config, rx, carried, init),
+    }
+}
+
+/// The incarnation on the backend the model was loaded onto.
+fn run<B: Backend>(
+    loaded: LoadedModel<B>,
+    t: Instant,
+    core: &Core,
+    config: &EngineConfig,
+    rx: &Mutex<Queue>,
+    carried: Vec<(u64, Ticket)>,
+    init: Option<&SyncSender<Result<Init, String>>>,
+) -> Result<(), String>
+where
+    B::KvLayer: Send,
+{
+    let LoadedModel { backend, model, tokenizer, context_length, .. } = loaded;
     let kv_cols = model.layout().kv_cols();
     let bytes_per_block = config.block_size * kv_cols * model.config.n_layers * 2 * backend.kv_value_bytes();
     // No more blocks than every sequence at full context could use.
@@ -105,9 +124,9 @@ pub(super) fn incarnation(
     engine.serve(rx, cache, carried)
 }
 
-struct Engine<'c> {
-    backend: CpuBackend,
-    model: Llama<CpuBackend>,
+struct Engine<'c, B: Backend> {
+    backend: B,
+    model: Llama<B>,
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     hidden_size: usize,
@@ -144,14 +163,17 @@ struct Running<'t> {
     first_token: Option<Instant>,
 }
 
-impl Engine<'_> {
+impl<B: Backend> Engine<'_, B>
+where
+    B::KvLayer: Send,
+{
     /// The engine loop: take jobs, admit sequences while blocks and `max_num_seqs` allow, run
     /// one forward over every running sequence, sample, stream, finish — until the queue closes
     /// and nothing is left. `carry` (retries from a failed incarnation) goes first.
     fn serve(
         &self,
         rx: &Mutex<Queue>,
-        mut cache: PagedKvCache<CpuBackend>,
+        mut cache: PagedKvCache<B>,
         carried: Vec<(u64, Ticket)>,
     ) -> Result<(), String> {
         let tok: &Tokenizer = &self.tokenizer;
@@ -242,7 +264,7 @@ impl Engine<'_> {
     /// the free blocks (`can_allocate` before anything is taken) allow.
     fn admit<'t>(
         &self,
-        cache: &mut PagedKvCache<CpuBackend>,
+        cache: &mut PagedKvCache<B>,
         waiting: &mut VecDeque<Waiting<'t>>,
         running: &mut Vec<Running<'t>>,
     ) {
@@ -294,7 +316,7 @@ impl Engine<'_> {
         }
     }
 
-    fn too_long(&self, cache: &PagedKvCache<CpuBackend>) -> String {
+    fn too_long(&self, cache: &PagedKvCache<B>) -> String {
         format!(
             "the KV cache ({} blocks of {} tokens) cannot hold this sequence; raise kv_cache_bytes",
             cache.pool.num_blocks(),
@@ -307,7 +329,7 @@ impl Engine<'_> {
     /// `Err` is fatal: the supervisor restarts the engine.
     fn step<'t>(
         &self,
-        cache: &mut PagedKvCache<CpuBackend>,
+        cache: &mut PagedKvCache<B>,
         waiting: &mut VecDeque<Waiting<'t>>,
         running: &mut Vec<Running<'t>>,
     ) -> Result<(), String> {
@@ -440,7 +462,7 @@ impl Engine<'_> {
     }
 
     /// Frees a sequence's blocks and sends its `Done`.
-    fn finish(&self, cache: &mut PagedKvCache<CpuBackend>, r: Running<'_>) {
+    fn finish(&self, cache: &mut PagedKvCache<B>, r: Running<'_>) {
         let Running { id, dec, mut seq, meta, queue_time, first_token, .. } = r;
         cache.free(&mut seq);
         let stats = &self.core.stats;
@@ -509,7 +531,7 @@ impl Engine<'_> {
     /// A two-token generation through the batched path (prefill of a short prompt, then one
     /// decode step), so the first real request finds every buffer, page and thread warm. It
     /// counts in no statistic, and its blocks go straight back to the pool.
-    fn warm_up(&self, cache: &mut PagedKvCache<CpuBackend>) -> Result<Duration, String> {
+    fn warm_up(&self, cache: &mut PagedKvCache<B>) -> Result<Duration, String> {
         let t = Instant::now();
         let vocab = self.model.config.vocab_size as u32;
         // A prompt as long as a typical short request (one prefill of up to 64 tokens) so the

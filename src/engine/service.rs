@@ -26,9 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::fault::Fault;
 use super::histogram::{Histogram, E2E_BOUNDS, TPOT_BOUNDS, TTFT_BOUNDS};
 use super::supervisor::{Core, Init, Supervisor};
-use crate::backend::cpu::CpuBackend;
 use crate::engine::generate::{FinishReason, GenerateRequest, TokenLogprobs};
-use crate::model::loaded::LoadedModel;
+use crate::model::loaded::AnyModel;
 use crate::model::tokenizer::Tokenizer;
 
 /// One streamed step of a generation.
@@ -73,7 +72,7 @@ pub enum SubmitError {
 }
 
 /// Loads (and on restart reloads) the model an engine serves.
-pub type Loader = Box<dyn FnMut() -> Result<LoadedModel<CpuBackend>, String> + Send>;
+pub type Loader = Box<dyn FnMut() -> Result<AnyModel, String> + Send>;
 
 /// What a generation job carries through the queue, and what the supervisor keeps of it while
 /// it is in the engine (to retry it, or to tell its client the engine failed).

@@ -26,6 +26,43 @@ pub enum LoadError {
     Config { path: String, reason: String },
 }
 
+/// A loaded model on whichever backend holds it: the engine runs the same loop over either.
+pub enum AnyModel {
+    Cpu(LoadedModel<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(LoadedModel<crate::backend::cuda::CudaBackend>),
+}
+
+impl From<LoadedModel<CpuBackend>> for AnyModel {
+    fn from(m: LoadedModel<CpuBackend>) -> Self {
+        AnyModel::Cpu(m)
+    }
+}
+
+impl AnyModel {
+    /// Loads a manifest's files (present at `path`, the primary file): GGUF on the CPU; AWQ on
+    /// the CUDA engine when this build has it and a device is there, else on the CPU's exact
+    /// (slow) AWQ path, with a warning.
+    pub fn load(manifest: &Manifest, path: &Path, threads: usize, precision: Precision) -> Result<Self, LoadError> {
+        #[cfg(feature = "cuda")]
+        if manifest.format == Format::AwqSafetensors {
+            match crate::backend::cuda::CudaBackend::new(0) {
+                Ok(be) => {
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    let limit = Some(manifest.defaults.context_length as usize);
+                    return Ok(AnyModel::Cuda(LoadedModel::load_hf_dir(&manifest.id, dir, be, limit)?));
+                }
+                Err(e) => tracing::warn!(model = %manifest.id, "{e}; the AWQ model runs on the CPU (exact, slow)"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        if manifest.format == Format::AwqSafetensors {
+            tracing::warn!(model = %manifest.id, "built without the cuda feature: the AWQ model runs on the CPU (exact, slow)");
+        }
+        Ok(AnyModel::Cpu(LoadedModel::load(manifest, path, threads, precision)?))
+    }
+}
+
 pub struct LoadedModel<B: Backend> {
     pub id: String,
     pub backend: B,

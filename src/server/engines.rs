@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::error::ApiError;
-use crate::backend::cpu::{CpuBackend, Precision};
+use crate::backend::cpu::Precision;
 use crate::engine::service::{EngineConfig, ModelHandle};
-use crate::hub::{Format, HubError, Manifest, PullOptions, Store};
-use crate::model::loaded::LoadedModel;
+use crate::hub::{HubError, Manifest, PullOptions, Store};
+use crate::model::loaded::AnyModel;
 use crate::server::infer::submit_error;
 
 /// Where model files come from: the store on a real box, fixtures in tests.
@@ -34,7 +34,7 @@ pub trait ModelSource: Send + Sync + 'static {
     fn modified(&self, m: &Manifest) -> SystemTime;
     /// The primary file's sha256 (lowercase hex), for `digest` fields.
     fn digest(&self, m: &Manifest) -> String;
-    fn load(&self, m: &Manifest) -> Result<LoadedModel<CpuBackend>, String>;
+    fn load(&self, m: &Manifest) -> Result<AnyModel, String>;
     fn pull(&self, m: &Manifest, opts: &PullOptions) -> Result<(), HubError>;
     fn delete(&self, m: &Manifest) -> Result<(), String>;
 }
@@ -63,9 +63,9 @@ impl ModelSource for StoreSource {
         m.primary().sha256.clone().unwrap_or_default()
     }
 
-    fn load(&self, m: &Manifest) -> Result<LoadedModel<CpuBackend>, String> {
+    fn load(&self, m: &Manifest) -> Result<AnyModel, String> {
         let path = self.store.primary_path(m);
-        LoadedModel::load(m, &path, self.threads, self.precision).map_err(|e| e.to_string())
+        AnyModel::load(m, &path, self.threads, self.precision).map_err(|e| e.to_string())
     }
 
     fn pull(&self, m: &Manifest, opts: &PullOptions) -> Result<(), HubError> {
@@ -165,12 +165,6 @@ impl Engines {
         let _guard = self.load_lock.lock().await;
         if let Some(h) = self.touch(&m.id, keep_alive)? {
             return Ok((h, start.elapsed()));
-        }
-        if m.format != Format::Gguf {
-            return Err(ApiError::NotImplemented(format!(
-                "model '{}' is {:?}, which needs the CUDA engine; this build runs GGUF models on the CPU only",
-                m.id, m.format
-            )));
         }
         if !self.source.present(m) {
             return Err(ApiError::ModelNotFound { model: requested.to_owned() });

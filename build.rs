@@ -243,16 +243,16 @@ mod cuda {
         let sym = |n: &[u8]| -> Result<*const (), String> {
             lib.get::<*const ()>(n).map(|s| *s).map_err(|e| format!("NVRTC symbol {}: {e}", String::from_utf8_lossy(n)))
         };
-        let create: Create = std::mem::transmute(sym(b"nvrtcCreateProgram\0")?);
-        let compile: CompileFn = std::mem::transmute(sym(b"nvrtcCompileProgram\0")?);
-        let log_size: SizeFn = std::mem::transmute(sym(b"nvrtcGetProgramLogSize\0")?);
-        let log: GetFn = std::mem::transmute(sym(b"nvrtcGetProgramLog\0")?);
-        let (out_size, out_get): (SizeFn, GetFn) = if sass {
-            (std::mem::transmute(sym(b"nvrtcGetCUBINSize\0")?), std::mem::transmute(sym(b"nvrtcGetCUBIN\0")?))
-        } else {
-            (std::mem::transmute(sym(b"nvrtcGetPTXSize\0")?), std::mem::transmute(sym(b"nvrtcGetPTX\0")?))
-        };
-        let destroy: Destroy = std::mem::transmute(sym(b"nvrtcDestroyProgram\0")?);
+        use std::mem::transmute;
+        let create = transmute::<*const (), Create>(sym(b"nvrtcCreateProgram\0")?);
+        let compile = transmute::<*const (), CompileFn>(sym(b"nvrtcCompileProgram\0")?);
+        let log_size = transmute::<*const (), SizeFn>(sym(b"nvrtcGetProgramLogSize\0")?);
+        let log = transmute::<*const (), GetFn>(sym(b"nvrtcGetProgramLog\0")?);
+        let (size_name, get_name): (&[u8], &[u8]) =
+            if sass { (b"nvrtcGetCUBINSize\0", b"nvrtcGetCUBIN\0") } else { (b"nvrtcGetPTXSize\0", b"nvrtcGetPTX\0") };
+        let out_size = transmute::<*const (), SizeFn>(sym(size_name)?);
+        let out_get = transmute::<*const (), GetFn>(sym(get_name)?);
+        let destroy = transmute::<*const (), Destroy>(sym(b"nvrtcDestroyProgram\0")?);
 
         let c_src = CString::new(src).map_err(|e| e.to_string())?;
         let c_name = CString::new(name).map_err(|e| e.to_string())?;

@@ -259,6 +259,36 @@ fn device_sampling_agrees_with_the_cpu_rules() {
     assert_eq!(g.sample(&t2, &[1.0], &[0], &[1.0], &[0.75]), vec![9]);
 }
 
+fn greedy(l: &[f32]) -> u32 {
+    (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32
+}
+
+/// Prefills `prompts` together in a paged cache, then decodes 16 greedy steps for all of them
+/// at once; returns every sequence's tokens and the logits of every step.
+fn decode_batch<B: Backend>(m: &LoadedModel<B>, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<Vec<f32>>>)
+where
+    B::KvLayer: Send,
+{
+    let cfg = &m.model.config;
+    let mut cache = PagedKvCache::new(&m.backend, cfg.n_layers, m.model.layout().kv_cols(), 64, 16).unwrap();
+    let mut seqs: Vec<_> = prompts.iter().map(|t| cache.start(t, 200).0).collect();
+    let mut toks = prompts.to_vec();
+    let mut batch: Vec<_> = prompts.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
+    let mut logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
+    let mut all = Vec::new();
+    for _ in 0..16 {
+        let next: Vec<[u32; 1]> = logits.iter().map(|l| [greedy(l)]).collect();
+        for (t, n) in toks.iter_mut().zip(&next) {
+            t.push(n[0]);
+        }
+        all.push(logits);
+        let mut batch: Vec<_> = next.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
+        logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
+    }
+    all.push(logits);
+    (toks, all)
+}
+
 /// Prefill + 16 greedy decode steps of the tiny synthetic AWQ model, batch 1 and 8: tokens equal
 /// the CPU engine's and logits agree within [`tol::LOGITS`].
 #[test]
@@ -269,39 +299,10 @@ fn synthetic_model_decodes_like_the_cpu_engine() {
     let mc = LoadedModel::load_hf_dir("tiny", dir.path(), cpu(), None).unwrap();
     let mg = LoadedModel::load_hf_dir("tiny", dir.path(), g, None).unwrap();
     for batch in [1usize, 8] {
-        let run = |be: &dyn Fn(&mut Vec<Vec<u32>>) -> Vec<Vec<Vec<f32>>>| {
-            let mut toks: Vec<Vec<u32>> = (0..batch).map(|b| (0..(20 + 7 * b) as u32).map(|t| (t * 31 + b as u32) % 384).collect()).collect();
-            let logits = be(&mut toks);
-            (toks, logits)
-        };
-        let greedy = |l: &[f32]| (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
-        macro_rules! engine {
-            ($m:expr) => {
-                |toks: &mut Vec<Vec<u32>>| {
-                    let m = &$m;
-                    let cfg = &m.model.config;
-                    let mut cache = PagedKvCache::new(&m.backend, cfg.n_layers, m.model.layout().kv_cols(), 64, 16).unwrap();
-                    let mut seqs: Vec<_> = toks.iter().map(|t| cache.start(t, 200).0).collect();
-                    let mut all = Vec::new();
-                    let prompts = toks.clone();
-                    let mut batch: Vec<_> = prompts.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
-                    let mut logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
-                    for _ in 0..16 {
-                        let next: Vec<[u32; 1]> = logits.iter().map(|l| [greedy(l)]).collect();
-                        for (t, n) in toks.iter_mut().zip(&next) {
-                            t.push(n[0]);
-                        }
-                        all.push(logits);
-                        let mut batch: Vec<_> = next.iter().map(|t| &t[..]).zip(seqs.iter_mut()).collect();
-                        logits = m.model.forward_batch(&m.backend, &mut cache, &mut batch).unwrap();
-                    }
-                    all.push(logits);
-                    all
-                }
-            };
-        }
-        let (tc, lc) = run(&engine!(mc));
-        let (tg, lg) = run(&engine!(mg));
+        let prompts: Vec<Vec<u32>> =
+            (0..batch).map(|b| (0..(20 + 7 * b) as u32).map(|t| (t * 31 + b as u32) % 384).collect()).collect();
+        let (tc, lc) = decode_batch(&mc, &prompts);
+        let (tg, lg) = decode_batch(&mg, &prompts);
         assert_eq!(tg, tc, "batch {batch}: greedy tokens");
         for (step, (a, b)) in lg.iter().zip(&lc).enumerate() {
             for (s, (x, y)) in a.iter().zip(b).enumerate() {
@@ -326,7 +327,7 @@ fn smollm2_decodes_like_the_cpu_engine() {
         let mut out = vec![];
         let mut l = mc.forward(&c, &prompt, &mut cache, false).unwrap();
         for _ in 0..16 {
-            let t = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+            let t = greedy(&l);
             out.push(t);
             l = mc.forward(&c, &[t], &mut cache, false).unwrap();
         }
@@ -337,7 +338,7 @@ fn smollm2_decodes_like_the_cpu_engine() {
         let mut out = vec![];
         let mut l = mg.forward(&g, &prompt, &mut cache, false).unwrap();
         for _ in 0..16 {
-            let t = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+            let t = greedy(&l);
             out.push(t);
             l = mg.forward(&g, &[t], &mut cache, false).unwrap();
         }

@@ -45,9 +45,9 @@ pub(super) fn incarnation(
 ) -> Result<(), String> {
     let t = Instant::now();
     match loader()? {
-        AnyModel::Cpu(m) => run(m, t, core, config, rx, carried, init),
+        AnyModel::Cpu(m) => run(*m, t, core, config, rx, carried, init),
         #[cfg(feature = "cuda")]
-        AnyModel::Cuda(m) => run(m, t, core, config, rx, carried, init),
+        AnyModel::Cuda(m) => run(*m, t, core, config, rx, carried, init),
     }
 }
 

@@ -28,14 +28,14 @@ pub enum LoadError {
 
 /// A loaded model on whichever backend holds it: the engine runs the same loop over either.
 pub enum AnyModel {
-    Cpu(LoadedModel<CpuBackend>),
+    Cpu(Box<LoadedModel<CpuBackend>>),
     #[cfg(feature = "cuda")]
-    Cuda(LoadedModel<crate::backend::cuda::CudaBackend>),
+    Cuda(Box<LoadedModel<crate::backend::cuda::CudaBackend>>),
 }
 
 impl From<LoadedModel<CpuBackend>> for AnyModel {
     fn from(m: LoadedModel<CpuBackend>) -> Self {
-        AnyModel::Cpu(m)
+        AnyModel::Cpu(Box::new(m))
     }
 }
 
@@ -50,7 +50,7 @@ impl AnyModel {
                 Ok(be) => {
                     let dir = path.parent().unwrap_or(Path::new("."));
                     let limit = Some(manifest.defaults.context_length as usize);
-                    return Ok(AnyModel::Cuda(LoadedModel::load_hf_dir(&manifest.id, dir, be, limit)?));
+                    return Ok(AnyModel::Cuda(Box::new(LoadedModel::load_hf_dir(&manifest.id, dir, be, limit)?)));
                 }
                 Err(e) => tracing::warn!(model = %manifest.id, "{e}; the AWQ model runs on the CPU (exact, slow)"),
             }
@@ -59,7 +59,7 @@ impl AnyModel {
         if manifest.format == Format::AwqSafetensors {
             tracing::warn!(model = %manifest.id, "built without the cuda feature: the AWQ model runs on the CPU (exact, slow)");
         }
-        Ok(AnyModel::Cpu(LoadedModel::load(manifest, path, threads, precision)?))
+        Ok(LoadedModel::load(manifest, path, threads, precision)?.into())
     }
 }
 

@@ -67,9 +67,15 @@ pub struct CudaBackend {
     blas: CudaBlas,
     k: Kernels,
     device: String,
-    /// fp16 scratch for a dequantized weight and the fp16 copy of the activations (prefill GEMM),
-    /// grown on demand and reused.
-    scratch: Mutex<(Option<CudaSlice<f16>>, Option<CudaSlice<f16>>)>,
+    scratch: Mutex<Scratch>,
+}
+
+/// fp16 scratch for a dequantized weight and the fp16 copy of the activations (prefill GEMM),
+/// grown on demand and reused.
+#[derive(Default)]
+struct Scratch {
+    w: Option<CudaSlice<f16>>,
+    x: Option<CudaSlice<f16>>,
 }
 
 /// A device activation matrix, row-major f32.
@@ -127,7 +133,7 @@ impl CudaBackend {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let device = format!("{name} (sm_{}{})", cc.0, cc.1);
         tracing::info!(%device, kernels = k.source(), "CUDA backend ready");
-        Ok(Self { ctx, stream, blas, k, device, scratch: Mutex::new((None, None)) })
+        Ok(Self { ctx, stream, blas, k, device, scratch: Mutex::new(Scratch::default()) })
     }
 
     /// The device's name and compute capability.
@@ -163,15 +169,16 @@ impl CudaBackend {
                 *slot = Some(self.stream.alloc_zeros::<f16>(n.max(1)).unwrap_or_else(fail("scratch allocation")));
             }
         };
-        grow(&mut s.0, n_w);
-        grow(&mut s.1, n_x);
-        let (w, x) = &mut *s;
+        grow(&mut s.w, n_w);
+        grow(&mut s.x, n_x);
+        let Scratch { w, x } = &mut *s;
         f(w.as_mut().expect("grown"), x.as_mut().expect("grown"))
     }
 
     /// `out[:, col0..col0+n] = x16 · w16ᵀ` through cuBLAS: x16 `[rows, k]` and w16 `[n, k]`
-    /// row-major fp16, out f32 `[rows, ldo]`, f32 accumulation.
-    fn gemm(&self, x16: &CudaSlice<f16>, w16: &CudaSlice<f16>, rows: usize, k: usize, n: usize, out: &mut CudaTensor, col0: usize) {
+    /// row-major fp16 (`dims = (rows, k, n)`), out f32 `[rows, out.cols]`, f32 accumulation.
+    fn gemm(&self, x16: &CudaSlice<f16>, w16: &CudaSlice<f16>, dims: (usize, usize, usize), out: &mut CudaTensor, col0: usize) {
+        let (rows, k, n) = dims;
         // Column-major view: out^T (n×rows, ld = out.cols) = W (n×k, stored as k×n col-major, transposed) · x^T (k×rows).
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (a, _ra) = w16.device_ptr(&self.stream);
@@ -448,9 +455,9 @@ impl Backend for CudaBackend {
                     // SAFETY: matches awq_dequant_f16.
                     unsafe { l.launch(cfg(((n * k / 8).div_ceil(256).min(65535), 1, 1), 256)) }
                         .unwrap_or_else(fail("awq_dequant"));
-                    self.gemm(x16, w16, rows, k, n, out, col0);
+                    self.gemm(x16, w16, (rows, k, n), out, col0);
                 }
-                CudaWeight::F16 { w, .. } => self.gemm(x16, w, rows, k, n, out, col0),
+                CudaWeight::F16 { w, .. } => self.gemm(x16, w, (rows, k, n), out, col0),
             }
         });
         if let Some(b) = bias {

@@ -302,6 +302,36 @@ mod tests {
         assert_eq!(AwqMatrix::concat(vec![a, b]).unwrap(), m);
     }
 
+    /// The CPU backend's AWQ linear (both precisions: AWQ always takes the exact path) equals the
+    /// reference linear over the dequantized matrix, with bias and at a column offset.
+    #[test]
+    fn cpu_linear_equals_the_dequantized_reference() {
+        use crate::backend::cpu::{reference, CpuBackend, Precision};
+        use crate::backend::Backend;
+        let mut rng = crate::backend::cpu::test_util::Lcg(9);
+        let (n, k, g, rows) = (40, 256, 128, 3);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let m = AwqMatrix::quantize(&w, n, k, g).unwrap();
+        let mut deq = vec![0.0; n * k];
+        for (r, row) in deq.chunks_exact_mut(k).enumerate() {
+            m.dequantize_row(r, row);
+        }
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.normal()).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let want = reference::linear(&x, rows, k, &deq, n, Some(&bias));
+        for precision in [Precision::Q8, Precision::F32] {
+            let be = CpuBackend::with_precision(1, precision);
+            let wt = be.awq_weight("w", m.clone()).unwrap();
+            assert_eq!(be.weight_bytes(&wt), m.stored_bytes());
+            let mut out = be.zeros(rows, n + 4);
+            be.linear(&be.upload(&x, rows, k), &wt, Some(&be.upload(&bias, 1, n)), &mut out, 4);
+            let got: Vec<f32> = out.data.chunks_exact(n + 4).flat_map(|r| r[4..].to_vec()).collect();
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{precision:?} [{i}]: {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn bad_shapes_and_configs_are_refused() {
         assert!(AwqMatrix::check_shape(12, 128, 128).is_err());

@@ -12,7 +12,7 @@ use super::CudaError;
 include!(concat!(env!("OUT_DIR"), "/cuda_kernels.rs"));
 
 /// Threads per block of the norm kernels (kernels/norm.cu).
-pub const NORM_THREADS: usize = 256;
+pub const NORM_THREADS: usize = 1024;
 
 pub struct Kernels {
     pub awq_gemv: CudaFunction,
@@ -161,5 +161,20 @@ mod tests {
             let entry = format!(".entry {k}(");
             assert!(MODULES.iter().any(|m| m.1.contains(&entry)), "kernel {k} is in no PTX module");
         }
+    }
+
+    /// The launch constants the Rust side uses are the ones the kernels were written for.
+    #[test]
+    fn launch_constants_match_the_kernel_sources() {
+        let define = |src: &str, name: &str| -> usize {
+            src.lines()
+                .find_map(|l| l.trim().strip_prefix("#define ")?.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("#define {name} <number> not found"))
+        };
+        let gemv = include_str!("../../../kernels/gemv.cuh");
+        assert_eq!(define(gemv, "GEMV_ROWS_PER_BLOCK"), super::super::GEMV_ROWS_PER_BLOCK);
+        assert_eq!(define(gemv, "GEMV_THREADS"), 256);
+        assert_eq!(define(include_str!("../../../kernels/attention.cu"), "PREFILL_TILE_ROWS"), super::super::PREFILL_TILE_ROWS);
+        assert_eq!(define(include_str!("../../../kernels/norm.cu"), "NORM_THREADS"), NORM_THREADS);
     }
 }

@@ -41,9 +41,9 @@ pub enum CudaError {
 /// Rows up to which `linear` uses the GEMV kernels (they keep up to 8 activation rows in registers).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Output rows per block of `awq_gemv_f32` and `linear_f16_f32` (kernels/gemv.cuh GEMV_ROWS_PER_BLOCK).
-const GEMV_ROWS_PER_BLOCK: usize = 16;
+pub(crate) const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Query rows per block of the prefill attention kernel (kernels/attention.cu).
-const PREFILL_TILE_ROWS: usize = 64;
+pub(crate) const PREFILL_TILE_ROWS: usize = 32;
 /// Context positions per block of split-K decode attention.
 const DECODE_SPLIT: usize = 512;
 

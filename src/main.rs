@@ -372,6 +372,12 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     }
     let threads = threads(&EngineArgs { threads: config.threads, ..args.engine.clone() })?;
     let engine = config.engine()?;
+    // Said once at start: which engine AWQ models will get (GGUF models always run on the CPU).
+    #[cfg(feature = "cuda")]
+    match zoe_llm::backend::cuda::device_count() {
+        Ok(n) => tracing::info!("CUDA: {n} device(s); AWQ models run on the CUDA engine"),
+        Err(e) => tracing::warn!("{e}; every model runs on the CPU engine"),
+    }
     // What to load at start: the config's list, else `-m`, else the default model. Everything is
     // checked (and pulled if missing) before the port is opened.
     let names: Vec<String> =

@@ -22,6 +22,25 @@ fn lock() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A binary built with the cuda feature starts where there is no GPU (or no driver at all), says
+/// so, and serves on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn without_a_gpu_the_cuda_build_serves_on_the_cpu() {
+    let Some(gguf) = common::smollm2_gguf("without_a_gpu_the_cuda_build_serves_on_the_cpu") else { return };
+    if zoe_llm::backend::cuda::device_count().is_ok() {
+        eprintln!("skipped without_a_gpu_the_cuda_build_serves_on_the_cpu: this machine has a GPU");
+        return;
+    }
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let server = Server::start(models.path());
+    let body = json!({"model": "smollm2", "stream": false, "prompt": "Hi", "options": {"num_predict": 2}});
+    assert!(http().post(server.at("/api/generate")).json(&body).send().unwrap().status().is_success());
+    let log = server.log();
+    assert!(log.contains("no CUDA device") && log.contains("every model runs on the CPU engine"), "{log}");
+}
+
 /// 8 concurrent greedy requests (one decode batch of 8) each return exactly what they return
 /// alone.
 #[test]

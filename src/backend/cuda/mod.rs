@@ -115,6 +115,29 @@ fn i(v: usize) -> i32 {
     i32::try_from(v).expect("size fits in i32")
 }
 
+/// Buffers come from the device's default stream-ordered pool (cudarc allocates with
+/// `cuMemAllocAsync`). Its release threshold is raised so memory freed by one forward pass is
+/// kept for the next instead of going back to the driver at every synchronization: the pool
+/// holds the high-water mark of what was actually used, and never reserves address space beyond
+/// it (on Jetson's unified memory that matters: no giant virtual reservations).
+fn keep_freed_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        tracing::debug!("the device's memory pool keeps its default release threshold");
+    }
+}
+
 impl CudaBackend {
     /// A backend on device `ordinal`, or why there is none (never a panic when CUDA is absent).
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
@@ -127,6 +150,7 @@ impl CudaBackend {
         // SAFETY: every buffer of this backend is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_freed_memory(&ctx);
         let cc = ctx.compute_capability().map_err(|e| CudaError::Driver(e.to_string()))?;
         let k = Kernels::load(&ctx, cc)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;

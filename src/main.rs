@@ -98,6 +98,15 @@ enum PrecisionArg {
     F32,
 }
 
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Q8 => Precision::Q8,
+            PrecisionArg::F32 => Precision::F32,
+        }
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -282,10 +291,7 @@ fn load(
     threads: usize,
 ) -> Result<LoadedModel<zoe_llm::backend::cpu::CpuBackend>> {
     let path = ensure(manifest, store, &PullOptions::from_env())?;
-    let precision = match args.precision {
-        PrecisionArg::Q8 => Precision::Q8,
-        PrecisionArg::F32 => Precision::F32,
-    };
+    let precision = Precision::from(args.precision);
     let t = std::time::Instant::now();
     let loaded = LoadedModel::load(manifest, &path, threads, precision)?;
     tracing::info!(model = %manifest.id, threads, ?precision, ms = t.elapsed().as_millis() as u64, "model loaded");
@@ -392,10 +398,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     for m in &preload {
         ensure(m, &store, &PullOptions::from_env())?;
     }
-    let precision = match args.engine.precision {
-        PrecisionArg::Q8 => Precision::Q8,
-        PrecisionArg::F32 => Precision::F32,
-    };
+    let precision = Precision::from(args.engine.precision);
     let loopback = match config.host.parse::<std::net::IpAddr>() {
         Ok(ip) => ip.is_loopback(),
         Err(_) => config.host == "localhost",
@@ -450,7 +453,8 @@ fn bench_checkpoint(args: &BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Cuda {
         bail!("--backend cuda: this binary was built without the `cuda` feature");
     }
-    let be = zoe_llm::backend::cpu::CpuBackend::with_precision(threads(&args.engine)?, Precision::F32);
+    let precision = Precision::from(args.engine.precision);
+    let be = zoe_llm::backend::cpu::CpuBackend::with_precision(threads(&args.engine)?, precision);
     let m = LoadedModel::load_hf_dir(&name, &dir, be, None)?;
     print_checkpoint(&m, args)
 }

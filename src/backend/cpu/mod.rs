@@ -267,6 +267,13 @@ impl Backend for CpuBackend {
     fn awq_weight(&self, name: &str, m: AwqMatrix) -> Result<CpuWeight, BackendError> {
         AwqMatrix::check_shape(m.n, m.k, m.group)
             .map_err(|reason| BackendError::BadWeight { name: name.into(), reason })?;
+        // Fast path: AWQ rows are Q4_1 blocks in disguise (`s·(q − z) = d·q + m` with d = s,
+        // m = −z·s), so `Q8` runs them on the packed integer kernels. Only `m` is rounded (to
+        // f16, ≤ 2^-11 relative of z·s), far below the 8-bit activations' own noise; `F32` keeps
+        // the exact path, the oracle of the CUDA engine.
+        if self.precision == Precision::Q8 && m.group.is_multiple_of(QK) {
+            return self.weight(name, GgmlType::Q4_1, m.n, m.k, &m.to_q4_1());
+        }
         let (rows, cols) = (m.n, m.k);
         let row_bytes = cols / 2;
         Ok(CpuWeight { dtype: GgmlType::F16, rows, cols, row_bytes, data: Vec::new(), packed: None, awq: Some(Box::new(m)) })

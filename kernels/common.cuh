@@ -12,10 +12,14 @@
 
 #include <cuda_fp16.h>
 
-#ifndef ZOE_HAVE_STDINT
+// NVRTC has no <cstdint>; nvcc does, and its (glibc) uint64_t is `unsigned long`, so declare the
+// types only where nothing else can (a second, different typedef would not compile).
+#if defined(__CUDACC_RTC__) && !defined(ZOE_HAVE_STDINT)
 typedef unsigned int uint32_t;
 typedef unsigned short uint16_t;
 typedef unsigned long long uint64_t;
+#elif !defined(ZOE_HAVE_STDINT)
+#include <cstdint>
 #endif
 
 #define ZOE_FULL_MASK 0xffffffffu

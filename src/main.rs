@@ -424,7 +424,8 @@ fn bench_checkpoint(args: &BenchArgs) -> Result<()> {
     let dir = match (&args.model_dir, args.synthetic) {
         (Some(dir), _) => dir.clone(),
         (None, Some(arch)) => {
-            let dir = args.out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("zoe-synth-{}", arch.name())));
+            let dir =
+                args.out.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("zoe-synth-{}", arch.name())));
             if !dir.join("config.json").is_file() {
                 eprintln!("writing the synthetic {} checkpoint to {} …", arch.name(), dir.display());
                 zoe_llm::model::synth::write(arch, &dir, 0)

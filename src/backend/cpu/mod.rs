@@ -276,7 +276,15 @@ impl Backend for CpuBackend {
         }
         let (rows, cols) = (m.n, m.k);
         let row_bytes = cols / 2;
-        Ok(CpuWeight { dtype: GgmlType::F16, rows, cols, row_bytes, data: Vec::new(), packed: None, awq: Some(Box::new(m)) })
+        Ok(CpuWeight {
+            dtype: GgmlType::F16,
+            rows,
+            cols,
+            row_bytes,
+            data: Vec::new(),
+            packed: None,
+            awq: Some(Box::new(m)),
+        })
     }
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CpuKv, BackendError> {

@@ -83,9 +83,9 @@ impl Kernels {
                             .map_err(|e| CudaError::Driver(format!("loading kernels/{name}.cu: {e}")))?
                     }
                 },
-                None => ctx
-                    .load_module(Ptx::from_src(ptx))
-                    .map_err(|e| CudaError::Driver(format!("loading kernels/{name}.cu PTX: {e} (driver too old for PTX 8.5?)")))?,
+                None => ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                    CudaError::Driver(format!("loading kernels/{name}.cu PTX: {e} (driver too old for PTX 8.5?)"))
+                })?,
             };
             modules.push(module);
         }
@@ -174,7 +174,10 @@ mod tests {
         let gemv = include_str!("../../../kernels/gemv.cuh");
         assert_eq!(define(gemv, "GEMV_ROWS_PER_BLOCK"), super::super::GEMV_ROWS_PER_BLOCK);
         assert_eq!(define(gemv, "GEMV_THREADS"), 256);
-        assert_eq!(define(include_str!("../../../kernels/attention.cu"), "PREFILL_TILE_ROWS"), super::super::PREFILL_TILE_ROWS);
+        assert_eq!(
+            define(include_str!("../../../kernels/attention.cu"), "PREFILL_TILE_ROWS"),
+            super::super::PREFILL_TILE_ROWS
+        );
         assert_eq!(define(include_str!("../../../kernels/norm.cu"), "NORM_THREADS"), NORM_THREADS);
     }
 }

@@ -50,9 +50,14 @@ const DECODE_SPLIT: usize = 512;
 /// A host-visible verdict on whether CUDA can be used, without panicking where libcuda is absent
 /// (cudarc panics if the library cannot be loaded, so it is looked for first).
 pub fn device_count() -> Result<usize, CudaError> {
-    // SAFETY: only probes whether the shared library can be loaded.
+    // SAFETY: only probes whether the shared libraries can be loaded.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::NoDriver);
+    }
+    // cuBLAS panics the same way when its library is absent (a container with the driver mounted
+    // but no CUDA runtime libraries).
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(CudaError::NoDevice("libcublas (the CUDA runtime libraries) is not installed".into()));
     }
     match CudaContext::device_count() {
         Ok(0) => Err(CudaError::NoDevice("the driver reports no devices".into())),
@@ -174,19 +179,29 @@ impl CudaBackend {
         self.stream.synchronize().unwrap_or_else(fail("synchronize"));
     }
 
+    /// Uploads index data (one element at least: the driver refuses empty allocations).
     fn u32s(&self, v: &[u32]) -> CudaSlice<u32> {
+        let v = if v.is_empty() { &[0][..] } else { v };
         self.stream.clone_htod(v).unwrap_or_else(fail("upload"))
     }
 
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>, BackendError> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|_| BackendError::OutOfMemory {
-            what: what.into(),
-            bytes: n * std::mem::size_of::<T>(),
-        })
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>, BackendError> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|_| BackendError::OutOfMemory { what: what.into(), bytes: n * std::mem::size_of::<T>() })
     }
 
     /// An fp16 scratch buffer of at least `n` values (slot 0: weights, slot 1: activations).
-    fn with_scratch<R>(&self, n_w: usize, n_x: usize, f: impl FnOnce(&mut CudaSlice<f16>, &mut CudaSlice<f16>) -> R) -> R {
+    fn with_scratch<R>(
+        &self,
+        n_w: usize,
+        n_x: usize,
+        f: impl FnOnce(&mut CudaSlice<f16>, &mut CudaSlice<f16>) -> R,
+    ) -> R {
         let mut s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let grow = |slot: &mut Option<CudaSlice<f16>>, n: usize| {
             if slot.as_ref().is_none_or(|b| b.len() < n) {
@@ -201,7 +216,14 @@ impl CudaBackend {
 
     /// `out[:, col0..col0+n] = x16 · w16ᵀ` through cuBLAS: x16 `[rows, k]` and w16 `[n, k]`
     /// row-major fp16 (`dims = (rows, k, n)`), out f32 `[rows, out.cols]`, f32 accumulation.
-    fn gemm(&self, x16: &CudaSlice<f16>, w16: &CudaSlice<f16>, dims: (usize, usize, usize), out: &mut CudaTensor, col0: usize) {
+    fn gemm(
+        &self,
+        x16: &CudaSlice<f16>,
+        w16: &CudaSlice<f16>,
+        dims: (usize, usize, usize),
+        out: &mut CudaTensor,
+        col0: usize,
+    ) {
         let (rows, k, n) = dims;
         // Column-major view: out^T (n×rows, ld = out.cols) = W (n×k, stored as k×n col-major, transposed) · x^T (k×rows).
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -238,7 +260,14 @@ impl CudaBackend {
     }
 
     /// Decode attention (one query row per sequence) or prefill attention (tiles of rows).
-    fn attend(&self, qkv: &CudaTensor, kv: (&CudaKv, &CudaKv), layout: QkvLayout, seqs: &[AttnSeq<'_>], out: &mut CudaTensor) {
+    fn attend(
+        &self,
+        qkv: &CudaTensor,
+        kv: (&CudaKv, &CudaKv),
+        layout: QkvLayout,
+        seqs: &[AttnSeq<'_>],
+        out: &mut CudaTensor,
+    ) {
         let rows = qkv.rows;
         let d = layout.head_dim;
         let (mut slots, mut row_off, mut row_ctx) = (Vec::new(), vec![0u32; rows], vec![0u32; rows]);
@@ -262,12 +291,15 @@ impl CudaBackend {
         let (slots_d, off_d, ctx_d) = (self.u32s(&slots), self.u32s(&row_off), self.u32s(&row_ctx));
         let scale = 1.0 / (d as f32).sqrt();
         let (kc, vc) = kv;
-        let (nh, nkv, stride, kvc, oc) = (i(layout.n_heads), i(layout.n_kv_heads), i(qkv.cols), i(kc.cols), i(out.cols));
+        let (nh, nkv, stride, kvc, oc) =
+            (i(layout.n_heads), i(layout.n_kv_heads), i(qkv.cols), i(kc.cols), i(out.cols));
         if decode {
             let max_ctx = row_ctx.iter().copied().max().unwrap_or(1) as usize;
             let splits = max_ctx.div_ceil(DECODE_SPLIT).max(1);
-            let mut part_out = self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * d).unwrap_or_else(fail("alloc"));
-            let mut part_ml = self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * 2).unwrap_or_else(fail("alloc"));
+            let mut part_out =
+                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * d).unwrap_or_else(fail("alloc"));
+            let mut part_ml =
+                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * 2).unwrap_or_else(fail("alloc"));
             let (split, ns) = (i(DECODE_SPLIT), i(splits));
             let f = self.k.attention_decode(d);
             let mut l = self.stream.launch_builder(f);
@@ -306,7 +338,14 @@ impl CudaBackend {
 
     /// Samples one token per row on the device: temperature, top-k (0 = off), top-p, and a
     /// uniform number in [0, 1) per row from the caller's generator (kernels/sample.cu).
-    pub fn sample(&self, logits: &CudaTensor, temperature: &[f32], top_k: &[u32], top_p: &[f32], uniform: &[f32]) -> Vec<u32> {
+    pub fn sample(
+        &self,
+        logits: &CudaTensor,
+        temperature: &[f32],
+        top_k: &[u32],
+        top_p: &[f32],
+        uniform: &[f32],
+    ) -> Vec<u32> {
         let r = logits.rows;
         assert!(temperature.len() == r && top_k.len() == r && top_p.len() == r && uniform.len() == r);
         let up = |v: &[f32]| self.stream.clone_htod(v).unwrap_or_else(fail("upload"));
@@ -348,9 +387,17 @@ impl Backend for CudaBackend {
         (t.rows, t.cols)
     }
 
-    fn weight(&self, name: &str, dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<CudaWeight, BackendError> {
+    fn weight(
+        &self,
+        name: &str,
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<CudaWeight, BackendError> {
         let bad = |reason: String| BackendError::BadWeight { name: name.into(), reason };
-        let row_bytes = dtype.row_bytes(cols).ok_or_else(|| bad(format!("{cols} columns is not whole {dtype} blocks")))?;
+        let row_bytes =
+            dtype.row_bytes(cols).ok_or_else(|| bad(format!("{cols} columns is not whole {dtype} blocks")))?;
         if bytes.len() != rows * row_bytes {
             return Err(bad(format!("{} bytes for a {rows}x{cols} {dtype} matrix", bytes.len())));
         }
@@ -386,7 +433,10 @@ impl Backend for CudaBackend {
     }
 
     fn kv_layer(&self, slots: usize, kv_cols: usize) -> Result<CudaKv, BackendError> {
-        Ok(CudaKv { buf: self.alloc::<f16>(slots.saturating_mul(kv_cols), &format!("KV cache of {slots} slots"))?, cols: kv_cols })
+        Ok(CudaKv {
+            buf: self.alloc::<f16>(slots.saturating_mul(kv_cols), &format!("KV cache of {slots} slots"))?,
+            cols: kv_cols,
+        })
     }
 
     fn kv_value_bytes(&self) -> usize {
@@ -401,26 +451,31 @@ impl Backend for CudaBackend {
     }
 
     fn copy_bandwidth(&self) -> f64 {
-        // 1 GiB device-to-device, best of 5 after one warm-up copy.
-        let n = (1usize << 30) / 4;
+        // 256 MiB device-to-device (far beyond L2), 10 copies per timing, best of 5 after a
+        // warm-up; small enough that the pool's cached memory stays modest afterwards.
+        let n = (256usize << 20) / 4;
         let src = self.stream.alloc_zeros::<f32>(n).unwrap_or_else(fail("alloc"));
         let mut dst = self.stream.alloc_zeros::<f32>(n).unwrap_or_else(fail("alloc"));
         let mut best = f64::INFINITY;
         for rep in 0..6 {
             self.synchronize();
             let t = std::time::Instant::now();
-            self.stream.memcpy_dtod(&src, &mut dst).unwrap_or_else(fail("copy"));
+            for _ in 0..10 {
+                self.stream.memcpy_dtod(&src, &mut dst).unwrap_or_else(fail("copy"));
+            }
             self.synchronize();
             if rep > 0 {
-                best = best.min(t.elapsed().as_secs_f64());
+                best = best.min(t.elapsed().as_secs_f64() / 10.0);
             }
         }
         2.0 * (n * 4) as f64 / best
     }
 
     fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) {
-        let CudaWeight::F16 { w, cols, .. } = table else { panic!("embedding tables are fp16 on CUDA") };
+        let CudaWeight::F16 { w, rows, cols } = table else { panic!("embedding tables are fp16 on CUDA") };
         assert_eq!((out.rows, out.cols), (ids.len(), *cols));
+        // The device would read out of bounds where the CPU panics on a slice: check here.
+        assert!(ids.iter().all(|&i| (i as usize) < *rows), "embedding: token id beyond {rows} rows");
         let ids_d = self.u32s(ids);
         let (n, c) = (i(ids.len()), i(*cols));
         let mut l = self.stream.launch_builder(&self.k.embedding);
@@ -437,6 +492,7 @@ impl Backend for CudaBackend {
         };
         assert_eq!(k, wk, "linear: x has {k} columns, weight has {wk}");
         assert!(out.rows == rows && out.cols >= col0 + n, "linear: output too small");
+        assert!(bias.is_none_or(|b| b.rows * b.cols == n), "linear: bias length");
         let null = 0u64;
         let (m, ki, ni, os, c0) = (i(rows), i(k), i(n), i(out.cols), i(col0));
         let g = match w {
@@ -501,7 +557,14 @@ impl Backend for CudaBackend {
         unsafe { l.launch(cfg((x.rows, 1, 1), kernels::NORM_THREADS)) }.unwrap_or_else(fail("rms_norm"));
     }
 
-    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, weight: &CudaTensor, eps: f32, out: &mut CudaTensor) {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) {
         assert_eq!((residual.rows, residual.cols), (x.rows, x.cols));
         assert_eq!((out.rows, out.cols, weight.rows * weight.cols), (x.rows, x.cols, x.cols));
         let c = i(x.cols);
@@ -524,6 +587,7 @@ impl Backend for CudaBackend {
         assert_eq!(rope.style, RopeStyle::Neox, "the CUDA engine loads every checkpoint for rotate-half rope");
         let d = rope.head_dim;
         assert!(n_heads * d <= x.cols && positions.len() == x.rows);
+        assert_eq!(rope.inv_freq.len(), d / 2);
         let pos = self.u32s(positions);
         let freq = self.stream.clone_htod(&rope.inv_freq).unwrap_or_else(fail("upload"));
         let (r, s, h, hd) = (i(x.rows), i(x.cols), i(n_heads), i(d));
@@ -540,13 +604,16 @@ impl Backend for CudaBackend {
         let mut l = self.stream.launch_builder(&self.k.silu_mul);
         l.arg(&gate_up.buf).arg(&mut out.buf).arg(&r).arg(&hh);
         // SAFETY: matches silu_mul_f32.
-        unsafe { l.launch(cfg(((gate_up.rows * h).div_ceil(256).min(65535), 1, 1), 256)) }.unwrap_or_else(fail("silu_mul"));
+        unsafe { l.launch(cfg(((gate_up.rows * h).div_ceil(256).min(65535), 1, 1), 256)) }
+            .unwrap_or_else(fail("silu_mul"));
     }
 
     fn write_kv(&self, kv: (&mut CudaKv, &mut CudaKv), qkv: &CudaTensor, layout: QkvLayout, slots: &[u32]) {
         let (kc, vc) = kv;
         let w = layout.kv_cols();
         assert!(kc.cols == w && vc.cols == w && slots.len() == qkv.rows && qkv.cols == layout.total_cols());
+        let capacity = kc.buf.len() / w.max(1);
+        assert!(slots.iter().all(|&s| (s as usize) < capacity), "write_kv: slot beyond the {capacity}-slot cache");
         let s = self.u32s(slots);
         let (st, ko, vo, kw, r) = (i(qkv.cols), i(layout.k_offset()), i(layout.v_offset()), i(w), i(qkv.rows));
         let mut l = self.stream.launch_builder(&self.k.write_kv);
@@ -555,13 +622,31 @@ impl Backend for CudaBackend {
         unsafe { l.launch(cfg((qkv.rows, 1, 1), 256)) }.unwrap_or_else(fail("write_kv"));
     }
 
-    fn attention(&self, qkv: &CudaTensor, kv: (&CudaKv, &CudaKv), layout: QkvLayout, seqs: &[AttnSeq<'_>], out: &mut CudaTensor) {
+    fn attention(
+        &self,
+        qkv: &CudaTensor,
+        kv: (&CudaKv, &CudaKv),
+        layout: QkvLayout,
+        seqs: &[AttnSeq<'_>],
+        out: &mut CudaTensor,
+    ) {
         assert_eq!((out.rows, out.cols), (qkv.rows, layout.q_cols()));
-        assert!(matches!(layout.head_dim, 64 | 128), "CUDA attention has head dims 64 and 128, not {}", layout.head_dim);
+        assert!(
+            matches!(layout.head_dim, 64 | 128),
+            "CUDA attention has head dims 64 and 128, not {}",
+            layout.head_dim
+        );
+        assert!(layout.n_kv_heads > 0 && layout.n_heads.is_multiple_of(layout.n_kv_heads));
+        let capacity = kv.0.buf.len() / layout.kv_cols().max(1);
+        assert!(
+            kv.0.cols == layout.kv_cols() && seqs.iter().all(|s| s.slots.iter().all(|&x| (x as usize) < capacity)),
+            "attention: slot beyond the {capacity}-slot cache"
+        );
         self.attend(qkv, kv, layout, seqs, out);
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
+        assert!(rows.iter().all(|&r| r < x.rows), "gather_rows: row beyond {}", x.rows);
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx_d = self.u32s(&idx);
         let mut out = self.zeros(rows.len(), x.cols);

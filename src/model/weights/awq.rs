@@ -110,9 +110,11 @@ impl AwqMatrix {
     ) -> Result<Self, String> {
         Self::check_shape(n, k, group)?;
         let (nw, ng) = (n / 8, k / group);
-        for (what, got, want) in
-            [("qweight", qweight.len(), k * nw * 4), ("qzeros", qzeros.len(), ng * nw * 4), ("scales", scales.len(), ng * n * 2)]
-        {
+        for (what, got, want) in [
+            ("qweight", qweight.len(), k * nw * 4),
+            ("qzeros", qzeros.len(), ng * nw * 4),
+            ("scales", scales.len(), ng * n * 2),
+        ] {
             if got != want {
                 return Err(format!("{what} has {got} bytes, expected {want} for K={k}, N={n}, group={group}"));
             }
@@ -151,9 +153,8 @@ impl AwqMatrix {
     /// (synthetic checkpoints; the inverse of [`Self::from_gemm`]).
     pub fn to_gemm(&self) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let (nw, ng) = (self.n / 8, self.k / self.group);
-        let pack = |get: &dyn Fn(usize) -> u32| -> u32 {
-            (0..8).fold(0u32, |w, j| w | ((get(j) & 0xF) << (4 * REV[j])))
-        };
+        let pack =
+            |get: &dyn Fn(usize) -> u32| -> u32 { (0..8).fold(0u32, |w, j| w | ((get(j) & 0xF) << (4 * REV[j]))) };
         let mut qweight = Vec::with_capacity(self.k * nw * 4);
         for k in 0..self.k {
             for c in 0..nw {
@@ -227,14 +228,8 @@ impl AwqMatrix {
         Self::check_shape(n, k, group)?;
         assert_eq!(w.len(), n * k);
         let ng = k / group;
-        let mut m = Self {
-            n,
-            k,
-            group,
-            qw: vec![0; n * k / 8],
-            zeros: vec![0; n * ng],
-            scales: vec![f16::ZERO; n * ng],
-        };
+        let mut m =
+            Self { n, k, group, qw: vec![0; n * k / 8], zeros: vec![0; n * ng], scales: vec![f16::ZERO; n * ng] };
         for r in 0..n {
             for g in 0..ng {
                 let vals = &w[r * k + g * group..][..group];
@@ -320,7 +315,8 @@ mod tests {
                 assert!((a - b).abs() <= 0.5 * s + 1e-2 * b.abs().max(s), "row {r} col {i}: {a} vs {b}");
             }
         }
-        let (a, b) = (AwqMatrix::quantize(&w[..8 * k], 8, k, g).unwrap(), AwqMatrix::quantize(&w[8 * k..], 16, k, g).unwrap());
+        let (a, b) =
+            (AwqMatrix::quantize(&w[..8 * k], 8, k, g).unwrap(), AwqMatrix::quantize(&w[8 * k..], 16, k, g).unwrap());
         assert_eq!(AwqMatrix::concat(vec![a, b]).unwrap(), m);
     }
 
@@ -342,9 +338,8 @@ mod tests {
         let bias: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         let want = reference::linear(&x, rows, k, &deq, n, Some(&bias));
         // Σ|x·w| per output: the scale of the Q8 path's activation-rounding noise.
-        let mag: Vec<f32> = (0..rows * n)
-            .map(|i| (0..k).map(|j| (x[(i / n) * k + j] * deq[(i % n) * k + j]).abs()).sum())
-            .collect();
+        let mag: Vec<f32> =
+            (0..rows * n).map(|i| (0..k).map(|j| (x[(i / n) * k + j] * deq[(i % n) * k + j]).abs()).sum()).collect();
         for (precision, rel) in [(Precision::F32, 1e-5), (Precision::Q8, 1e-2)] {
             let be = CpuBackend::with_precision(1, precision);
             let wt = be.awq_weight("w", m.clone()).unwrap();
@@ -371,7 +366,11 @@ mod tests {
         let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
         for r in 0..n {
             m.dequantize_row(r, &mut a);
-            crate::backend::cpu::blocks::dequantize_row(crate::backend::GgmlType::Q4_1, &q[r * k / 32 * 20..][..k / 32 * 20], &mut b);
+            crate::backend::cpu::blocks::dequantize_row(
+                crate::backend::GgmlType::Q4_1,
+                &q[r * k / 32 * 20..][..k / 32 * 20],
+                &mut b,
+            );
             for (c, (x, y)) in a.iter().zip(&b).enumerate() {
                 let s = m.scales[r * (k / g) + c / g].to_f32();
                 assert!((x - y).abs() <= 16.0 * s * 2f32.powi(-10), "row {r} col {c}: {x} vs {y}");
@@ -407,8 +406,7 @@ mod tests {
             let group = k / qz.shape[0];
             assert_eq!(want.shape, vec![n, k]);
             let m = AwqMatrix::from_gemm(st.data(qw), st.data(qz), st.data(sc), k, n, group).unwrap();
-            let expected: Vec<f16> =
-                st.data(want).chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let expected: Vec<f16> = st.data(want).chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
             let mut row = vec![0.0; k];
             for r in 0..n {
                 m.dequantize_row(r, &mut row);

@@ -3,5 +3,6 @@
 pub mod gotmpl;
 pub mod pyfmt;
 pub mod template;
+pub mod tools;
 
 pub use template::{ChatTemplate, TemplateError};

@@ -29,6 +29,29 @@ pub enum BackendError {
     OutOfMemory { what: String, bytes: usize },
 }
 
+/// Checks raw weight bytes against their claimed shape and type (every backend's `weight` starts
+/// here); returns the bytes of one row.
+pub fn weight_row_bytes(
+    name: &str,
+    dtype: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: &[u8],
+) -> Result<usize, BackendError> {
+    let bad = |reason: String| BackendError::BadWeight { name: name.into(), reason };
+    let row_bytes = dtype.row_bytes(cols).ok_or_else(|| {
+        bad(format!("{cols} columns is not a whole number of {dtype} blocks of {}", dtype.block_len()))
+    })?;
+    if bytes.len() != rows * row_bytes {
+        return Err(bad(format!(
+            "{} bytes for a {rows}x{cols} {dtype} matrix, expected {}",
+            bytes.len(),
+            rows * row_bytes
+        )));
+    }
+    Ok(row_bytes)
+}
+
 /// How rotary position embedding pairs the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeStyle {

@@ -244,17 +244,7 @@ impl Backend for CpuBackend {
         cols: usize,
         bytes: &[u8],
     ) -> Result<CpuWeight, BackendError> {
-        let bad = |reason: String| BackendError::BadWeight { name: name.into(), reason };
-        let row_bytes = dtype.row_bytes(cols).ok_or_else(|| {
-            bad(format!("{cols} columns is not a whole number of {dtype} blocks of {}", dtype.block_len()))
-        })?;
-        if bytes.len() != rows * row_bytes {
-            return Err(bad(format!(
-                "{} bytes for a {rows}x{cols} {dtype} matrix, expected {}",
-                bytes.len(),
-                rows * row_bytes
-            )));
-        }
+        let row_bytes = super::weight_row_bytes(name, dtype, rows, cols, bytes)?;
         // Repacked for the 8-row kernels when this CPU has them; the file layout is then dropped
         // (the packed form gives rows back for lookups), so memory does not double.
         if self.precision == Precision::Q8 && rows.is_multiple_of(packed::GROUP) && packed::kernel(dtype).is_some() {

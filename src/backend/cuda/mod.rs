@@ -259,72 +259,6 @@ impl CudaBackend {
         .unwrap_or_else(fail("cublasGemmEx"));
     }
 
-    /// Decode attention (one query row per sequence) or prefill attention (tiles of rows).
-    fn attend(
-        &self,
-        qkv: &CudaTensor,
-        kv: (&CudaKv, &CudaKv),
-        layout: QkvLayout,
-        seqs: &[AttnSeq<'_>],
-        out: &mut CudaTensor,
-    ) {
-        let rows = qkv.rows;
-        let d = layout.head_dim;
-        let (mut slots, mut row_off, mut row_ctx) = (Vec::new(), vec![0u32; rows], vec![0u32; rows]);
-        let mut tiles: Vec<(u32, u32)> = Vec::new();
-        for s in seqs {
-            let off = slots.len() as u32;
-            slots.extend_from_slice(s.slots);
-            let first = s.slots.len() - s.q_rows.len();
-            for (j, r) in s.q_rows.clone().enumerate() {
-                row_off[r] = off;
-                row_ctx[r] = (first + j + 1) as u32;
-            }
-            let mut r0 = s.q_rows.start;
-            while r0 < s.q_rows.end {
-                let n = (s.q_rows.end - r0).min(PREFILL_TILE_ROWS);
-                tiles.push((r0 as u32, n as u32));
-                r0 += n;
-            }
-        }
-        let decode = seqs.iter().all(|s| s.q_rows.len() == 1);
-        let (slots_d, off_d, ctx_d) = (self.u32s(&slots), self.u32s(&row_off), self.u32s(&row_ctx));
-        let scale = 1.0 / (d as f32).sqrt();
-        let (kc, vc) = kv;
-        let (nh, nkv, stride, kvc, oc) =
-            (i(layout.n_heads), i(layout.n_kv_heads), i(qkv.cols), i(kc.cols), i(out.cols));
-        if decode {
-            let max_ctx = row_ctx.iter().copied().max().unwrap_or(1) as usize;
-            let splits = max_ctx.div_ceil(DECODE_SPLIT).max(1);
-            let mut part_out =
-                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * d).unwrap_or_else(fail("alloc"));
-            let mut part_ml =
-                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * 2).unwrap_or_else(fail("alloc"));
-            let (split, ns) = (i(DECODE_SPLIT), i(splits));
-            let f = self.k.attention_decode(d);
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&qkv.buf).arg(&stride).arg(&kc.buf).arg(&vc.buf).arg(&kvc).arg(&slots_d).arg(&off_d).arg(&ctx_d);
-            l.arg(&nh).arg(&nkv).arg(&scale).arg(&split).arg(&mut part_out).arg(&mut part_ml).arg(&ns);
-            // SAFETY: argument list matches attention_decode_d{64,128}_f16 (kernels/README.md).
-            unsafe { l.launch(cfg((rows, layout.n_heads, splits), 128)) }.unwrap_or_else(fail("attention_decode"));
-            let f = self.k.attention_reduce(d);
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&part_out).arg(&part_ml).arg(&ns).arg(&nh).arg(&mut out.buf).arg(&oc);
-            // SAFETY: matches attention_reduce_d{64,128}_f32.
-            unsafe { l.launch(cfg((rows, layout.n_heads, 1), d)) }.unwrap_or_else(fail("attention_reduce"));
-        } else {
-            let t0: Vec<u32> = tiles.iter().map(|t| t.0).collect();
-            let tn: Vec<u32> = tiles.iter().map(|t| t.1).collect();
-            let (t0_d, tn_d) = (self.u32s(&t0), self.u32s(&tn));
-            let f = self.k.attention_prefill(d);
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&qkv.buf).arg(&stride).arg(&kc.buf).arg(&vc.buf).arg(&kvc).arg(&slots_d).arg(&off_d).arg(&ctx_d);
-            l.arg(&t0_d).arg(&tn_d).arg(&nh).arg(&nkv).arg(&scale).arg(&mut out.buf).arg(&oc);
-            // SAFETY: matches attention_prefill_d{64,128}_f16.
-            unsafe { l.launch(cfg((tiles.len(), layout.n_heads, 1), 128)) }.unwrap_or_else(fail("attention_prefill"));
-        }
-    }
-
     /// Greedy token of each row of `logits` `[rows, vocab]`, on the device.
     pub fn argmax(&self, logits: &CudaTensor) -> Vec<u32> {
         let mut out = self.stream.alloc_zeros::<u32>(logits.rows).unwrap_or_else(fail("alloc"));
@@ -396,11 +330,7 @@ impl Backend for CudaBackend {
         bytes: &[u8],
     ) -> Result<CudaWeight, BackendError> {
         let bad = |reason: String| BackendError::BadWeight { name: name.into(), reason };
-        let row_bytes =
-            dtype.row_bytes(cols).ok_or_else(|| bad(format!("{cols} columns is not whole {dtype} blocks")))?;
-        if bytes.len() != rows * row_bytes {
-            return Err(bad(format!("{} bytes for a {rows}x{cols} {dtype} matrix", bytes.len())));
-        }
+        let row_bytes = super::weight_row_bytes(name, dtype, rows, cols, bytes)?;
         // Dense fp16 on the device: F16 rows as they are, anything else dequantized on the host.
         let host: Vec<f16> = if dtype == GgmlType::F16 {
             bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()
@@ -642,7 +572,62 @@ impl Backend for CudaBackend {
             kv.0.cols == layout.kv_cols() && seqs.iter().all(|s| s.slots.iter().all(|&x| (x as usize) < capacity)),
             "attention: slot beyond the {capacity}-slot cache"
         );
-        self.attend(qkv, kv, layout, seqs, out);
+        // Split-K decode when every sequence has one query row; tiled prefill otherwise.
+        let rows = qkv.rows;
+        let d = layout.head_dim;
+        let (mut slots, mut row_off, mut row_ctx) = (Vec::new(), vec![0u32; rows], vec![0u32; rows]);
+        let mut tiles: Vec<(u32, u32)> = Vec::new();
+        for s in seqs {
+            let off = slots.len() as u32;
+            slots.extend_from_slice(s.slots);
+            let first = s.slots.len() - s.q_rows.len();
+            for (j, r) in s.q_rows.clone().enumerate() {
+                row_off[r] = off;
+                row_ctx[r] = (first + j + 1) as u32;
+            }
+            let mut r0 = s.q_rows.start;
+            while r0 < s.q_rows.end {
+                let n = (s.q_rows.end - r0).min(PREFILL_TILE_ROWS);
+                tiles.push((r0 as u32, n as u32));
+                r0 += n;
+            }
+        }
+        let decode = seqs.iter().all(|s| s.q_rows.len() == 1);
+        let (slots_d, off_d, ctx_d) = (self.u32s(&slots), self.u32s(&row_off), self.u32s(&row_ctx));
+        let scale = 1.0 / (d as f32).sqrt();
+        let (kc, vc) = kv;
+        let (nh, nkv, stride, kvc, oc) =
+            (i(layout.n_heads), i(layout.n_kv_heads), i(qkv.cols), i(kc.cols), i(out.cols));
+        if decode {
+            let max_ctx = row_ctx.iter().copied().max().unwrap_or(1) as usize;
+            let splits = max_ctx.div_ceil(DECODE_SPLIT).max(1);
+            let mut part_out =
+                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * d).unwrap_or_else(fail("alloc"));
+            let mut part_ml =
+                self.stream.alloc_zeros::<f32>(rows * layout.n_heads * splits * 2).unwrap_or_else(fail("alloc"));
+            let (split, ns) = (i(DECODE_SPLIT), i(splits));
+            let f = self.k.attention_decode(d);
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&qkv.buf).arg(&stride).arg(&kc.buf).arg(&vc.buf).arg(&kvc).arg(&slots_d).arg(&off_d).arg(&ctx_d);
+            l.arg(&nh).arg(&nkv).arg(&scale).arg(&split).arg(&mut part_out).arg(&mut part_ml).arg(&ns);
+            // SAFETY: argument list matches attention_decode_d{64,128}_f16 (kernels/README.md).
+            unsafe { l.launch(cfg((rows, layout.n_heads, splits), 128)) }.unwrap_or_else(fail("attention_decode"));
+            let f = self.k.attention_reduce(d);
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&part_out).arg(&part_ml).arg(&ns).arg(&nh).arg(&mut out.buf).arg(&oc);
+            // SAFETY: matches attention_reduce_d{64,128}_f32.
+            unsafe { l.launch(cfg((rows, layout.n_heads, 1), d)) }.unwrap_or_else(fail("attention_reduce"));
+        } else {
+            let t0: Vec<u32> = tiles.iter().map(|t| t.0).collect();
+            let tn: Vec<u32> = tiles.iter().map(|t| t.1).collect();
+            let (t0_d, tn_d) = (self.u32s(&t0), self.u32s(&tn));
+            let f = self.k.attention_prefill(d);
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&qkv.buf).arg(&stride).arg(&kc.buf).arg(&vc.buf).arg(&kvc).arg(&slots_d).arg(&off_d).arg(&ctx_d);
+            l.arg(&t0_d).arg(&tn_d).arg(&nh).arg(&nkv).arg(&scale).arg(&mut out.buf).arg(&oc);
+            // SAFETY: matches attention_prefill_d{64,128}_f16.
+            unsafe { l.launch(cfg((tiles.len(), layout.n_heads, 1), 128)) }.unwrap_or_else(fail("attention_prefill"));
+        }
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {

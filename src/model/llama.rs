@@ -102,7 +102,8 @@ impl Raw {
                 None
             }
             (Raw::Awq(a), Raw::Awq(b)) if (a.k, a.group) == (b.k, b.group) => {
-                let taken = std::mem::replace(a, AwqMatrix { n: 0, k: 0, group: 1, qw: vec![], zeros: vec![], scales: vec![] });
+                let taken =
+                    std::mem::replace(a, AwqMatrix { n: 0, k: 0, group: 1, qw: vec![], zeros: vec![], scales: vec![] });
                 *a = AwqMatrix::concat(vec![taken, b]).expect("same K and group");
                 None
             }
@@ -599,6 +600,77 @@ enum Output {
 mod tests {
     use super::*;
     use crate::backend::cpu::reference;
+
+    /// The same weights as an HF checkpoint (safetensors + config.json, q/k rows in HF order)
+    /// and as a GGUF (q/k rows permuted) load into the same model: the HF name mapping, the
+    /// config.json reader and the GGUF un-permutation agree.
+    #[test]
+    fn an_hf_checkpoint_of_the_same_weights_gives_the_same_logits() {
+        use crate::backend::cpu::{CpuBackend, Precision};
+        use crate::model::kv_cache::ContiguousKvCache;
+        use crate::model::test_model;
+        use std::borrow::Cow;
+
+        struct T(Vec<usize>, Vec<u8>);
+        impl safetensors::View for &T {
+            fn dtype(&self) -> Dtype {
+                Dtype::F32
+            }
+            fn shape(&self) -> &[usize] {
+                &self.0
+            }
+            fn data(&self) -> Cow<'_, [u8]> {
+                Cow::Borrowed(&self.1)
+            }
+            fn data_len(&self) -> usize {
+                self.1.len()
+            }
+        }
+
+        let file = test_model::gguf(3);
+        let be = CpuBackend::with_precision(1, Precision::F32);
+        let from_gguf = Llama::from_gguf(&file, &be).unwrap();
+        let c = &from_gguf.config;
+        let d = c.head_dim;
+        let mut tensors = Vec::new();
+        for t in file.tensors() {
+            let (rows, cols) = t.rows_cols();
+            let mut v = read_f32(t.dtype, file.tensor_data(t), rows * cols);
+            let logical = t.name.strip_suffix(".weight").expect("the tiny model has weights only");
+            if logical.ends_with("attn_q") || logical.ends_with("attn_k") {
+                v = unpermute_heads(&v, cols, d);
+            }
+            let shape = if t.dims.len() == 1 { vec![cols] } else { vec![rows, cols] };
+            let name = format!("{}.weight", HfSource::hf_name(logical));
+            tensors.push((name, T(shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.clone(), t)),
+            None,
+            &dir.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "num_hidden_layers": c.n_layers,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length, "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_word_embeddings,
+        });
+        let (cfg, awq) = ModelConfig::from_hf_json(&config).unwrap();
+        assert!(awq.is_none());
+        let st = SafetensorsDir::open(dir.path()).unwrap();
+        let from_hf = Llama::from_safetensors(&st, cfg, None, &be).unwrap();
+        assert_eq!(from_hf.config, from_gguf.config);
+        let tokens = [1u32, 7, 30, 12, 55, 3];
+        let logits = |m: &Llama<CpuBackend>| {
+            let mut cache = ContiguousKvCache::new(&be, c.n_layers, m.layout().kv_cols(), 16).unwrap();
+            m.forward(&be, &tokens, &mut cache, true).unwrap()
+        };
+        let (a, b) = (logits(&from_gguf), logits(&from_hf));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "GGUF and HF logits differ by up to {worst}");
+    }
 
     /// GGUF `llama` q/k rows are stored for GPT-J-style rope. Un-permuting them and applying HF
     /// rotate-half rope gives the same rotated vectors, in HF order, as rotating the stored rows

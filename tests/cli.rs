@@ -177,3 +177,36 @@ fn corrupt_or_foreign_model_files_are_load_errors() {
         .expect("an unknown architecture must not load");
     assert!(e.to_string().contains("unknown architecture 'llamb'"), "{e}");
 }
+
+/// `synth` writes a checkpoint `bench --model-dir` loads and measures: every prefill size and
+/// batch gets a line, decode lines carry a roofline fraction, and bad flags or a directory
+/// without a checkpoint are clear errors.
+#[test]
+fn synth_then_bench_a_synthetic_checkpoint() {
+    let models = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("tiny");
+    let dir_s = dir.to_str().unwrap();
+    let o = zoe(models.path(), &["synth", "--arch", "tiny", "--out", dir_s, "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), dir_s);
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    let args = ["bench", "--model-dir", dir_s, "--backend", "cpu", "--prompts", "16,32", "--batches", "1,3"];
+    let o = zoe(models.path(), &[&args[..], &["--steps", "2", "--reps", "1", "--context", "8"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("GiB of weights read per decode step") && text.contains("GB/s (measured)"), "{text}");
+    for test in ["pp16", "pp32", "tg b1", "tg b3"] {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("| {test} |"))).unwrap_or_else(|| panic!("{test}: {text}"));
+        let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert!(cols[2].parse::<f64>().unwrap() > 0.0, "{line}");
+        assert_eq!(cols[4].ends_with('%'), test.starts_with("tg"), "{line}");
+    }
+    let o = zoe(models.path(), &["bench", "--model-dir", out.path().to_str().unwrap(), "--backend", "cpu"]);
+    assert!(!o.status.success() && stderr(&o).contains("config.json"), "{}", stderr(&o));
+    let o = zoe(models.path(), &["bench", "--model-dir", dir_s, "--batches", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("must all be above 0"), "{}", stderr(&o));
+}

@@ -84,8 +84,10 @@ mod cuda {
         println!("cargo:warning=compiling {} CUDA kernel files with {}", sources.len(), compiler.describe());
         let out = out_dir();
         // Files compile in parallel (NVRTC programs are independent); each job is one file.
-        let jobs: Vec<(PathBuf, &str, &str, bool)> =
-            sources.iter().flat_map(|s| TARGETS.iter().map(move |&(suffix, arch, sass)| (s.clone(), suffix, arch, sass))).collect();
+        let jobs: Vec<(PathBuf, &str, &str, bool)> = sources
+            .iter()
+            .flat_map(|s| TARGETS.iter().map(move |&(suffix, arch, sass)| (s.clone(), suffix, arch, sass)))
+            .collect();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len());
         let next = std::sync::atomic::AtomicUsize::new(0);
         let errors = std::sync::Mutex::new(Vec::new());
@@ -147,7 +149,9 @@ mod cuda {
                 .map(PathBuf::from)
                 .or_else(|| cuda_home().map(|h| h.join("bin/nvcc")).filter(|p| p.is_file()))
                 .or_else(|| {
-                    env::split_paths(&env::var_os("PATH").unwrap_or_default()).map(|d| d.join("nvcc")).find(|p| p.is_file())
+                    env::split_paths(&env::var_os("PATH").unwrap_or_default())
+                        .map(|d| d.join("nvcc"))
+                        .find(|p| p.is_file())
                 });
             if let Some(nvcc) = nvcc {
                 return Compiler::Nvcc(nvcc);
@@ -188,7 +192,9 @@ mod cuda {
         fn describe(&self) -> String {
             match self {
                 Compiler::Nvcc(p) => format!("nvcc ({})", p.display()),
-                Compiler::Nvrtc { path, version, .. } => format!("NVRTC {}.{} ({})", version.0, version.1, path.display()),
+                Compiler::Nvrtc { path, version, .. } => {
+                    format!("NVRTC {}.{} ({})", version.0, version.1, path.display())
+                }
             }
         }
 
@@ -233,9 +239,22 @@ mod cuda {
     ///
     /// # Safety
     /// `lib` is a loaded NVRTC library.
-    unsafe fn nvrtc_compile(lib: &libloading::Library, src: &str, name: &str, opts: &[String], sass: bool) -> Result<Vec<u8>, String> {
+    unsafe fn nvrtc_compile(
+        lib: &libloading::Library,
+        src: &str,
+        name: &str,
+        opts: &[String],
+        sass: bool,
+    ) -> Result<Vec<u8>, String> {
         use std::ffi::{c_char, CString};
-        type Create = unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, i32, *const *const c_char, *const *const c_char) -> i32;
+        type Create = unsafe extern "C" fn(
+            *mut Prog,
+            *const c_char,
+            *const c_char,
+            i32,
+            *const *const c_char,
+            *const *const c_char,
+        ) -> i32;
         type CompileFn = unsafe extern "C" fn(Prog, i32, *const *const c_char) -> i32;
         type SizeFn = unsafe extern "C" fn(Prog, *mut usize) -> i32;
         type GetFn = unsafe extern "C" fn(Prog, *mut c_char) -> i32;

@@ -170,12 +170,7 @@ where
     /// The engine loop: take jobs, admit sequences while blocks and `max_num_seqs` allow, run
     /// one forward over every running sequence, sample, stream, finish — until the queue closes
     /// and nothing is left. `carry` (retries from a failed incarnation) goes first.
-    fn serve(
-        &self,
-        rx: &Mutex<Queue>,
-        mut cache: PagedKvCache<B>,
-        carried: Vec<(u64, Ticket)>,
-    ) -> Result<(), String> {
+    fn serve(&self, rx: &Mutex<Queue>, mut cache: PagedKvCache<B>, carried: Vec<(u64, Ticket)>) -> Result<(), String> {
         let tok: &Tokenizer = &self.tokenizer;
         let mut waiting: VecDeque<Waiting<'_>> = VecDeque::new();
         let mut running: Vec<Running<'_>> = Vec::new();

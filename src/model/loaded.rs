@@ -6,9 +6,9 @@ use std::path::Path;
 use crate::backend::cpu::{CpuBackend, Precision};
 use crate::backend::Backend;
 use crate::hub::{Format, Manifest};
+use crate::model::config::ModelConfig;
 use crate::model::llama::{Llama, ModelError};
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
-use crate::model::config::ModelConfig;
 use crate::model::weights::safetensors::{SafetensorsDir, SafetensorsError};
 use crate::model::weights::{GgufError, GgufFile};
 

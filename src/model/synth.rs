@@ -52,7 +52,8 @@ impl SynthArch {
 
     /// The config.json this checkpoint ships.
     pub fn config(self) -> serde_json::Value {
-        let quant = json!({"bits": 4, "group_size": GROUP, "quant_method": "awq", "version": "gemm", "zero_point": true});
+        let quant =
+            json!({"bits": 4, "group_size": GROUP, "quant_method": "awq", "version": "gemm", "zero_point": true});
         match self {
             Self::Llama32_3b => json!({
                 "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
@@ -86,7 +87,14 @@ impl SynthArch {
         if self.is_qwen() {
             &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         } else {
-            &["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
+            &[
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eom_id|>",
+                "<|eot_id|>",
+            ]
         }
     }
 
@@ -174,16 +182,19 @@ impl Synth {
     fn generate(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.bytes()];
         // FNV-1a of the name: each tensor's values depend on the seed and its name only.
-        let name_hash = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let name_hash =
+            self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ name_hash ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed ^ name_hash ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             match self.fill {
                 Fill::Words => rng.fill_bytes(chunk),
                 Fill::Half { mean, sd } => {
                     for h in chunk.chunks_exact_mut(2) {
                         let w = rng.next_u64();
                         // Sum of four uniforms in [-1, 1): mean 0, sd ≈ 1.15.
-                        let u: f32 = (0..4).map(|j| ((w >> (16 * j)) & 0xFFFF) as f32 / 32768.0 - 1.0).sum::<f32>() * 0.87;
+                        let u: f32 =
+                            (0..4).map(|j| ((w >> (16 * j)) & 0xFFFF) as f32 / 32768.0 - 1.0).sum::<f32>() * 0.87;
                         h.copy_from_slice(&f16::from_f32(mean + sd * u).to_le_bytes());
                     }
                 }
@@ -291,8 +302,12 @@ pub fn write(arch: SynthArch, dir: &Path, seed: u64) -> std::io::Result<SynthSum
     let io = |e: safetensors::SafeTensorError| std::io::Error::other(e.to_string());
     let metadata = Some([("format".to_string(), "pt".to_string())].into());
     if shards.len() == 1 {
-        safetensors::serialize_to_file(all.iter().map(|t| (t.name.clone(), t)), metadata, &dir.join("model.safetensors"))
-            .map_err(io)?;
+        safetensors::serialize_to_file(
+            all.iter().map(|t| (t.name.clone(), t)),
+            metadata,
+            &dir.join("model.safetensors"),
+        )
+        .map_err(io)?;
     } else {
         let count = shards.len();
         let mut weight_map = serde_json::Map::new();
@@ -301,10 +316,17 @@ pub fn write(arch: SynthArch, dir: &Path, seed: u64) -> std::io::Result<SynthSum
             for t in shard {
                 weight_map.insert(t.name.clone(), json!(file));
             }
-            safetensors::serialize_to_file(shard.iter().map(|t| (t.name.clone(), *t)), metadata.clone(), &dir.join(&file))
-                .map_err(io)?;
+            safetensors::serialize_to_file(
+                shard.iter().map(|t| (t.name.clone(), *t)),
+                metadata.clone(),
+                &dir.join(&file),
+            )
+            .map_err(io)?;
         }
-        json_file("model.safetensors.index.json", &json!({"metadata": {"total_size": bytes}, "weight_map": weight_map}))?;
+        json_file(
+            "model.safetensors.index.json",
+            &json!({"metadata": {"total_size": bytes}, "weight_map": weight_map}),
+        )?;
     }
     // The writer's temporary file is private (0600); a checkpoint is readable like any other file.
     #[cfg(unix)]
@@ -327,7 +349,9 @@ mod tests {
     /// expects, and the byte totals model-formats.md §2.3 gives (3B: 2.10 GiB, 7B: 5.19 GiB).
     #[test]
     fn real_shapes_and_sizes() {
-        for (arch, gib, count) in [(SynthArch::Llama32_3b, 2.10, 1 + 28 * 23 + 1), (SynthArch::Qwen25_7b, 5.19, 1 + 28 * 26 + 2)] {
+        for (arch, gib, count) in
+            [(SynthArch::Llama32_3b, 2.10, 1 + 28 * 23 + 1), (SynthArch::Qwen25_7b, 5.19, 1 + 28 * 26 + 2)]
+        {
             let all = tensors(arch, 0);
             assert_eq!(all.len(), count, "{arch:?}");
             let total = all.iter().map(Synth::bytes).sum::<usize>() as f64 / (1u64 << 30) as f64;
@@ -348,7 +372,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = write(SynthArch::Tiny, dir.path(), 7).unwrap();
         assert_eq!(s.shards, 1);
-        let m = LoadedModel::load_hf_dir("tiny", dir.path(), CpuBackend::with_precision(1, Precision::F32), None).unwrap();
+        let m =
+            LoadedModel::load_hf_dir("tiny", dir.path(), CpuBackend::with_precision(1, Precision::F32), None).unwrap();
         assert_eq!(m.tokenizer.token_id("<|im_end|>"), Some(258));
         let ids = m.tokenizer.encode("hello", false).unwrap();
         assert_eq!(ids, b"hello".iter().map(|&b| b as u32).collect::<Vec<_>>(), "byte tokens are the bytes");
@@ -369,7 +394,13 @@ mod tests {
 
     #[test]
     fn generation_depends_on_seed_and_name_only() {
-        let t = |name: &str, seed| Synth { name: name.into(), dtype: Dtype::F16, shape: vec![4096], fill: Fill::Scales { k: 128 }, seed };
+        let t = |name: &str, seed| Synth {
+            name: name.into(),
+            dtype: Dtype::F16,
+            shape: vec![4096],
+            fill: Fill::Scales { k: 128 },
+            seed,
+        };
         assert_eq!(t("a", 1).generate(), t("a", 1).generate());
         assert_ne!(t("a", 1).generate(), t("b", 1).generate());
         assert_ne!(t("a", 1).generate(), t("a", 2).generate());

@@ -2,8 +2,8 @@
 
 pub mod awq;
 pub mod gguf;
-pub mod safetensors;
 #[cfg(test)]
 pub(crate) mod gguf_writer;
+pub mod safetensors;
 
 pub use gguf::{GgufError, GgufFile, MetaValue, TensorInfo};

@@ -73,7 +73,9 @@ impl SafetensorsDir {
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             let rd = std::fs::read_dir(dir).map_err(|source| SafetensorsError::Io { path: p(dir), source })?;
-            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|f| f.extension().is_some_and(|x| x == "safetensors")).collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
+                .collect()
         };
         shards.sort();
         if shards.is_empty() {
@@ -175,8 +177,11 @@ mod tests {
             .unwrap();
         let err = SafetensorsDir::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("not a plain file name"), "{err}");
-        std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#)
-            .unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("s1.safetensors"), b"garbage").unwrap();
         assert!(SafetensorsDir::open(dir.path()).is_err());
         let empty = tempfile::tempdir().unwrap();

@@ -282,7 +282,8 @@ pub fn write(arch: SynthArch, dir: &Path, seed: u64) -> std::io::Result<SynthSum
     let json_file = |name: &str, v: &serde_json::Value| {
         std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).expect("JSON values serialize"))
     };
-    json_file("config.json", &arch.config())?;
+    // config.json is written last: its presence says the checkpoint is complete (`bench
+    // --synthetic` reuses a directory that has one).
     json_file("tokenizer.json", &tokenizer_json(arch))?;
     json_file("tokenizer_config.json", &arch.tokenizer_config())?;
     json_file("generation_config.json", &json!({"do_sample": false}))?;
@@ -337,6 +338,7 @@ pub fn write(arch: SynthArch, dir: &Path, seed: u64) -> std::io::Result<SynthSum
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
         }
     }
+    json_file("config.json", &arch.config())?;
     Ok(SynthSummary { tensors: all.len(), bytes, shards: shards.len() })
 }
 

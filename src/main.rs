@@ -443,6 +443,7 @@ fn bench_checkpoint(args: &BenchArgs) -> Result<()> {
     if args.backend != BackendArg::Cpu {
         match zoe_llm::backend::cuda::CudaBackend::new(0) {
             Ok(be) => {
+                println!("device: {}", be.device());
                 let m = LoadedModel::load_hf_dir(&name, &dir, be, None)?;
                 return print_checkpoint(&m, args);
             }

@@ -188,7 +188,7 @@ fn tagged(s: &str, open: &str, close: &str, end: bool) -> Option<Attempt> {
         return Some(r);
     }
     let inner = s.strip_prefix(open)?;
-    Some(match leading_calls(inner, end) {
+    Some(match leading_calls(inner, end, None) {
         Lead::NeedMore => Attempt::NeedMore,
         Lead::Calls(calls, used) => {
             let rest = &inner[used..];
@@ -219,13 +219,28 @@ enum Lead {
     None,
 }
 
-/// The call values at the start of `s`, one after another (whitespace between).
-fn leading_calls(s: &str, end: bool) -> Lead {
+/// The call values at the start of `s`, one after another: whitespace between them, or, with
+/// `sep`, that character (a separator after the last call is taken with it).
+fn leading_calls(s: &str, end: bool, sep: Option<char>) -> Lead {
     let mut calls = Vec::new();
     let mut used = 0;
     loop {
-        let rest = &s[used..];
-        let ws = rest.len() - rest.trim_start().len();
+        let mut rest = &s[used..];
+        let mut ws = rest.len() - rest.trim_start().len();
+        if let (Some(c), false) = (sep, calls.is_empty()) {
+            let t = &rest[ws..];
+            if t.is_empty() {
+                if !end {
+                    // A separator and another call may still come.
+                    return Lead::NeedMore;
+                }
+                break;
+            }
+            let Some(after) = t.strip_prefix(c) else { break };
+            used += ws + c.len_utf8();
+            rest = after;
+            ws = rest.len() - rest.trim_start().len();
+        }
         if ws == rest.len() {
             if !end {
                 return Lead::NeedMore;
@@ -296,43 +311,12 @@ fn python_tag(s: &str, end: bool) -> Option<Attempt> {
     if let Some(r) = partial_prefix(s, PYTHON_TAG, end) {
         return Some(r);
     }
-    s.strip_prefix(PYTHON_TAG)?;
-    let mut used = PYTHON_TAG.len();
-    let mut calls = Vec::new();
-    loop {
-        let tail = &s[used..];
-        let skip = tail.len() - tail.trim_start().len();
-        if skip == tail.len() {
-            // Nothing after the tag (yet).
-            if !end {
-                return Some(Attempt::NeedMore);
-            }
-            break;
-        }
-        match json_prefix(&tail[skip..], end) {
-            Json::Value(v, len) => match calls_of(&v) {
-                Some(c) => {
-                    calls.extend(c);
-                    used += skip + len;
-                    let after = &s[used..];
-                    let t = after.trim_start();
-                    if t.is_empty() && !end {
-                        // A `;` and another call may still come.
-                        return Some(Attempt::NeedMore);
-                    }
-                    if let Some(more) = t.strip_prefix(';') {
-                        used += after.len() - more.len();
-                        continue;
-                    }
-                    break;
-                }
-                None => break,
-            },
-            Json::Incomplete => return Some(Attempt::NeedMore),
-            Json::Invalid => break,
-        }
-    }
-    Some(if calls.is_empty() { Attempt::NotACall } else { Attempt::Calls(calls, used) })
+    let body = s.strip_prefix(PYTHON_TAG)?;
+    Some(match leading_calls(body, end, Some(';')) {
+        Lead::NeedMore => Attempt::NeedMore,
+        Lead::Calls(calls, used) => Attempt::Calls(calls, PYTHON_TAG.len() + used),
+        Lead::None => Attempt::NotACall,
+    })
 }
 
 /// A fenced block whose body is calls.

@@ -97,16 +97,12 @@ impl ModelConfig {
         let hidden_size = int("hidden_size")?;
         let n_heads = int("num_attention_heads")?;
         let n_kv_heads = if v.get("num_key_value_heads").is_some() { int("num_key_value_heads")? } else { n_heads };
-        if n_heads % n_kv_heads != 0 {
-            return Err(bad(format!("{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads")));
-        }
+        check_heads(n_heads, n_kv_heads)?;
         let head_dim = match v.get("head_dim") {
             Some(serde_json::Value::Null) | None => hidden_size / n_heads,
             Some(_) => int("head_dim")?,
         };
-        if head_dim % 2 != 0 || (n_heads + 2 * n_kv_heads) * head_dim > 1 << 20 {
-            return Err(bad(format!("{n_heads} heads of dimension {head_dim} is not a model this engine runs")));
-        }
+        check_head_dim(n_heads, n_kv_heads, head_dim, hidden_size)?;
         let n_layers = int("num_hidden_layers")?;
         if n_layers > 1024 {
             return Err(bad(format!("num_hidden_layers {n_layers} is beyond any real model")));
@@ -166,18 +162,12 @@ impl ModelConfig {
         let n_heads = int("attention.head_count")?;
         let n_kv_heads =
             if f.get(&key("attention.head_count_kv")).is_some() { int("attention.head_count_kv")? } else { n_heads };
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            return Err(ConfigError::Invalid(format!(
-                "{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads"
-            )));
-        }
+        check_heads(n_heads, n_kv_heads)?;
         let head_dim = match f.get(&key("attention.key_length")) {
             Some(_) => int("attention.key_length")?,
             None => hidden_size / n_heads,
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(ConfigError::Invalid(format!("head dimension {head_dim} must be even and positive")));
-        }
+        check_head_dim(n_heads, n_kv_heads, head_dim, hidden_size)?;
         let vocab_size = match f.get(&key("vocab_size")) {
             Some(_) => int("vocab_size")?,
             None => f.get_array("tokenizer.ggml.tokens")?.len(),
@@ -188,11 +178,6 @@ impl ModelConfig {
             return Err(ConfigError::Invalid(format!(
                 "block_count {n_layers} does not fit the file's {} tensors",
                 f.tensors().len()
-            )));
-        }
-        if (n_heads + 2 * n_kv_heads).checked_mul(head_dim).is_none_or(|c| c > 1 << 20) || hidden_size > 1 << 20 {
-            return Err(ConfigError::Invalid(format!(
-                "{n_heads} heads of dimension {head_dim} (hidden {hidden_size}) is beyond any real model"
             )));
         }
         let rope_scaling = match f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
@@ -265,6 +250,29 @@ impl ModelConfig {
         };
         Rope { style, head_dim: d, inv_freq }
     }
+}
+
+/// Heads of every checkpoint: some, and query heads in whole groups per KV head.
+fn check_heads(n_heads: usize, n_kv_heads: usize) -> Result<(), ConfigError> {
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(ConfigError::Invalid(format!(
+            "{n_heads} attention heads is not a multiple of {n_kv_heads} KV heads"
+        )));
+    }
+    Ok(())
+}
+
+/// The head dimension rope can pair, and sizes bounded before anything is allocated from them.
+fn check_head_dim(n_heads: usize, n_kv_heads: usize, head_dim: usize, hidden_size: usize) -> Result<(), ConfigError> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(ConfigError::Invalid(format!("head dimension {head_dim} must be even and positive")));
+    }
+    if (n_heads + 2 * n_kv_heads).checked_mul(head_dim).is_none_or(|c| c > 1 << 20) || hidden_size > 1 << 20 {
+        return Err(ConfigError::Invalid(format!(
+            "{n_heads} heads of dimension {head_dim} (hidden {hidden_size}) is beyond any real model"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -102,9 +102,7 @@ impl Raw {
                 None
             }
             (Raw::Awq(a), Raw::Awq(b)) if (a.k, a.group) == (b.k, b.group) => {
-                let taken =
-                    std::mem::replace(a, AwqMatrix { n: 0, k: 0, group: 1, qw: vec![], zeros: vec![], scales: vec![] });
-                *a = AwqMatrix::concat(vec![taken, b]).expect("same K and group");
+                a.append(b).expect("same K and group");
                 None
             }
             (_, other) => Some(other),
@@ -609,23 +607,7 @@ mod tests {
         use crate::backend::cpu::{CpuBackend, Precision};
         use crate::model::kv_cache::ContiguousKvCache;
         use crate::model::test_model;
-        use std::borrow::Cow;
-
-        struct T(Vec<usize>, Vec<u8>);
-        impl safetensors::View for &T {
-            fn dtype(&self) -> Dtype {
-                Dtype::F32
-            }
-            fn shape(&self) -> &[usize] {
-                &self.0
-            }
-            fn data(&self) -> Cow<'_, [u8]> {
-                Cow::Borrowed(&self.1)
-            }
-            fn data_len(&self) -> usize {
-                self.1.len()
-            }
-        }
+        use crate::model::weights::safetensors::TestTensor;
 
         let file = test_model::gguf(3);
         let be = CpuBackend::with_precision(1, Precision::F32);
@@ -642,7 +624,7 @@ mod tests {
             }
             let shape = if t.dims.len() == 1 { vec![cols] } else { vec![rows, cols] };
             let name = format!("{}.weight", HfSource::hf_name(logical));
-            tensors.push((name, T(shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())));
+            tensors.push((name, TestTensor(Dtype::F32, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())));
         }
         let dir = tempfile::tempdir().unwrap();
         safetensors::serialize_to_file(

@@ -67,7 +67,7 @@ pub fn device_count() -> Result<usize, CudaError> {
 }
 
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
+    /// The one stream all work runs on; it also keeps the context alive.
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
@@ -162,17 +162,12 @@ impl CudaBackend {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let device = format!("{name} (sm_{}{})", cc.0, cc.1);
         tracing::info!(%device, kernels = k.source(), "CUDA backend ready");
-        Ok(Self { ctx, stream, blas, k, device, scratch: Mutex::new(Scratch::default()) })
+        Ok(Self { stream, blas, k, device, scratch: Mutex::new(Scratch::default()) })
     }
 
     /// The device's name and compute capability.
     pub fn device(&self) -> &str {
         &self.device
-    }
-
-    /// (free, total) device memory in bytes.
-    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
-        self.ctx.mem_get_info().map_err(|e| CudaError::Driver(e.to_string()))
     }
 
     pub fn synchronize(&self) {

@@ -201,23 +201,19 @@ impl AwqMatrix {
         }
     }
 
-    /// Stacks matrices with the same inputs and group along the output dimension (q|k|v, gate|up).
-    pub fn concat(parts: Vec<AwqMatrix>) -> Result<Self, String> {
-        let mut it = parts.into_iter();
-        let mut out = it.next().ok_or("no matrices to concatenate")?;
-        for p in it {
-            if (p.k, p.group) != (out.k, out.group) {
-                return Err(format!(
-                    "cannot fuse AWQ matrices with K={}, group={} and K={}, group={}",
-                    out.k, out.group, p.k, p.group
-                ));
-            }
-            out.n += p.n;
-            out.qw.extend(p.qw);
-            out.zeros.extend(p.zeros);
-            out.scales.extend(p.scales);
+    /// Appends `other`'s rows (same inputs and group) along the output dimension (q|k|v, gate|up).
+    pub fn append(&mut self, other: AwqMatrix) -> Result<(), String> {
+        if (other.k, other.group) != (self.k, self.group) {
+            return Err(format!(
+                "cannot fuse AWQ matrices with K={}, group={} and K={}, group={}",
+                self.k, self.group, other.k, other.group
+            ));
         }
-        Ok(out)
+        self.n += other.n;
+        self.qw.extend(other.qw);
+        self.zeros.extend(other.zeros);
+        self.scales.extend(other.scales);
+        Ok(())
     }
 
     /// AutoAWQ's min-max quantizer on a row-major `[n, k]` matrix: per (row, group)
@@ -317,7 +313,9 @@ mod tests {
         }
         let (a, b) =
             (AwqMatrix::quantize(&w[..8 * k], 8, k, g).unwrap(), AwqMatrix::quantize(&w[8 * k..], 16, k, g).unwrap());
-        assert_eq!(AwqMatrix::concat(vec![a, b]).unwrap(), m);
+        let mut a = a;
+        a.append(b).unwrap();
+        assert_eq!(a, m);
     }
 
     /// The CPU backend's AWQ linear (both precisions: AWQ always takes the exact path) equals the

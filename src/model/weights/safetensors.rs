@@ -39,7 +39,7 @@ impl StTensor {
 }
 
 pub struct SafetensorsDir {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<Mmap>,
     tensors: HashMap<String, StTensor>,
 }
 
@@ -106,7 +106,7 @@ impl SafetensorsDir {
                     });
                 }
             }
-            files.push((path, map));
+            files.push(map);
         }
         Ok(Self { files, tensors })
     }
@@ -117,43 +117,39 @@ impl SafetensorsDir {
 
     /// The tensor's bytes (little-endian, row-major), straight from the map.
     pub fn data(&self, t: &StTensor) -> &[u8] {
-        &self.files[t.file].1[t.start..t.end]
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        &self.files[t.file][t.start..t.end]
     }
 
     /// Total bytes of every tensor.
     pub fn total_bytes(&self) -> usize {
         self.tensors.values().map(|t| t.end - t.start).sum()
     }
+}
 
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
+/// A tensor for tests to write with `safetensors::serialize_to_file`: (dtype, shape, bytes).
+#[cfg(test)]
+pub(crate) struct TestTensor(pub Dtype, pub Vec<usize>, pub Vec<u8>);
+
+#[cfg(test)]
+impl safetensors::View for &TestTensor {
+    fn dtype(&self) -> Dtype {
+        self.0
+    }
+    fn shape(&self) -> &[usize] {
+        &self.1
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.2)
+    }
+    fn data_len(&self) -> usize {
+        self.2.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::TestTensor as T;
     use super::*;
-    use std::borrow::Cow;
-
-    struct T(Dtype, Vec<usize>, Vec<u8>);
-    impl safetensors::View for &T {
-        fn dtype(&self) -> Dtype {
-            self.0
-        }
-        fn shape(&self) -> &[usize] {
-            &self.1
-        }
-        fn data(&self) -> Cow<'_, [u8]> {
-            Cow::Borrowed(&self.2)
-        }
-        fn data_len(&self) -> usize {
-            self.2.len()
-        }
-    }
 
     #[test]
     fn shards_from_the_index_are_one_namespace() {

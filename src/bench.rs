@@ -420,8 +420,14 @@ pub fn http_vs_loop(
     use crate::engine::generate::{generate, raw_prompt_ids, GenerateRequest};
     use crate::engine::sampler::SamplingParams;
     let prompt_ids = raw_prompt_ids(&m.tokenizer, HTTP_PROMPT)?;
-    let req =
-        GenerateRequest { prompt_ids, max_tokens: n, sampling: SamplingParams::greedy(), stop: vec![], logprobs: None };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: n,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        logprobs: None,
+        constraint: None,
+    };
     let in_process = || -> anyhow::Result<f64> {
         let keep_going = |_: crate::engine::generate::Emitted<'_>| std::ops::ControlFlow::Continue(());
         let g = generate(&m.model, &m.backend, &m.tokenizer, req.clone(), m.context_length, keep_going)?;

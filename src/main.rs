@@ -325,6 +325,7 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         sampling,
         stop: manifest.defaults.stop.clone(),
         logprobs: None,
+        constraint: None,
     };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;

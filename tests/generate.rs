@@ -58,6 +58,7 @@ fn chat_generation_follows_llama_cpp() {
         sampling: SamplingParams::greedy(),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     };
     let mut streamed = String::new();
     let g = generate(&model, &be, &tok, req, 2048, |e| {
@@ -78,4 +79,63 @@ fn chat_generation_follows_llama_cpp() {
     assert_eq!(g.text, tok.decode(&g.tokens, true));
     assert_eq!(g.prompt_tokens, prompt.len());
     assert!(g.timings.prompt_tokens_per_s().is_some() && g.timings.decode_tokens_per_s().is_some());
+}
+
+/// A JSON Schema constraint makes even the 135M model emit schema-valid JSON, for any seed;
+/// the same run unconstrained shows the model does not do so on its own.
+#[test]
+fn constrained_generation_is_schema_valid_for_every_seed() {
+    use zoe_llm::engine::grammar::{Constraint, OutputFormat};
+    let Some(path) = common::smollm2_gguf("constrained_generation_is_schema_valid_for_every_seed") else {
+        return;
+    };
+    let file = GgufFile::open(&path).unwrap();
+    let be = CpuBackend::new(2);
+    let model = Llama::from_gguf(&file, &be).unwrap();
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Person {
+        name: String,
+        age: u32,
+        room: Room,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(rename_all = "lowercase")]
+    enum Room {
+        Kitchen,
+        Bedroom,
+        Garden,
+    }
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 40 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 150 },
+            "room": { "type": "string", "enum": ["kitchen", "bedroom", "garden"] }
+        },
+        "required": ["name", "age", "room"],
+        "additionalProperties": false
+    });
+    let constraint = Constraint::new(&tok, OutputFormat::JsonSchema(schema)).unwrap();
+    let prompt =
+        render_chat_prompt(&tok, &[user_message("Describe a person in the house as JSON with name, age and room.")])
+            .unwrap();
+    for seed in 0..20u64 {
+        let sampling = SamplingParams { temperature: 1.0, seed: Some(seed), ..SamplingParams::greedy() };
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: 200,
+            sampling,
+            stop: vec![],
+            logprobs: None,
+            constraint: Some(constraint.clone()),
+        };
+        let g = generate(&model, &be, &tok, req, 2048, |_| std::ops::ControlFlow::Continue(())).unwrap();
+        eprintln!("seed {seed}: {}", g.text);
+        assert_eq!(g.finish_reason, FinishReason::Stop, "seed {seed}: {:?}", g.text);
+        let p: Person = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", g.text));
+        assert!(p.age <= 150 && p.name.chars().count() <= 40, "seed {seed}: {p:?}");
+    }
 }

@@ -17,6 +17,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::chat::{ChatTemplate, TemplateError};
 use crate::engine::detokenizer::Detokenizer;
+use crate::engine::grammar::{Constraint, ConstraintState};
 use crate::engine::sampler::{Sampler, SamplingError, SamplingParams};
 use crate::model::kv_cache::{ContiguousKvCache, KvError};
 use crate::model::llama::{Llama, ModelError};
@@ -35,6 +36,9 @@ pub struct GenerateRequest {
     /// Report each generated token's log-probability and this many most likely alternatives
     /// (`Some(0)`: the chosen token's only). `None`: no log-probabilities (no extra work).
     pub logprobs: Option<usize>,
+    /// Only tokens that keep the output valid for this grammar may be sampled; the sequence
+    /// stops when the grammar is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// Log-probabilities of one generated token under the model's own distribution (the softmax of
@@ -215,6 +219,7 @@ pub struct SeqDecoder<'t> {
     max_new: usize,
     logprobs: Option<usize>,
     raw_logits: Vec<f32>,
+    constraint: Option<ConstraintState>,
     finish: Option<FinishReason>,
     started: Option<Instant>,
     decode_start: Option<Instant>,
@@ -253,6 +258,7 @@ impl<'t> SeqDecoder<'t> {
             max_new,
             logprobs: req.logprobs,
             raw_logits: Vec::new(),
+            constraint: req.constraint.as_ref().map(Constraint::start),
             finish: None,
             started: None,
             decode_start: None,
@@ -308,6 +314,15 @@ impl<'t> SeqDecoder<'t> {
             self.raw_logits.clear();
             self.raw_logits.extend_from_slice(logits);
         }
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.mask(logits) {
+                // Cannot happen for a grammar that compiled; end the output rather than let it
+                // run unconstrained.
+                tracing::warn!(error = %e, "constrained decoding failed; ending the sequence");
+                self.finish = Some(FinishReason::Stop);
+                return None;
+            }
+        }
         let id = self.sampler.sample(logits, &self.history);
         match self.decode_start {
             // The first sample ends the time to first token.
@@ -328,7 +343,13 @@ impl<'t> SeqDecoder<'t> {
         let logprobs = self.logprobs.map(|top| TokenLogprobs::of(&self.raw_logits, id, top));
         self.text.push_str(&step.text);
         let flow = on_token(Emitted { text: &step.text, token: Some(id), logprobs: logprobs.as_ref() });
-        if step.stopped.is_some() {
+        let grammar_done = self.constraint.as_mut().is_some_and(|c| {
+            c.accept(id).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "constrained decoding failed; ending the sequence");
+                true
+            })
+        });
+        if step.stopped.is_some() || grammar_done {
             self.finish = Some(FinishReason::Stop);
         } else if flow.is_break() {
             self.finish = Some(FinishReason::Cancelled);
@@ -465,6 +486,7 @@ mod tests {
             sampling,
             stop: vec![],
             logprobs: None,
+            constraint: None,
         }
     }
 

@@ -5,6 +5,7 @@ mod batch;
 pub mod detokenizer;
 pub mod fault;
 pub mod generate;
+pub mod grammar;
 pub mod histogram;
 pub mod sampler;
 pub mod service;

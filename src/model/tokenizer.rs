@@ -103,6 +103,9 @@ pub struct Tokenizer {
     bos_text: Option<String>,
     eos_text: Option<String>,
     chat_template: Option<String>,
+    /// The constrained-decoding token trie and parser factory, built on first use
+    /// (`engine::grammar`).
+    pub(crate) grammar: std::sync::OnceLock<std::result::Result<std::sync::Arc<llguidance::ParserFactory>, String>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -325,6 +328,7 @@ impl Parts {
             bos_text,
             eos_text,
             chat_template: self.chat_template,
+            grammar: std::sync::OnceLock::new(),
         })
     }
 }

@@ -168,6 +168,7 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
                 sampling,
                 stop: stop.clone(),
                 logprobs: req.logprobs,
+                constraint: None,
             }
         })
         .collect();

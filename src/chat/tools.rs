@@ -19,13 +19,20 @@
 //! the rest (an open brace, a partial tag) until it is decided; its content pieces concatenate to
 //! [`extract`]'s content and its calls equal [`extract`]'s calls, whatever the chunking.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// One extracted call: arguments are always a JSON object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ToolCall {
     pub name: String,
     pub arguments: serde_json::Map<String, Value>,
+}
+
+impl ToolCall {
+    /// The arguments as a JSON string (OpenAI's wire form; keys in the model's order).
+    pub fn arguments_json(&self) -> String {
+        serde_json::to_string(&self.arguments).expect("a JSON map serializes")
+    }
 }
 
 /// A piece of output in order: text for the content, or a whole call.
@@ -52,6 +59,69 @@ impl Extracted {
             }
         }
         out
+    }
+}
+
+/// How the model must use the offered tools (OpenAI `tool_choice`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides; calls are extracted from whatever it writes.
+    Auto,
+    /// At least one call, of any offered tool, enforced by constrained decoding.
+    Required,
+    /// Exactly one call of this tool, enforced by constrained decoding.
+    Named(String),
+}
+
+/// Validated tool definitions (OpenAI shape: `{"type": "function", "function": {"name",
+/// "description", "parameters"}}`) and the choice. `tool_choice: "none"` is no tool set at all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolSet {
+    pub tools: Vec<Value>,
+    pub choice: ToolChoice,
+}
+
+impl ToolSet {
+    /// The JSON Schema a forced choice constrains the output to: a JSON array of call objects
+    /// (`{"name", "arguments"}`, arguments under the tool's own `parameters` schema), which
+    /// [`extract`] reads back as calls. `None` for [`ToolChoice::Auto`].
+    pub fn forced_schema(&self) -> Option<Value> {
+        let call = |f: &Value| {
+            let params = f.get("parameters").filter(|p| p.is_object()).cloned().unwrap_or(json!({"type": "object"}));
+            json!({
+                "type": "object",
+                "properties": { "name": { "const": f["name"] }, "arguments": params },
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })
+        };
+        let functions = self.tools.iter().filter_map(|t| t.get("function"));
+        match &self.choice {
+            ToolChoice::Auto => None,
+            ToolChoice::Required => {
+                let calls: Vec<Value> = functions.map(call).collect();
+                Some(json!({ "type": "array", "minItems": 1, "items": { "anyOf": calls } }))
+            }
+            ToolChoice::Named(name) => {
+                let f = functions.clone().find(|f| f["name"] == name.as_str())?;
+                Some(json!({ "type": "array", "minItems": 1, "maxItems": 1, "items": call(f) }))
+            }
+        }
+    }
+
+    /// The tools as a system-prompt section, for chat templates that do not render `tools`
+    /// themselves: the functions one JSON object per line and the call format [`extract`]
+    /// reads.
+    pub fn prompt_section(&self) -> String {
+        let mut s = String::from(
+            "# Tools\n\nYou may call one or more of the functions below. To call functions, reply with only a JSON \
+             array of calls, each {\"name\": <function name>, \"arguments\": <arguments object>}.\n\nFunctions:",
+        );
+        for f in self.tools.iter().filter_map(|t| t.get("function")) {
+            s.push('\n');
+            s.push_str(&f.to_string());
+        }
+        s
     }
 }
 

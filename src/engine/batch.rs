@@ -216,7 +216,7 @@ where
                         let _enter = span.enter();
                         let _ = reply.send(self.embed(&inputs));
                     }
-                    Job::Generate(t) => self.intake(tok, t, &mut waiting),
+                    Job::Generate(t) => self.intake(tok, *t, &mut waiting),
                 }
             }
             if !open && running.is_empty() && waiting.is_empty() {

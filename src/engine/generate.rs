@@ -15,6 +15,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::chat::tools::ToolSet;
 use crate::chat::{ChatTemplate, TemplateError};
 use crate::engine::detokenizer::Detokenizer;
 use crate::engine::grammar::{Constraint, ConstraintState};
@@ -412,9 +413,41 @@ pub fn user_message(content: &str) -> serde_json::Value {
 /// the tokenizer asks for it and the template did not already emit it; llama.cpp warns about the
 /// double BOS that adding it blindly would produce.
 pub fn render_chat_prompt(tokenizer: &Tokenizer, messages: &[serde_json::Value]) -> Result<Vec<u32>, GenerateError> {
+    render_chat_prompt_with_tools(tokenizer, messages, None)
+}
+
+/// [`render_chat_prompt`] with tools offered to the model. A template that renders `tools`
+/// (Qwen2.5, Llama 3.x, Hermes) gets them as the `tools` variable, exactly as Hugging Face's
+/// `apply_chat_template(tools=…)` passes them. A template that does not (SmolLM2's) would drop
+/// them silently, so they go into the system message instead ([`ToolSet::prompt_section`]).
+pub fn render_chat_prompt_with_tools(
+    tokenizer: &Tokenizer,
+    messages: &[serde_json::Value],
+    tools: Option<&ToolSet>,
+) -> Result<Vec<u32>, GenerateError> {
     let source = tokenizer.chat_template().ok_or(GenerateError::NoChatTemplate)?;
     let template = ChatTemplate::new(source, tokenizer.bos_token(), tokenizer.eos_token())?;
-    let text = template.render(messages, true, None, &serde_json::Map::new())?;
+    let (tools_var, injected);
+    let mut messages = messages;
+    match tools {
+        Some(t) if source.contains("tools") => tools_var = Some(serde_json::Value::Array(t.tools.clone())),
+        Some(t) => {
+            tools_var = None;
+            let mut msgs = messages.to_vec();
+            let section = t.prompt_section();
+            match msgs.first_mut() {
+                Some(m) if m["role"] == "system" => {
+                    let content = m["content"].as_str().unwrap_or_default();
+                    m["content"] = format!("{content}\n\n{section}").into();
+                }
+                _ => msgs.insert(0, serde_json::json!({ "role": "system", "content": section })),
+            }
+            injected = msgs;
+            messages = &injected;
+        }
+        None => tools_var = None,
+    }
+    let text = template.render(messages, true, tools_var.as_ref(), &serde_json::Map::new())?;
     let mut ids = tokenizer.encode(&text, true)?;
     let starts_with_bos = tokenizer.bos_token().is_some_and(|b| !b.is_empty() && text.starts_with(b));
     add_bos(tokenizer, &mut ids, starts_with_bos);
@@ -706,6 +739,32 @@ mod tests {
 
         let e = render_chat_prompt(&fixture().tok, &[user_message("hi")]).unwrap_err();
         assert!(matches!(e, GenerateError::NoChatTemplate), "{e}");
+    }
+
+    #[test]
+    fn tools_go_to_templates_that_render_them_and_into_the_system_message_otherwise() {
+        use crate::chat::tools::{ToolChoice, ToolSet};
+        let tools = ToolSet {
+            tools: vec![serde_json::json!({"type": "function", "function": {"name": "get_time", "parameters": {}}})],
+            choice: ToolChoice::Auto,
+        };
+        let render = |template: &str, msgs: &[serde_json::Value]| {
+            let tok = tokenizer_with(&[("tokenizer.chat_template", MetaValue::String(template.into()))]);
+            let ids = render_chat_prompt_with_tools(&tok, msgs, Some(&tools)).unwrap();
+            tok.decode(&ids, false)
+        };
+        // A template with a tools block gets them as `tools`.
+        let with_block = format!("{{% if tools %}}{{{{ tools[0].function.name }}}};{{% endif %}}{CHATML}");
+        assert!(render(&with_block, &[user_message("hi")]).starts_with("get_time;<|im_start|>user"));
+        // Plain ChatML: a system message with the section, before the user's.
+        let text = render(CHATML, &[user_message("hi")]);
+        let section = tools.prompt_section();
+        assert!(text.starts_with(&format!("<|im_start|>system\n{section}<|im_end|>\n<|im_start|>user")), "{text}");
+        assert!(section.contains(r#"{"name":"get_time","parameters":{}}"#), "{section}");
+        // An existing system message keeps its text and gains the section.
+        let msgs = [serde_json::json!({"role": "system", "content": "Be brief."}), user_message("hi")];
+        let text = render(CHATML, &msgs);
+        assert!(text.starts_with(&format!("<|im_start|>system\nBe brief.\n\n{section}<|im_end|>")), "{text}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Constraint {
     pub fn start(&self) -> ConstraintState {
         let parser = self.factory.create_parser(self.grammar.clone());
         let tok_eos = self.factory.tok_env().tok_trie().eos_token();
-        ConstraintState { matcher: Matcher::new(parser.map_err(Into::into)), eos: self.eos.clone(), tok_eos }
+        ConstraintState { matcher: Matcher::new(parser), eos: self.eos.clone(), tok_eos }
     }
 }
 
@@ -179,4 +179,90 @@ fn build_factory(tok: &Tokenizer) -> Result<ParserFactory, String> {
     let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
     factory.quiet();
     Ok(factory)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_model;
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_gguf(&test_model::gguf(1)).unwrap()
+    }
+
+    /// Runs `c` to the end, each step taking the allowed token that `pick` ranks highest.
+    fn drive(tok: &Tokenizer, c: &Constraint, mut pick: impl FnMut(usize) -> Vec<f32>) -> (String, bool) {
+        let mut st = c.start();
+        let mut out = Vec::new();
+        for step in 0..200 {
+            let mut logits = pick(step);
+            st.mask(&mut logits).unwrap();
+            let id = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+            assert!(logits[id as usize] > f32::NEG_INFINITY, "the mask left nothing");
+            if tok.eos_ids().contains(&id) {
+                return (tok.decode(&out, false), true);
+            }
+            out.push(id);
+            if st.accept(id).unwrap() {
+                return (tok.decode(&out, false), true);
+            }
+        }
+        (tok.decode(&out, false), false)
+    }
+
+    #[test]
+    fn json_mode_yields_an_object_whatever_the_model_prefers() {
+        let tok = tok();
+        let c = Constraint::new(&tok, OutputFormat::JsonObject).unwrap();
+        let n = tok.vocab_size();
+        // Scores that favour closing braces and quotes, so the object ends soon, else noise.
+        let mut seed = 7u64;
+        let (text, ended) = drive(&tok, &c, |_| {
+            (0..n)
+                .map(|i| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let noise = (seed >> 40) as f32 / (1u64 << 24) as f32;
+                    let t = tok.decode(&[i as u32], false);
+                    noise + if t == "}" || t == "\"" { 0.5 } else { 0.0 }
+                })
+                .collect()
+        });
+        assert!(ended, "{text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(v.is_object(), "{text}");
+        // The end-of-generation ids are forbidden until the object closes.
+        let mut st = c.start();
+        let mut logits = vec![0.0; n];
+        st.mask(&mut logits).unwrap();
+        assert!(tok.eos_ids().iter().all(|&e| logits[e as usize] == f32::NEG_INFINITY));
+        let allowed: Vec<String> =
+            (0..n).filter(|&i| logits[i] > f32::NEG_INFINITY).map(|i| tok.decode(&[i as u32], false)).collect();
+        assert_eq!(allowed, ["{"], "an object starts with a brace and nothing else");
+    }
+
+    #[test]
+    fn a_schema_with_constants_forces_the_exact_output_and_ends_it() {
+        let tok = tok();
+        let schema = json!({
+            "type": "object",
+            "properties": { "room": { "const": "kitchen" }, "on": { "const": true } },
+            "required": ["room", "on"],
+            "additionalProperties": false
+        });
+        let c = Constraint::new(&tok, OutputFormat::JsonSchema(schema)).unwrap();
+        let n = tok.vocab_size();
+        let (text, ended) = drive(&tok, &c, |_| vec![0.0; n]);
+        assert!(ended);
+        assert_eq!(text, r#"{"room": "kitchen", "on": true}"#, "json.dumps separators, no free whitespace");
+    }
+
+    #[test]
+    fn schemas_the_engine_cannot_enforce_are_refused_with_the_reason() {
+        let tok = tok();
+        let bad = json!({ "type": "object", "if": { "required": ["a"] }, "then": { "required": ["b"] } });
+        let e = Constraint::new(&tok, OutputFormat::JsonSchema(bad)).unwrap_err();
+        assert!(e.contains("if") && e.contains("then"), "{e}");
+        let e = Constraint::new(&tok, OutputFormat::JsonSchema(json!({ "type": "strng" }))).unwrap_err();
+        assert!(e.contains("strng"), "{e}");
+    }
 }

@@ -97,7 +97,7 @@ pub(super) struct Meta {
 }
 
 pub(super) enum Job {
-    Generate(Ticket),
+    Generate(Box<Ticket>),
     Embed { inputs: Vec<Vec<u32>>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>> },
 }
 
@@ -431,7 +431,7 @@ impl ModelHandle {
             queued: Instant::now(),
             span: tracing::Span::current(),
         };
-        self.submit(Job::Generate(Ticket { req, retried: false, meta }))
+        self.submit(Job::Generate(Box::new(Ticket { req, retried: false, meta })))
     }
 
     /// Mean-pooled final hidden states of each input (not normalized).

@@ -10,10 +10,15 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use crate::chat::gotmpl::{GoTemplate, GoTemplateVars};
-use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, GenerateError, GenerateRequest, TokenLogprobs};
+use crate::chat::tools::ToolSet;
+use crate::engine::generate::{
+    raw_prompt_ids, render_chat_prompt, render_chat_prompt_with_tools, GenerateError, GenerateRequest, TokenLogprobs,
+};
+use crate::engine::grammar::{Constraint, OutputFormat};
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::engine::service::{EmbedError, Event, ModelHandle, SubmitError, Summary, Tagged};
 use crate::hub::Manifest;
+use crate::model::tokenizer::Tokenizer;
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -71,6 +76,10 @@ pub struct InferenceRequest {
     /// Independent completions of the same prompt (OpenAI `n`).
     pub n: usize,
     pub logprobs: Option<usize>,
+    /// Tools offered with a chat (`tool_choice: "none"` is `None`).
+    pub tools: Option<ToolSet>,
+    /// Structured output: the request field it came from (for errors) and the format.
+    pub format: Option<(&'static str, OutputFormat)>,
 }
 
 /// A request ready for the engine.
@@ -79,14 +88,19 @@ pub struct Prepared {
     pub prompt_ids: Vec<u32>,
     pub context_len: usize,
     pub requests: Vec<GenerateRequest>,
+    /// Tool calls are to be extracted from the output ([`crate::chat::tools`]).
+    pub tool_calls: bool,
 }
 
 /// Renders and tokenizes the prompt, checks it against the context and merges sampling
 /// defaults. Every failure is the client's: a 400 that names the field and the limit.
 pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest) -> Result<Prepared, ApiError> {
     let tok = &handle.tokenizer;
+    let constraint = constraint(tok, req)?;
     let prompt_ids = match &req.input {
-        Input::Chat { messages } => render_chat_prompt(tok, messages).map_err(prompt_error)?,
+        Input::Chat { messages } => {
+            render_chat_prompt_with_tools(tok, messages, req.tools.as_ref()).map_err(prompt_error)?
+        }
         Input::Text { prompt, raw, system, template, context } => {
             // Text used as is: BOS per the tokenizer, unless it continues an earlier `context`.
             let as_is = |text: &str| {
@@ -168,11 +182,33 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
                 sampling,
                 stop: stop.clone(),
                 logprobs: req.logprobs,
-                constraint: None,
+                constraint: constraint.clone(),
             }
         })
         .collect();
-    Ok(Prepared { prompt_ids, context_len, requests })
+    Ok(Prepared { prompt_ids, context_len, requests, tool_calls: req.tools.is_some() })
+}
+
+/// The grammar a request's output must follow: a forced tool call, or `format`. Both at once
+/// is refused, as vLLM does; a schema the grammar engine cannot enforce is a 400 naming the
+/// field.
+fn constraint(tok: &Tokenizer, req: &InferenceRequest) -> Result<Option<Constraint>, ApiError> {
+    let forced = req.tools.as_ref().and_then(ToolSet::forced_schema);
+    let (field, format) = match (forced, &req.format) {
+        (Some(_), Some((field, _))) => return Err(ApiError::bad_field(
+            field,
+            format!(
+                "{field} cannot be combined with tool_choice \"required\" or a named tool: both constrain the output"
+            ),
+        )),
+        (Some(schema), None) => ("tools", OutputFormat::JsonSchema(schema)),
+        (None, Some((field, f))) => (*field, f.clone()),
+        (None, None) => return Ok(None),
+    };
+    // The first constrained request of a model builds its token trie (once per model).
+    Constraint::new(tok, format)
+        .map(Some)
+        .map_err(|e| ApiError::bad_field(field, format!("{field}: this JSON Schema cannot be enforced: {e}")))
 }
 
 fn merge_sampling(manifest: &Manifest, o: &SamplingOverrides) -> Result<SamplingParams, ApiError> {

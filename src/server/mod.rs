@@ -26,6 +26,8 @@ pub mod wire;
 mod engine_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tool_tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;

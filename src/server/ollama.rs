@@ -23,7 +23,9 @@ use super::infer::{self, InferenceRequest, Input, MaxTokens, SamplingOverrides, 
 use super::wire::{self, KeepAliveWire, OneOrMany, TopLogprob};
 use super::{Shared, OLLAMA_COMPAT_VERSION};
 use crate::chat::gotmpl::GoTemplate;
+use crate::chat::tools::{self, Segment, ToolCall, ToolSet, ToolStream};
 use crate::engine::generate::TokenLogprobs;
+use crate::engine::grammar::OutputFormat;
 use crate::engine::service::{Event, ModelHandle, Summary};
 use crate::hub::PullEvent;
 use crate::hub::{Manifest, PullOptions, Role};
@@ -138,6 +140,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub messages: Vec<Message>,
     pub tools: Option<Vec<serde_json::Value>>,
+    /// zoe-llm's extension, with OpenAI's values: `"none"`, `"auto"` (the default), `"required"`
+    /// or `{"type": "function", "function": {"name": …}}`; the last two are enforced.
+    pub tool_choice: Option<serde_json::Value>,
     pub format: Option<serde_json::Value>,
     pub options: Option<Options>,
     pub stream: Option<bool>,
@@ -199,6 +204,31 @@ pub struct GenerateResponse {
 pub struct ResponseMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A call in Ollama's shape: arguments as an object, `index` its place in the reply.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct ToolCallOut {
+    pub id: String,
+    pub function: FunctionOut,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct FunctionOut {
+    pub index: usize,
+    pub name: String,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ToolCallOut {
+    fn new(index: usize, call: ToolCall) -> Self {
+        // Ollama's id form: call_ and 8 characters of [a-z0-9].
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let id: String = (0..8).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect();
+        Self { id: format!("call_{id}"), function: FunctionOut { index, name: call.name, arguments: call.arguments } }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]
@@ -232,6 +262,8 @@ struct Plan {
     stream: bool,
     logprobs: Option<usize>,
     options: Options,
+    tools: Option<ToolSet>,
+    format: Option<OutputFormat>,
 }
 
 fn parse_logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>> {
@@ -329,7 +361,7 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_field("suffix", format!("{} does not support insert", manifest.id)).into());
     }
-    wire::check_format("format", req.format.as_ref())?;
+    let format = wire::ollama_format(req.format.as_ref())?;
     check_think(&manifest, req.think.as_ref())?;
     wire::check_images(&manifest, "images", req.images.as_deref().unwrap_or(&[]))?;
     let template = match req.template.as_deref().filter(|t| !t.is_empty()) {
@@ -345,6 +377,8 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
         stream: req.stream.unwrap_or(true),
         logprobs,
         options: req.options.clone().unwrap_or_default(),
+        tools: None,
+        format,
     };
     if prompt.is_empty() && req.images.as_ref().is_none_or(Vec::is_empty) {
         return load_or_unload(&st, &plan, Kind::Generate { context: false }).await;
@@ -364,8 +398,8 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
     let req: ChatRequest = read_json(body, st.config.max_body_bytes).await?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveWire::parse).transpose()?;
-    wire::check_tools(&manifest, req.tools.as_deref())?;
-    wire::check_format("format", req.format.as_ref())?;
+    let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
+    let format = wire::ollama_format(req.format.as_ref())?;
     check_think(&manifest, req.think.as_ref())?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
@@ -394,6 +428,8 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
         stream: req.stream.unwrap_or(true),
         logprobs: parse_logprobs(req.logprobs, req.top_logprobs)?,
         options: req.options.clone().unwrap_or_default(),
+        tools,
+        format,
     };
     if messages.is_empty() {
         // Ollama: a chat with no messages loads (or, with keep_alive 0, unloads) the model.
@@ -422,7 +458,17 @@ async fn load_or_unload(st: &Shared, plan: &Plan, kind: Kind) -> Result<Response
 async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) -> Result<Response> {
     let (handle, load) = st.engines.get(&plan.manifest, &plan.model, plan.keep_alive).await?;
     let (sampling, max_tokens, stop, num_ctx) = map_options(&plan.options, handle.context_length)?;
-    let ireq = InferenceRequest { input, max_tokens, sampling, stop, num_ctx, n: 1, logprobs: plan.logprobs };
+    let ireq = InferenceRequest {
+        input,
+        max_tokens,
+        sampling,
+        stop,
+        num_ctx,
+        n: 1,
+        logprobs: plan.logprobs,
+        tools: plan.tools,
+        format: plan.format.map(|f| ("format", f)),
+    };
     let prepared = infer::prepare(&handle, &plan.manifest, &ireq)?;
     let rx = infer::submit(&handle, &prepared)?;
     let mut writer = Writer {
@@ -436,6 +482,9 @@ async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) 
         text: String::new(),
         lps: Vec::new(),
         stream: plan.stream,
+        tool_calls: prepared.tool_calls,
+        tools: prepared.tool_calls.then(ToolStream::default),
+        calls: 0,
     };
     if plan.stream {
         let mut resp = Response::new(infer::stream_body(rx, writer));
@@ -463,6 +512,12 @@ struct Writer {
     text: String,
     lps: Vec<(u32, TokenLogprobs)>,
     stream: bool,
+    /// Tool calls are extracted from the output.
+    tool_calls: bool,
+    /// Streaming with tools: the extractor, until the end.
+    tools: Option<ToolStream>,
+    /// Calls written so far (their `index`).
+    calls: usize,
 }
 
 impl Writer {
@@ -485,6 +540,21 @@ impl Writer {
         self.kind.line(&self.model, Line { text, logprobs: self.logprob_entries(lps), ..Line::default() })
     }
 
+    /// Lines for extracted segments: text as content, each call whole in a line of its own
+    /// (Ollama does not stream a call in pieces).
+    fn segment_lines(&mut self, segments: Vec<Segment>) -> Vec<Line> {
+        segments
+            .into_iter()
+            .map(|seg| match seg {
+                Segment::Text(text) => Line { text, ..Line::default() },
+                Segment::Call(call) => {
+                    self.calls += 1;
+                    Line { tool_calls: vec![ToolCallOut::new(self.calls - 1, call)], ..Line::default() }
+                }
+            })
+            .collect()
+    }
+
     fn final_value(&self, s: &Summary) -> serde_json::Value {
         let metrics = Metrics {
             total_duration: infer::nanos(self.start.elapsed()),
@@ -499,10 +569,16 @@ impl Writer {
             _ => None,
         };
         // Streamed text went out piece by piece; a single object carries all of it.
-        let (text, logprobs) =
+        let (mut text, logprobs) =
             if self.stream { (String::new(), None) } else { (self.text.clone(), self.logprob_entries(&self.lps)) };
+        let mut tool_calls = Vec::new();
+        if !self.stream && self.tool_calls {
+            let x = tools::extract(&text);
+            text = x.content;
+            tool_calls = x.calls.into_iter().enumerate().map(|(i, c)| ToolCallOut::new(i, c)).collect();
+        }
         let done_reason = Some(s.finish_reason.as_str().to_owned());
-        self.kind.line(&self.model, Line { text, done_reason, context, metrics, logprobs })
+        self.kind.line(&self.model, Line { text, done_reason, context, metrics, logprobs, tool_calls })
     }
 }
 
@@ -514,6 +590,7 @@ struct Line {
     context: Option<Vec<u32>>,
     metrics: Metrics,
     logprobs: Option<Vec<Logprob>>,
+    tool_calls: Vec<ToolCallOut>,
 }
 
 impl Kind {
@@ -535,7 +612,7 @@ impl Kind {
             Kind::Chat => serde_json::to_value(ChatResponse {
                 model,
                 created_at,
-                message: ResponseMessage { role: "assistant".into(), content: l.text },
+                message: ResponseMessage { role: "assistant".into(), content: l.text, tool_calls: l.tool_calls },
                 done,
                 done_reason: l.done_reason,
                 metrics: l.metrics,
@@ -556,12 +633,33 @@ impl StreamWriter for Writer {
         match event {
             Event::Token { text, token, logprobs } => {
                 let lps: Vec<(u32, TokenLogprobs)> = token.zip(logprobs).into_iter().collect();
-                if !text.is_empty() || (self.logprobs && !lps.is_empty()) {
-                    line(out, &self.piece(text, &lps));
+                let Some(ts) = &mut self.tools else {
+                    if !text.is_empty() || (self.logprobs && !lps.is_empty()) {
+                        line(out, &self.piece(text, &lps));
+                    }
+                    return false;
+                };
+                let segments = ts.push(&text);
+                let mut lines = self.segment_lines(segments);
+                if self.logprobs && !lps.is_empty() {
+                    // The token's log-probabilities ride on its first line (an empty one while
+                    // the extractor holds its text).
+                    if lines.is_empty() {
+                        lines.push(Line::default());
+                    }
+                    lines[0].logprobs = self.logprob_entries(&lps);
+                }
+                for l in lines {
+                    line(out, &self.kind.line(&self.model, l));
                 }
                 false
             }
             Event::Done(s) => {
+                if let Some(ts) = self.tools.take() {
+                    for l in self.segment_lines(ts.finish()) {
+                        line(out, &self.kind.line(&self.model, l));
+                    }
+                }
                 line(out, &self.final_value(&s));
                 true
             }
@@ -940,4 +1038,24 @@ async fn delete(State(st): State<Shared>, body: Body) -> Result<Response> {
     st.engines.source().delete(&m).map_err(ApiError::Internal)?;
     tracing::info!(model = %m.id, "deleted");
     Ok(StatusCode::OK.into_response())
+}
+
+/// A chat stream writer as `/api/chat` makes one, for tests that feed it events directly.
+#[cfg(test)]
+pub(super) fn chat_stream_writer(handle: Arc<ModelHandle>, tool_calls: bool) -> impl StreamWriter {
+    Writer {
+        model: "m".into(),
+        kind: Kind::Chat,
+        start: Instant::now(),
+        load: std::time::Duration::ZERO,
+        prompt_ids: Vec::new(),
+        handle,
+        logprobs: false,
+        text: String::new(),
+        lps: Vec::new(),
+        stream: true,
+        tool_calls,
+        tools: tool_calls.then(ToolStream::default),
+        calls: 0,
+    }
 }

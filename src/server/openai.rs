@@ -26,7 +26,8 @@ use super::ollama::listed_name;
 use super::sse::{ChatChunks, SseStream, TextChunks};
 use super::wire::{self, OneOrMany, TopLogprob};
 use super::Shared;
-use crate::engine::generate::{raw_prompt_ids, render_chat_prompt, TokenLogprobs};
+use crate::chat::tools::{self, ToolCall};
+use crate::engine::generate::{raw_prompt_ids, render_chat_prompt_with_tools, TokenLogprobs};
 use crate::engine::service::{ModelHandle, Summary};
 use crate::hub::Manifest;
 
@@ -279,7 +280,60 @@ pub struct ChoiceLogprobs {
 #[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct FunctionOut {
+    pub name: String,
+    /// The arguments object as a JSON string (OpenAI's wire form).
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    pub fn new(call: &ToolCall) -> Self {
+        Self {
+            id: tool_call_id(),
+            kind: "function",
+            function: FunctionOut { name: call.name.clone(), arguments: call.arguments_json() },
+        }
+    }
+}
+
+/// vLLM's tool-call id form.
+pub fn tool_call_id() -> String {
+    format!("chatcmpl-tool-{:032x}", rand::random::<u128>())
+}
+
+/// One piece of a streamed tool call: the first carries `id`, `type` and the name, the next the
+/// arguments.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]
@@ -307,6 +361,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]
@@ -605,12 +661,8 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
         );
     }
     let logprobs = (req.logprobs == Some(true)).then_some(top as usize);
-    wire::check_tools(&manifest, req.tools.as_deref())?;
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            wire::check_format("response_format", Some(rf))?;
-        }
-    }
+    let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
+    let format = wire::response_format(req.response_format.as_ref())?.map(|f| ("response_format", f));
     let messages = chat_messages(&manifest, &req.messages)?;
     let (handle, _) = st.engines.get(&manifest, &model_name, None).await?;
     let ireq = InferenceRequest {
@@ -621,6 +673,8 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
         num_ctx: None,
         n: mapped.n,
         logprobs,
+        tools,
+        format,
     };
     let prepared = infer::prepare(&handle, &manifest, &ireq)?;
     let rx = infer::submit(&handle, &prepared)?;
@@ -628,7 +682,7 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
     let created = wire::unix_secs(SystemTime::now());
     let prompt_tokens = prepared.prompt_ids.len();
     if mapped.stream {
-        let kind = ChatChunks { id, created, model: model_name, handle, logprobs: logprobs.is_some() };
+        let kind = ChatChunks::new(id, created, model_name, handle, logprobs.is_some(), mapped.n, prepared.tool_calls);
         let writer = SseStream::new(kind, mapped.n, mapped.include_usage, prompt_tokens);
         return Ok(sse_response(infer::stream_body(rx, writer)));
     }
@@ -640,11 +694,20 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
         .enumerate()
         .map(|(index, c)| {
             let s = c.summary.as_ref().expect("collect waits for Done");
+            let (content, calls) = if prepared.tool_calls {
+                let x = tools::extract(&c.text);
+                (x.content, x.calls)
+            } else {
+                (c.text.clone(), Vec::new())
+            };
+            let tool_calls: Vec<ToolCallOut> = calls.iter().map(ToolCallOut::new).collect();
+            let finish_reason = if tool_calls.is_empty() { s.finish_reason.as_str() } else { "tool_calls" };
+            let content = (!content.is_empty() || tool_calls.is_empty()).then_some(content);
             ChatChoice {
                 index,
-                message: AssistantMessage { role: "assistant", content: c.text.clone() },
+                message: AssistantMessage { role: "assistant", content, tool_calls },
                 logprobs: logprobs.map(|_| chat_logprobs(&handle, &c.logprobs)),
-                finish_reason: s.finish_reason.as_str(),
+                finish_reason,
                 stop_reason: s.stop_reason.clone(),
             }
         })
@@ -716,6 +779,8 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         num_ctx: None,
         n: mapped.n,
         logprobs,
+        tools: None,
+        format: None,
     };
     let mut prepared = infer::prepare(&handle, &manifest, &ireq)?;
     if let Some(ids) = token_prompt {
@@ -890,6 +955,8 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
+    /// With `messages`: tools rendered into the prompt, as a chat request would.
+    pub tools: Option<Vec<serde_json::Value>>,
     pub add_special_tokens: Option<bool>,
     pub return_token_strs: Option<bool>,
 }
@@ -917,7 +984,10 @@ async fn tokenize(State(st): State<Shared>, body: Body) -> Result<Response> {
                 tok.encode(p, true).map_err(|e| bad(e.into()))?
             }
         }
-        (None, Some(msgs)) => render_chat_prompt(tok, &chat_messages(&manifest, msgs)?).map_err(bad)?,
+        (None, Some(msgs)) => {
+            let tools = wire::tool_set(&manifest, req.tools.as_deref(), None)?;
+            render_chat_prompt_with_tools(tok, &chat_messages(&manifest, msgs)?, tools.as_ref()).map_err(bad)?
+        }
         _ => return Err(ApiError::bad("give exactly one of `prompt` and `messages`").into()),
     };
     let token_strs = req.return_token_strs.unwrap_or(false).then(|| {

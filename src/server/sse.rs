@@ -7,9 +7,10 @@ use serde::Serialize;
 use super::error::{ApiError, Dialect};
 use super::infer::StreamWriter;
 use super::openai::{
-    chat_logprobs, legacy_logprobs, sse, usage, ChatCompletionChunk, ChunkChoice, Completion, CompletionChoice, Delta,
-    Usage,
+    chat_logprobs, legacy_logprobs, sse, tool_call_id, usage, ChatCompletionChunk, ChunkChoice, Completion,
+    CompletionChoice, Delta, FunctionDelta, ToolCallDelta, Usage,
 };
+use crate::chat::tools::{Segment, ToolStream};
 use crate::engine::generate::TokenLogprobs;
 use crate::engine::service::{Event, ModelHandle, Summary};
 
@@ -21,8 +22,11 @@ pub(super) trait ChunkKind: Send + 'static {
     type Chunk: Serialize;
     /// Written before the first piece of choice `index` (chat: the role delta; text: the echo).
     fn opening(&mut self, index: usize) -> Option<Self::Choice>;
-    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> Self::Choice;
-    fn finish(&mut self, index: usize, s: &Summary) -> Self::Choice;
+    /// The chunks for one generated piece (chat with tools: content and tool-call deltas, or
+    /// nothing while a possible call is undecided).
+    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> Vec<Self::Choice>;
+    /// The last chunks of choice `index`, the one with `finish_reason` last.
+    fn finish(&mut self, index: usize, s: &Summary) -> Vec<Self::Choice>;
     fn chunk(&self, choices: Vec<Self::Choice>, usage: Option<Usage>) -> Self::Chunk;
     fn logprobs(&self) -> bool;
 }
@@ -52,14 +56,16 @@ impl<K: ChunkKind> StreamWriter for SseStream<K> {
             Event::Token { text, token, logprobs } => {
                 let lps: Vec<(u32, TokenLogprobs)> = token.zip(logprobs).into_iter().collect();
                 if !text.is_empty() || (self.kind.logprobs() && !lps.is_empty()) {
-                    let c = self.kind.piece(index, text, &lps);
-                    sse(out, &self.kind.chunk(vec![c], None));
+                    for c in self.kind.piece(index, text, &lps) {
+                        sse(out, &self.kind.chunk(vec![c], None));
+                    }
                 }
                 false
             }
             Event::Done(s) => {
-                let c = self.kind.finish(index, &s);
-                sse(out, &self.kind.chunk(vec![c], None));
+                for c in self.kind.finish(index, &s) {
+                    sse(out, &self.kind.chunk(vec![c], None));
+                }
                 self.finished[index] = Some(s);
                 if !self.finished.iter().all(Option::is_some) {
                     return false;
@@ -85,11 +91,64 @@ impl<K: ChunkKind> StreamWriter for SseStream<K> {
 }
 
 pub(super) struct ChatChunks {
-    pub(super) id: String,
-    pub(super) created: u64,
-    pub(super) model: String,
-    pub(super) handle: std::sync::Arc<ModelHandle>,
-    pub(super) logprobs: bool,
+    id: String,
+    created: u64,
+    model: String,
+    handle: std::sync::Arc<ModelHandle>,
+    logprobs: bool,
+    /// Per choice, when tools are in play: the extractor, and how many calls it has found.
+    tools: Option<Vec<(Option<ToolStream>, usize)>>,
+}
+
+impl ChatChunks {
+    pub(super) fn new(
+        id: String,
+        created: u64,
+        model: String,
+        handle: std::sync::Arc<ModelHandle>,
+        logprobs: bool,
+        n: usize,
+        tool_calls: bool,
+    ) -> Self {
+        let tools = tool_calls.then(|| (0..n).map(|_| (Some(ToolStream::default()), 0)).collect());
+        Self { id, created, model, handle, logprobs, tools }
+    }
+
+    fn choice(index: usize, delta: Delta) -> ChunkChoice {
+        ChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None }
+    }
+
+    /// Content deltas for text; for each call, its header (`id`, `type`, name, empty
+    /// arguments) and then its arguments, as OpenAI streams them.
+    fn segments(&mut self, index: usize, segments: Vec<Segment>) -> Vec<ChunkChoice> {
+        let calls = &mut self.tools.as_mut().expect("segments come from the tool extractor")[index].1;
+        let mut out = Vec::new();
+        for seg in segments {
+            match seg {
+                Segment::Text(t) => out.push(Self::choice(index, Delta { content: Some(t), ..Delta::default() })),
+                Segment::Call(call) => {
+                    let k = *calls;
+                    *calls += 1;
+                    let header = ToolCallDelta {
+                        index: k,
+                        id: Some(tool_call_id()),
+                        kind: Some("function"),
+                        function: FunctionDelta { name: Some(call.name.clone()), arguments: Some(String::new()) },
+                    };
+                    let args = ToolCallDelta {
+                        index: k,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta { name: None, arguments: Some(call.arguments_json()) },
+                    };
+                    for d in [header, args] {
+                        out.push(Self::choice(index, Delta { tool_calls: Some(vec![d]), ..Delta::default() }));
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl ChunkKind for ChatChunks {
@@ -97,28 +156,44 @@ impl ChunkKind for ChatChunks {
     type Chunk = ChatCompletionChunk;
 
     fn opening(&mut self, index: usize) -> Option<ChunkChoice> {
-        let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-        Some(ChunkChoice { index, delta, logprobs: None, finish_reason: None, stop_reason: None })
+        Some(Self::choice(index, Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None }))
     }
 
-    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> ChunkChoice {
-        ChunkChoice {
-            index,
-            delta: Delta { role: None, content: Some(text) },
-            logprobs: self.logprobs.then(|| chat_logprobs(&self.handle, lps)),
-            finish_reason: None,
-            stop_reason: None,
+    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> Vec<ChunkChoice> {
+        let mut out = match &mut self.tools {
+            None => vec![Self::choice(index, Delta { content: Some(text), ..Delta::default() })],
+            Some(streams) => {
+                let segments = streams[index].0.as_mut().expect("no pieces after the finish").push(&text);
+                self.segments(index, segments)
+            }
+        };
+        if self.logprobs {
+            // The token's log-probabilities ride on its first chunk (an empty delta when the
+            // extractor is still holding its text).
+            if out.is_empty() {
+                out.push(Self::choice(index, Delta::default()));
+            }
+            out[0].logprobs = Some(chat_logprobs(&self.handle, lps));
         }
+        out
     }
 
-    fn finish(&mut self, index: usize, s: &Summary) -> ChunkChoice {
-        ChunkChoice {
-            index,
-            delta: Delta::default(),
-            logprobs: None,
-            finish_reason: Some(s.finish_reason.as_str()),
+    fn finish(&mut self, index: usize, s: &Summary) -> Vec<ChunkChoice> {
+        let (mut out, calls) = match &mut self.tools {
+            None => (Vec::new(), 0),
+            Some(streams) => {
+                let rest = streams[index].0.take().map(ToolStream::finish).unwrap_or_default();
+                let out = self.segments(index, rest);
+                (out, self.tools.as_ref().expect("matched")[index].1)
+            }
+        };
+        let finish_reason = if calls > 0 { "tool_calls" } else { s.finish_reason.as_str() };
+        out.push(ChunkChoice {
+            finish_reason: Some(finish_reason),
             stop_reason: s.stop_reason.clone(),
-        }
+            ..Self::choice(index, Delta::default())
+        });
+        out
     }
 
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
@@ -158,20 +233,20 @@ impl ChunkKind for TextChunks {
         Some(CompletionChoice { index, text, logprobs: None, finish_reason: None, stop_reason: None })
     }
 
-    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> CompletionChoice {
+    fn piece(&mut self, index: usize, text: String, lps: &[(u32, TokenLogprobs)]) -> Vec<CompletionChoice> {
         let logprobs = self.logprobs.then(|| legacy_logprobs(&self.handle, lps, self.offsets[index]));
         self.offsets[index] += text.len();
-        CompletionChoice { index, text, logprobs, finish_reason: None, stop_reason: None }
+        vec![CompletionChoice { index, text, logprobs, finish_reason: None, stop_reason: None }]
     }
 
-    fn finish(&mut self, index: usize, s: &Summary) -> CompletionChoice {
-        CompletionChoice {
+    fn finish(&mut self, index: usize, s: &Summary) -> Vec<CompletionChoice> {
+        vec![CompletionChoice {
             index,
             text: String::new(),
             logprobs: None,
             finish_reason: Some(s.finish_reason.as_str()),
             stop_reason: s.stop_reason.clone(),
-        }
+        }]
     }
 
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {

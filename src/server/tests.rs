@@ -40,6 +40,24 @@ context_length = 256
 temperature = 0.7
 "#;
 
+/// The tiny model again, offered as tool-capable (its template renders no tools, so they go
+/// into the system message).
+pub(super) const TINY_TOOLS: &str = r#"
+id = "tiny-tools"
+roles = ["chat", "tools"]
+format = "gguf"
+architecture = "llama"
+[source]
+kind = "huggingface"
+repo = "test/tiny"
+[[files]]
+name = "tiny.gguf"
+sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+primary = true
+[defaults]
+context_length = 2048
+"#;
+
 const ABSENT: &str = r#"
 id = "absent"
 format = "gguf"
@@ -89,7 +107,7 @@ impl TestSource {
 impl ModelSource for TestSource {
     fn present(&self, m: &Manifest) -> bool {
         match m.id.as_str() {
-            "tiny" | "tiny2" => self.tiny_present.load(Ordering::SeqCst),
+            "tiny" | "tiny2" | "tiny-tools" => self.tiny_present.load(Ordering::SeqCst),
             "big-awq" => true,
             _ => false,
         }
@@ -110,11 +128,14 @@ impl ModelSource for TestSource {
         }
         let mut w = test_model::writer(3);
         w.kv("tokenizer.chat_template", MetaValue::String(CHATML.into()));
+        // Tools in the system prompt take many of its one-byte tokens.
+        let context_length = if m.id == "tiny-tools" { 2048 } else { CONTEXT };
+        w.kv("llama.context_length", MetaValue::U32(context_length as u32));
         let file = w.build();
         let backend = CpuBackend::new(1);
         let model = Llama::from_gguf(&file, &backend).map_err(|e| e.to_string())?;
         let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-        Ok(LoadedModel { id: m.id.clone(), backend, model, tokenizer, context_length: CONTEXT }.into())
+        Ok(LoadedModel { id: m.id.clone(), backend, model, tokenizer, context_length }.into())
     }
     fn pull(&self, m: &Manifest, opts: &PullOptions) -> Result<(), HubError> {
         *self.pulls.lock().unwrap() += 1;
@@ -141,7 +162,7 @@ impl ModelSource for TestSource {
 }
 
 pub(super) fn state_with(config: ServeConfig) -> Shared {
-    state_from(config, &[TINY, ABSENT, AWQ], TestSource::new(1234))
+    state_from(config, &[TINY, TINY_TOOLS, ABSENT, AWQ], TestSource::new(1234))
 }
 
 /// A state over `manifests` (TOML) and `source`; the memory budget is unlimited unless
@@ -412,7 +433,7 @@ async fn load_unload_ps_tags_show() {
 
     let tags = get(&st, "/api/tags").await.json();
     let names: Vec<&str> = tags["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["tiny:1b", "big-awq:latest"]);
+    assert_eq!(names, ["tiny:1b", "tiny-tools:latest", "big-awq:latest"]);
     let t = &tags["models"][0];
     assert_eq!(
         (t["size"].clone(), t["details"]["format"].clone(), t["details"]["family"].clone()),
@@ -708,7 +729,66 @@ async fn completions_models_tokenize() {
 /// (request, expected status, text the message must contain)
 fn bad_cases() -> Vec<(&'static str, Value, StatusCode, &'static str)> {
     let msgs = json!([{"role": "user", "content": "hi"}]);
-    vec![
+    let f = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let tool = |extra: Value| {
+        let mut b = json!({"model": "tiny-tools", "messages": msgs, "tools": f});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let unenforceable = json!({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}});
+    let mut cases = vec![
+        ("/api/generate", json!({"model": "tiny", "prompt": "x", "format": "yaml"}), "format = \"yaml\" is invalid"),
+        ("/api/generate", json!({"model": "tiny", "prompt": "x", "format": 3}), "use \"json\" or a JSON Schema"),
+        ("/api/chat", json!({"model": "tiny", "messages": msgs, "format": unenforceable}), "cannot be enforced"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "response_format": {"type": "json_schema"}}),
+            "response_format.json_schema.schema is required",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "response_format": {"type": "xml"}}),
+            "response_format.type = \"xml\" is not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": msgs, "tool_choice": "auto"}),
+            "`tools` must be set",
+        ),
+        ("/v1/chat/completions", tool(json!({"tool_choice": "maybe"})), "tool_choice = \"maybe\" is invalid"),
+        (
+            "/v1/chat/completions",
+            tool(json!({"tool_choice": {"type": "function", "function": {"name": "g"}}})),
+            "\"g\", which is not among the tools offered (f)",
+        ),
+        (
+            "/v1/chat/completions",
+            tool(json!({"tool_choice": "required", "response_format": {"type": "json_object"}})),
+            "cannot be combined with tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            tool(json!({"tools": [{"type": "function", "function": {"description": "no name"}}]})),
+            "tools[0].function.name is required",
+        ),
+        ("/api/chat", tool(json!({"tools": [f[0], f[0]]})), "tools[1].function.name = \"f\" is offered twice"),
+        ("/api/chat", tool(json!({"tools": [{"type": "retrieval"}]})), "tools[0].type = \"retrieval\""),
+        (
+            "/api/chat",
+            tool(json!({"tools": [{"function": {"name": "f", "parameters": "none"}}]})),
+            "tools[0].function.parameters must be a JSON Schema object",
+        ),
+        (
+            "/api/chat",
+            tool(
+                json!({"tool_choice": "required", "tools": [{"function": {"name": "f", "parameters": unenforceable}}]}),
+            ),
+            "tools: this JSON Schema cannot be enforced",
+        ),
+    ];
+    let mut out: Vec<(&'static str, Value, StatusCode, &'static str)> =
+        cases.drain(..).map(|(p, b, m)| (p, b, StatusCode::BAD_REQUEST, m)).collect();
+    out.extend(vec![
         ("/api/generate", json!({"model": "nope", "prompt": "x"}), StatusCode::NOT_FOUND, "model 'nope' not found"),
         ("/api/chat", json!({"model": "nope", "messages": msgs}), StatusCode::NOT_FOUND, "model 'nope' not found"),
         (
@@ -789,12 +869,6 @@ fn bad_cases() -> Vec<(&'static str, Value, StatusCode, &'static str)> {
             json!({"model": "tiny", "prompt": "x", "think": "loud"}),
             StatusCode::BAD_REQUEST,
             "invalid think value",
-        ),
-        (
-            "/api/generate",
-            json!({"model": "tiny", "prompt": "x", "format": "json"}),
-            StatusCode::BAD_REQUEST,
-            "structured output",
         ),
         (
             "/api/generate",
@@ -895,12 +969,6 @@ fn bad_cases() -> Vec<(&'static str, Value, StatusCode, &'static str)> {
             "arguments is not valid JSON",
         ),
         (
-            "/v1/chat/completions",
-            json!({"model": "tiny", "messages": msgs, "response_format": {"type": "json_object"}}),
-            StatusCode::BAD_REQUEST,
-            "structured output",
-        ),
-        (
             "/v1/completions",
             json!({"model": "tiny", "prompt": ["a", "b"]}),
             StatusCode::BAD_REQUEST,
@@ -919,7 +987,8 @@ fn bad_cases() -> Vec<(&'static str, Value, StatusCode, &'static str)> {
             StatusCode::BAD_REQUEST,
             "prompt token id 100000",
         ),
-    ]
+    ]);
+    out
 }
 
 #[tokio::test]

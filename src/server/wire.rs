@@ -10,9 +10,12 @@ use serde::{Deserialize, Serialize};
 use super::engines::KeepAlive;
 use super::error::ApiError;
 use super::AppState;
+use crate::chat::tools::{ToolChoice, ToolSet};
 use crate::engine::generate::TokenLogprobs;
+use crate::engine::grammar::OutputFormat;
 use crate::hub::{Manifest, Role};
 use crate::model::tokenizer::Tokenizer;
+use serde_json::Value;
 
 /// A string or a list of strings (`stop`, embedding `input`).
 #[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
@@ -128,23 +131,139 @@ pub fn check_images(m: &Manifest, field: &str, images: &[String]) -> Result<Vec<
     Ok(out)
 }
 
-/// `tools` on a model without the tools role: Ollama's capability error.
-pub fn check_tools(m: &Manifest, tools: Option<&[serde_json::Value]>) -> Result<(), ApiError> {
-    if tools.is_some_and(|t| !t.is_empty()) && !m.has_role(Role::Tools) {
+/// Validates `tools` and `tool_choice` (OpenAI's rules, which Ollama's `tools` follow too):
+/// every tool is `{"type": "function", "function": {"name", "parameters"?}}` with a unique
+/// name; `tool_choice` is `"none"`, `"auto"` (the default with tools), `"required"` or
+/// `{"type": "function", "function": {"name"}}` naming an offered tool. `None`: no tools in
+/// play (none given, or `"none"`). Tools on a model without the tools role: Ollama's
+/// capability error.
+pub fn tool_set(m: &Manifest, tools: Option<&[Value]>, choice: Option<&Value>) -> Result<Option<ToolSet>, ApiError> {
+    let choice = choice.filter(|c| !c.is_null());
+    let tools = match tools {
+        Some(t) if !t.is_empty() => t,
+        _ => {
+            return match choice {
+                // vLLM: "required" (or "none") with an empty list means no tools.
+                Some(Value::String(s)) if tools.is_some() && (s == "required" || s == "none") => Ok(None),
+                Some(Value::String(s)) if s == "none" => Ok(None),
+                Some(_) => Err(ApiError::bad_field("tool_choice", "When using `tool_choice`, `tools` must be set.")),
+                None => Ok(None),
+            };
+        }
+    };
+    if !m.has_role(Role::Tools) {
         return Err(ApiError::bad_field("tools", format!("{} does not support tools", m.id)));
     }
-    Ok(())
+    let mut names: Vec<&str> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        let field = |f: &str| format!("tools[{i}]{f}");
+        if let Some(kind) = t.get("type").filter(|k| !k.is_null()) {
+            if kind != "function" {
+                return Err(ApiError::bad_field(
+                    &field(".type"),
+                    format!("{} = {kind}: the only supported tool type is \"function\"", field(".type")),
+                ));
+            }
+        }
+        let Some(f) = t.get("function").filter(|f| f.is_object()) else {
+            return Err(ApiError::bad_field(&field(".function"), format!("{} must be an object", field(".function"))));
+        };
+        let name = match f.get("name") {
+            Some(Value::String(n)) if !n.trim().is_empty() => n.as_str(),
+            _ => {
+                return Err(ApiError::bad_field(
+                    &field(".function.name"),
+                    format!("{} is required: a non-empty string", field(".function.name")),
+                ))
+            }
+        };
+        if names.contains(&name) {
+            return Err(ApiError::bad_field(
+                &field(".function.name"),
+                format!("{} = {name:?} is offered twice: tool names must be unique", field(".function.name")),
+            ));
+        }
+        names.push(name);
+        if f.get("parameters").is_some_and(|p| !p.is_object() && !p.is_null()) {
+            return Err(ApiError::bad_field(
+                &field(".function.parameters"),
+                format!("{} must be a JSON Schema object", field(".function.parameters")),
+            ));
+        }
+    }
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => return Ok(None),
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => return Err(bad_choice(&format!("{other:?}"))),
+        },
+        Some(v @ Value::Object(o)) => {
+            let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(n)) if names.contains(&n) => ToolChoice::Named(n.to_owned()),
+                (Some("function"), Some(n)) => {
+                    return Err(ApiError::bad_field(
+                        "tool_choice.function.name",
+                        format!("tool_choice names {n:?}, which is not among the tools offered ({})", names.join(", ")),
+                    ))
+                }
+                _ => return Err(bad_choice(&v.to_string())),
+            }
+        }
+        Some(v) => return Err(bad_choice(&v.to_string())),
+    };
+    Ok(Some(ToolSet { tools: tools.to_vec(), choice }))
 }
 
-/// Structured output (`format`, `response_format`) arrives with the tool-calling issue; until
-/// then a request that asks for it is told so rather than silently getting free text.
-pub fn check_format(field: &str, format: Option<&serde_json::Value>) -> Result<(), ApiError> {
+fn bad_choice(got: &str) -> ApiError {
+    ApiError::bad_field(
+        "tool_choice",
+        format!(
+            "tool_choice = {got} is invalid: use \"none\", \"auto\", \"required\" or \
+             {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"
+        ),
+    )
+}
+
+/// Ollama `format`: `"json"` (JSON mode) or a JSON Schema object; absent, null or `""` is free
+/// text.
+pub fn ollama_format(format: Option<&Value>) -> Result<Option<OutputFormat>, ApiError> {
     match format {
-        None | Some(serde_json::Value::Null) => Ok(()),
-        Some(serde_json::Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::bad_field(
-            field,
-            format!("{field}: structured output (JSON mode / JSON schema) is not supported by this server yet"),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(OutputFormat::JsonObject)),
+        Some(Value::Object(_)) => Ok(Some(OutputFormat::JsonSchema(format.cloned().expect("matched")))),
+        Some(other) => Err(ApiError::bad_field(
+            "format",
+            format!("format = {other} is invalid: use \"json\" or a JSON Schema object"),
+        )),
+    }
+}
+
+/// OpenAI `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}`.
+pub fn response_format(rf: Option<&Value>) -> Result<Option<OutputFormat>, ApiError> {
+    let Some(rf) = rf.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        Some("json_schema") => match rf.pointer("/json_schema/schema") {
+            Some(s @ Value::Object(_)) => Ok(Some(OutputFormat::JsonSchema(s.clone()))),
+            _ => Err(ApiError::bad_field(
+                "response_format.json_schema.schema",
+                "response_format.json_schema.schema is required: a JSON Schema object",
+            )),
+        },
+        _ => Err(ApiError::bad_field(
+            "response_format.type",
+            format!(
+                "response_format.type = {} is not supported: use \"text\", \"json_object\" or \"json_schema\"",
+                rf.get("type").unwrap_or(&Value::Null)
+            ),
         )),
     }
 }

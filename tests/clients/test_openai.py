@@ -4,6 +4,7 @@ A plain script, run by tests/serve.rs with the client venv's Python: asserts, ex
 the first failure, prints one line per check.
 """
 
+import json
 import math
 import os
 import sys
@@ -111,6 +112,95 @@ for i, d in enumerate(emb.data):
 assert emb.data[0].embedding != emb.data[1].embedding
 assert emb.usage.prompt_tokens > 0, emb.usage
 ok("embeddings: 2 x 576, unit norm")
+
+
+# Tools: tool_choice "required" with a three-field schema gives a schema-valid call, which the
+# client parses into message.tool_calls; streamed, the deltas join to the same call.
+from typing import Literal
+
+import pydantic
+
+
+class Lamp(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    room: Literal["kitchen", "bedroom", "garden"]
+    on: bool
+    brightness: int = pydantic.Field(ge=0, le=100)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "set_lamp",
+            "description": "Switch a lamp in a room",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "room": {"type": "string", "enum": ["kitchen", "bedroom", "garden"]},
+                    "on": {"type": "boolean"},
+                    "brightness": {"type": "integer", "minimum": 0, "maximum": 100},
+                },
+                "required": ["room", "on", "brightness"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+ASK = [{"role": "user", "content": "Turn on the kitchen lamp at half brightness."}]
+tc = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", seed=1, max_tokens=80)
+call = tc.choices[0].message.tool_calls[0]
+assert tc.choices[0].finish_reason == "tool_calls", tc
+assert call.type == "function" and call.function.name == "set_lamp" and call.id, call
+lamp = Lamp.model_validate_json(call.function.arguments)
+ok(f"tool_choice required: {call.function.name}({call.function.arguments}) -> {lamp!r}")
+
+stream = client.chat.completions.create(
+    model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", seed=1, max_tokens=80, stream=True
+)
+names, args, finish = {}, {}, None
+for chunk in stream:
+    for d in chunk.choices[0].delta.tool_calls or []:
+        if d.function.name:
+            names[d.index] = d.function.name
+        args[d.index] = args.get(d.index, "") + (d.function.arguments or "")
+    finish = chunk.choices[0].finish_reason or finish
+calls = tc.choices[0].message.tool_calls
+assert finish == "tool_calls" and names == {i: c.function.name for i, c in enumerate(calls)}, (finish, names, calls)
+assert [json.loads(args[i]) for i in range(len(calls))] == [json.loads(c.function.arguments) for c in calls], args
+ok("streamed tool-call deltas join to the same call")
+
+# A named tool, and the tool result sent back (arguments as the client's JSON string).
+named = {"type": "function", "function": {"name": "set_lamp"}}
+nc = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, seed=2, max_tokens=80)
+call = nc.choices[0].message.tool_calls[0]
+Lamp.model_validate_json(call.function.arguments)
+follow = client.chat.completions.create(
+    model=MODEL,
+    messages=ASK
+    + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "done"},
+    ],
+    tools=TOOLS,
+    max_tokens=16,
+    temperature=0,
+)
+assert follow.choices[0].message.content is not None or follow.choices[0].message.tool_calls, follow
+ok("named tool call, then the tool result round trip")
+
+# Structured output through the client's own parse helper (json_schema, strict).
+parsed = client.chat.completions.parse(
+    model=MODEL, messages=[{"role": "user", "content": "Describe a lamp."}], response_format=Lamp, seed=3, max_tokens=80
+)
+assert isinstance(parsed.choices[0].message.parsed, Lamp), parsed
+ok(f"response_format json_schema: {parsed.choices[0].message.parsed!r}")
+jo = client.chat.completions.create(
+    model=MODEL, messages=ASK, response_format={"type": "json_object"}, seed=4, max_tokens=120
+)
+if jo.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(jo.choices[0].message.content), dict), jo
+ok(f"response_format json_object: {jo.choices[0].message.content!r}")
 
 # An unknown model is a 404 the client turns into NotFoundError.
 try:

@@ -443,6 +443,67 @@ pub fn http_vs_loop(
     Ok((stats(format!("tg{n} (generate loop)"), &rates), summarize_http(format!("tg{n} (http)"), runs)?))
 }
 
+/// The JSON Schema of `bench --constrained`: eight three-field objects, about 150 tokens of
+/// output, so the decode rate is measured over a real stretch of constrained tokens.
+pub fn constrained_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "array", "minItems": 8, "maxItems": 8,
+        "items": {
+            "type": "object",
+            "properties": {
+                "room": { "type": "string", "enum": ["kitchen", "bedroom", "garden", "hall"] },
+                "on": { "type": "boolean" },
+                "brightness": { "type": "integer", "minimum": 0, "maximum": 100 }
+            },
+            "required": ["room", "on", "brightness"],
+            "additionalProperties": false
+        }
+    })
+}
+
+/// Constrained decoding's cost: the generation loop (sampling at temperature 0.8) with the
+/// [`constrained_schema`] grammar, then without it for the same number of tokens from the same
+/// prompt and seed, alternating, `reps` times after one warm-up of each. Returns the free and the
+/// constrained decode rates and the mean constrained output length in tokens.
+pub fn constrained_vs_free<B: Backend>(
+    m: &LoadedModel<B>,
+    reps: usize,
+) -> anyhow::Result<(Throughput, Throughput, f64)> {
+    use crate::engine::generate::{generate, render_chat_prompt, user_message, GenerateRequest};
+    use crate::engine::grammar::{Constraint, OutputFormat};
+    use crate::engine::sampler::SamplingParams;
+    let prompt_ids =
+        render_chat_prompt(&m.tokenizer, &[user_message("List the lamps of a house as JSON: room, on, brightness.")])?;
+    let constraint =
+        Constraint::new(&m.tokenizer, OutputFormat::JsonSchema(constrained_schema())).map_err(anyhow::Error::msg)?;
+    let run = |seed: u64, max_tokens: usize, constraint: Option<Constraint>| -> anyhow::Result<(f64, usize)> {
+        let sampling = SamplingParams { temperature: 0.8, top_k: 40, seed: Some(seed), ..SamplingParams::greedy() };
+        let req = GenerateRequest {
+            prompt_ids: prompt_ids.clone(),
+            max_tokens,
+            sampling,
+            stop: vec![],
+            logprobs: None,
+            constraint,
+        };
+        let keep_going = |_: crate::engine::generate::Emitted<'_>| std::ops::ControlFlow::Continue(());
+        let g = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, keep_going)?;
+        let rate = g.timings.decode_tokens_per_s().ok_or_else(|| anyhow::anyhow!("fewer than 2 tokens generated"))?;
+        Ok((rate, g.tokens.len()))
+    };
+    let (_, n) = run(0, 512, Some(constraint.clone()))?;
+    run(0, n, None)?;
+    let (mut free, mut constrained, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 1..=reps.max(1) as u64 {
+        let (rate, n) = run(r, 512, Some(constraint.clone()))?;
+        constrained.push(rate);
+        lens.push(n as f64);
+        free.push(run(r, n, None)?.0);
+    }
+    let mean_len = lens.iter().sum::<f64>() / lens.len() as f64;
+    Ok((stats("tg (free)".into(), &free), stats("tg (JSON schema)".into(), &constrained), mean_len))
+}
+
 fn summarize_http(test: String, runs: Vec<StreamStats>) -> Result<HttpDecode, HttpBenchError> {
     let mut rates = Vec::with_capacity(runs.len());
     for r in &runs {

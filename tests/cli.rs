@@ -95,6 +95,21 @@ fn run_chat_uses_the_template_and_a_seed_repeats() {
     assert!(line.contains("yes") && line.contains("smollm2:135m"), "{line}");
 }
 
+/// `bench --constrained` prints the free and the JSON-Schema decode rates and their ratio.
+#[test]
+fn bench_constrained_prints_both_rates() {
+    let Some(gguf) = model() else { return };
+    let dir = models_dir(&gguf);
+    let o = zoe(dir.path(), &["bench", "--constrained", "--prompt-tokens", "0", "--gen-tokens", "0", "--reps", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for line in ["| tg (free) |", "| tg (JSON schema) |", "constrained/free decode rate: "] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    let o = zoe(dir.path(), &["bench", "--constrained", "--server", "http://127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(2), "--constrained and --server conflict: {}", stderr(&o));
+}
+
 #[test]
 fn bad_input_gets_a_clear_error_and_exit_code() {
     let Some(gguf) = model() else { return };

@@ -195,12 +195,14 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
 fn constraint(tok: &Tokenizer, req: &InferenceRequest) -> Result<Option<Constraint>, ApiError> {
     let forced = req.tools.as_ref().and_then(ToolSet::forced_schema);
     let (field, format) = match (forced, &req.format) {
-        (Some(_), Some((field, _))) => return Err(ApiError::bad_field(
-            field,
-            format!(
+        (Some(_), Some((field, _))) => {
+            return Err(ApiError::bad_field(
+                field,
+                format!(
                 "{field} cannot be combined with tool_choice \"required\" or a named tool: both constrain the output"
             ),
-        )),
+            ))
+        }
         (Some(schema), None) => ("tools", OutputFormat::JsonSchema(schema)),
         (None, Some((field, f))) => (*field, f.clone()),
         (None, None) => return Ok(None),

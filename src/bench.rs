@@ -461,21 +461,39 @@ pub fn constrained_schema() -> serde_json::Value {
     })
 }
 
+/// What [`constrained_vs_free`] measured.
+#[derive(Clone, Debug)]
+pub struct ConstrainedReport {
+    pub free: Throughput,
+    pub constrained: Throughput,
+    /// Mean constrained output length, tokens.
+    pub mean_len: f64,
+    /// Compiling the schema the first time (includes building the tokenizer's token trie).
+    pub first_compile_ms: f64,
+    /// Compiling it again (the trie reused): what every later request pays.
+    pub compile_ms: f64,
+}
+
 /// Constrained decoding's cost: the generation loop (sampling at temperature 0.8) with the
 /// [`constrained_schema`] grammar, then without it for the same number of tokens from the same
-/// prompt and seed, alternating, `reps` times after one warm-up of each. Returns the free and the
-/// constrained decode rates and the mean constrained output length in tokens.
-pub fn constrained_vs_free<B: Backend>(
-    m: &LoadedModel<B>,
-    reps: usize,
-) -> anyhow::Result<(Throughput, Throughput, f64)> {
+/// prompt and seed, alternating, `reps` times after one warm-up of each.
+pub fn constrained_vs_free<B: Backend>(m: &LoadedModel<B>, reps: usize) -> anyhow::Result<ConstrainedReport> {
     use crate::engine::generate::{generate, render_chat_prompt, user_message, GenerateRequest};
     use crate::engine::grammar::{Constraint, OutputFormat};
     use crate::engine::sampler::SamplingParams;
     let prompt_ids =
         render_chat_prompt(&m.tokenizer, &[user_message("List the lamps of a house as JSON: room, on, brightness.")])?;
-    let constraint =
-        Constraint::new(&m.tokenizer, OutputFormat::JsonSchema(constrained_schema())).map_err(anyhow::Error::msg)?;
+    let compile = || {
+        let t = Instant::now();
+        let c =
+            Constraint::new(&m.tokenizer, OutputFormat::JsonSchema(constrained_schema())).map_err(anyhow::Error::msg);
+        (c, t.elapsed().as_secs_f64() * 1000.0)
+    };
+    // The first compile also builds the tokenizer's token trie; later ones reuse it.
+    let (first, first_ms) = compile();
+    first?;
+    let (constraint, again_ms) = compile();
+    let constraint = constraint?;
     let run = |seed: u64, max_tokens: usize, constraint: Option<Constraint>| -> anyhow::Result<(f64, usize)> {
         let sampling = SamplingParams { temperature: 0.8, top_k: 40, seed: Some(seed), ..SamplingParams::greedy() };
         let req = GenerateRequest {
@@ -501,7 +519,13 @@ pub fn constrained_vs_free<B: Backend>(
         free.push(run(r, n, None)?.0);
     }
     let mean_len = lens.iter().sum::<f64>() / lens.len() as f64;
-    Ok((stats("tg (free)".into(), &free), stats("tg (JSON schema)".into(), &constrained), mean_len))
+    Ok(ConstrainedReport {
+        free: stats("tg (free)".into(), &free),
+        constrained: stats("tg (JSON schema)".into(), &constrained),
+        mean_len,
+        first_compile_ms: first_ms,
+        compile_ms: again_ms,
+    })
 }
 
 fn summarize_http(test: String, runs: Vec<StreamStats>) -> Result<HttpDecode, HttpBenchError> {

@@ -533,8 +533,9 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
         );
     }
     if args.constrained {
-        let (free, json, len) = zoe_llm::bench::constrained_vs_free(&m, args.reps)?;
-        for r in [&free, &json] {
+        let r = zoe_llm::bench::constrained_vs_free(&m, args.reps)?;
+        let (free, json, len) = (&r.free, &r.constrained, r.mean_len);
+        for r in [free, json] {
             println!(
                 "| {} | {} | {} | {:?} | {} | {:.2} ± {:.2} |",
                 manifest.id, backend, n_threads, precision, r.test, r.tokens_per_s, r.stddev
@@ -544,6 +545,10 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
             "constrained/free decode rate: {:.3}x ({len:.0} tokens per run, temperature 0.8, top_k 40, {} reps, alternating)",
             json.tokens_per_s / free.tokens_per_s,
             args.reps
+        );
+        println!(
+            "schema compile: {:.1} ms the first time (builds the token trie), {:.1} ms after",
+            r.first_compile_ms, r.compile_ms
         );
     }
     let Some(h) = http else { return Ok(()) };

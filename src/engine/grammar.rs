@@ -149,6 +149,16 @@ impl ConstraintState {
     }
 }
 
+/// Builds `tok`'s token trie now (a few hundred milliseconds for a large vocabulary) rather than
+/// on the first constrained request; a failure is logged and left for that request to report.
+pub fn prepare_vocabulary(tok: &Tokenizer) {
+    let t = std::time::Instant::now();
+    match factory(tok) {
+        Ok(_) => tracing::debug!(ms = t.elapsed().as_millis() as u64, "constrained-decoding token trie built"),
+        Err(e) => tracing::warn!(error = %e, "constrained decoding will not be available for this model"),
+    }
+}
+
 /// The parser factory for `tok`'s vocabulary, built once (token trie + mask slices).
 fn factory(tok: &Tokenizer) -> Result<Arc<ParserFactory>, String> {
     tok.grammar.get_or_init(|| build_factory(tok).map(Arc::new)).clone()

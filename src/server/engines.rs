@@ -181,8 +181,15 @@ impl Engines {
         // File I/O and the load stay off the async threads.
         let handle = tokio::task::spawn_blocking(move || {
             let id = manifest.id.clone();
+            let tools = manifest.has_role(crate::hub::Role::Tools);
             let loader = Box::new(move || source.load(&manifest));
-            ModelHandle::start(&id, loader, weights, &engine)
+            let handle = ModelHandle::start(&id, loader, weights, &engine)?;
+            if tools {
+                // Part of warming up a tool model: its first constrained request (a forced tool
+                // choice) then pays only its own schema's compile, not the token trie.
+                crate::engine::grammar::prepare_vocabulary(&handle.tokenizer);
+            }
+            Ok::<_, String>(handle)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("loading model '{}' panicked: {e}", m.id)))?

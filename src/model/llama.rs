@@ -654,6 +654,68 @@ mod tests {
         assert!(worst < 1e-5, "GGUF and HF logits differ by up to {worst}");
     }
 
+    /// The tiny transformers-made Qwen2 (tests/fixtures/qwen2_tiny) rewritten as a `qwen2` GGUF
+    /// the way llama.cpp's converter writes one (same fp16 bytes, llama.cpp names, q/k rows not
+    /// permuted, q/k/v biases as `.bias` tensors) gives transformers' logits too: Qwen2 loads
+    /// from GGUF and from HF safetensors into the one decoder.
+    #[test]
+    fn a_qwen2_gguf_gives_the_transformers_logits() {
+        use crate::backend::cpu::{CpuBackend, Precision};
+        use crate::model::kv_cache::ContiguousKvCache;
+        use crate::model::weights::gguf_writer::GgufWriter;
+        use crate::model::weights::MetaValue;
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_tiny");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let (c, _) = ModelConfig::from_hf_json(&json).unwrap();
+        let st = SafetensorsDir::open(&dir).unwrap();
+        let mut w = GgufWriter::new();
+        let u = |v: usize| MetaValue::U32(v as u32);
+        w.kv("general.architecture", MetaValue::String("qwen2".into()))
+            .kv("qwen2.context_length", u(c.context_length))
+            .kv("qwen2.embedding_length", u(c.hidden_size))
+            .kv("qwen2.block_count", u(c.n_layers))
+            .kv("qwen2.feed_forward_length", u(c.intermediate_size))
+            .kv("qwen2.attention.head_count", u(c.n_heads))
+            .kv("qwen2.attention.head_count_kv", u(c.n_kv_heads))
+            .kv("qwen2.attention.layer_norm_rms_epsilon", MetaValue::F32(c.rms_norm_eps))
+            .kv("qwen2.rope.freq_base", MetaValue::F32(c.rope_theta))
+            .kv("qwen2.vocab_size", u(c.vocab_size));
+        let mut names = vec!["token_embd.weight".to_owned(), "output_norm.weight".into(), "output.weight".into()];
+        for l in 0..c.n_layers {
+            for r in
+                ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+            {
+                names.push(format!("blk.{l}.{r}.weight"));
+            }
+            names.extend(["attn_q", "attn_k", "attn_v"].map(|r| format!("blk.{l}.{r}.bias")));
+        }
+        for name in names {
+            let (logical, suffix) = name.rsplit_once('.').unwrap();
+            let t = st.tensor(&format!("{}.{suffix}", HfSource::hf_name(logical))).unwrap();
+            assert_eq!(t.dtype, Dtype::F16);
+            let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+            w.tensor(&name, &dims, GgmlType::F16, st.data(t).to_vec());
+        }
+        let file = w.build();
+        let be = CpuBackend::with_precision(1, Precision::F32);
+        let m = Llama::from_gguf(&file, &be).unwrap();
+        assert_eq!(m.config.architecture, Architecture::Qwen2);
+        let goldens: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap()).unwrap();
+        for p in goldens["prompts"].as_array().unwrap() {
+            let ids: Vec<u32> = p["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let want: Vec<f32> =
+                p["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let mut cache = ContiguousKvCache::new(&be, c.n_layers, m.layout().kv_cols(), ids.len()).unwrap();
+            let got = m.forward(&be, &ids, &mut cache, false).unwrap();
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            // The HF load of the same bytes is within 1.2e-6 (tests/qwen2_golden.rs).
+            assert!(worst < 1e-4, "{} tokens: logits differ from transformers by up to {worst}", ids.len());
+        }
+    }
+
     /// GGUF `llama` q/k rows are stored for GPT-J-style rope. Un-permuting them and applying HF
     /// rotate-half rope gives the same rotated vectors, in HF order, as rotating the stored rows
     /// with adjacent-pair rope: the two conventions are one model.

@@ -13,11 +13,18 @@
 
 // x: row r starts at x + r*stride; head h occupies columns h*head_dim .. +head_dim (the first
 // n_heads heads are rotated, e.g. the q heads, or the k heads with x offset to the k columns).
+//
+// Multimodal RoPE (Qwen2-VL M-RoPE): a row has pos_stride positions (1, or 3 = t, h, w); pair i
+// turns with position 0 below sec_end0, position 1 below sec_end1, else position 2 (clamped to the
+// row's positions). Plain RoPE passes pos_stride 1 and sec_end0 = head_dim / 2.
 extern "C" __global__ void rope_f32(float* x, int rows, int stride, int n_heads, int head_dim,
-                                    const uint32_t* __restrict__ positions, const float* __restrict__ inv_freq) {
+                                    const uint32_t* __restrict__ positions, int pos_stride, int sec_end0,
+                                    int sec_end1, const float* __restrict__ inv_freq) {
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = head_dim >> 1;
     if (r >= rows || h >= n_heads || i >= half) return;
-    const float angle = (float)positions[r] * inv_freq[i];
+    int comp = i < sec_end0 ? 0 : (i < sec_end1 ? 1 : 2);
+    if (comp >= pos_stride) comp = pos_stride - 1;
+    const float angle = (float)positions[(size_t)r * pos_stride + comp] * inv_freq[i];
     float s, c;
     sincosf(angle, &s, &c);
     float* head = x + (size_t)r * stride + (size_t)h * head_dim;

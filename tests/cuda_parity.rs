@@ -196,13 +196,21 @@ fn norms_rope_and_elementwise_match_cpu() {
     for d in [64usize, 128] {
         let heads = 6;
         let inv_freq = (0..d / 2).map(|i| 1e6f32.powf(-((2 * i) as f32) / d as f32)).collect();
-        let rope = Rope { style: RopeStyle::Neox, head_dim: d, inv_freq };
+        let rope = Rope { style: RopeStyle::Neox, head_dim: d, inv_freq, mrope_section: None };
         let positions = [0u32, 1, 17, 4095, 31999];
         let x = rng.vec(positions.len() * (heads + 2) * d, 1.0);
         let (mut rc, mut rg) = up(&x, positions.len(), (heads + 2) * d);
         c.rope(&mut rc, heads, &positions, &rope);
         g.rope(&mut rg, heads, &positions, &rope);
         assert_close(&format!("rope d={d}"), &g.download(&rg), &c.download(&rc), tol::ROPE.0, tol::ROPE.1);
+        // M-RoPE, Qwen2-VL's sections scaled to the head: (t, h, w) per row.
+        let q = d / 8;
+        let mrope = Rope { mrope_section: Some([q * 2, q * 3, q * 3]), ..rope.clone() };
+        let pos3: Vec<u32> = positions.iter().flat_map(|&p| [p, p / 3 + 2, p / 5 + 7]).collect();
+        let (mut rc, mut rg) = up(&x, positions.len(), (heads + 2) * d);
+        c.rope(&mut rc, heads, &pos3, &mrope);
+        g.rope(&mut rg, heads, &pos3, &mrope);
+        assert_close(&format!("mrope d={d}"), &g.download(&rg), &c.download(&rc), tol::ROPE.0, tol::ROPE.1);
     }
 
     let (vocab, h) = (300, 256);

@@ -69,6 +69,30 @@ pub struct Rope {
     pub head_dim: usize,
     /// `head_dim / 2` entries.
     pub inv_freq: Vec<f32>,
+    /// Multimodal RoPE (Qwen2-VL): frequencies `[0, s0)` turn with a token's temporal position,
+    /// `[s0, s0+s1)` with its height position, the rest with its width position; positions then
+    /// come three per row `(t, h, w)`. A text token has `t = h = w`, which is plain RoPE.
+    pub mrope_section: Option<[usize; 3]>,
+}
+
+impl Rope {
+    /// Positions per row: 3 with M-RoPE, else 1.
+    pub fn positions_per_row(&self) -> usize {
+        if self.mrope_section.is_some() {
+            3
+        } else {
+            1
+        }
+    }
+
+    /// Which of a row's positions frequency `i` turns with (0 without M-RoPE).
+    pub fn component(&self, i: usize) -> usize {
+        match self.mrope_section {
+            Some([s0, s1, _]) if i >= s0 + s1 => 2,
+            Some([s0, _, _]) if i >= s0 => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// Where a token's K and V rows live in the cache, and which cached positions a query row sees.
@@ -182,7 +206,8 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// `acc += x`.
     fn add(&self, acc: &mut Self::Tensor, x: &Self::Tensor);
-    /// Rotates the first `n_heads` heads of every row of `x` in place; row `r` is at `positions[r]`.
+    /// Rotates the first `n_heads` heads of every row of `x` in place; row `r` is at `positions[r]`
+    /// (M-RoPE: at `positions[3r..3r+3]`, see [`Rope::mrope_section`]).
     fn rope(&self, x: &mut Self::Tensor, n_heads: usize, positions: &[u32], rope: &Rope);
     /// `out = silu(gu[:, :h]) * gu[:, h:]` where `gu` is the fused gate|up activation `[n, 2h]`.
     fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor);
@@ -206,4 +231,6 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// `out[i] = x[rows[i]]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// `x[rows[i]] = values[i·cols..(i+1)·cols]` (image embeddings into a prompt's embeddings).
+    fn set_rows(&self, x: &mut Self::Tensor, rows: &[usize], values: &[f32]);
 }

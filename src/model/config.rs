@@ -45,6 +45,11 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors read from the checkpoint (GGUF `rope_freqs.weight`).
     Divisors(Vec<f32>),
+    /// Qwen2-VL's multimodal RoPE: plain frequencies, split into sections that turn with a
+    /// token's temporal, height and width positions ([`Rope::mrope_section`]).
+    MRope {
+        section: [usize; 3],
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -76,7 +81,8 @@ impl ModelConfig {
             .ok_or_else(|| bad("config.json has neither model_type nor architectures".into()))?;
         let architecture = match arch {
             "llama" | "LlamaForCausalLM" => Architecture::Llama,
-            "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
+            // Qwen2-VL's language model is Qwen2 with M-RoPE (rope_scaling type "mrope").
+            "qwen2" | "Qwen2ForCausalLM" | "qwen2_vl" | "Qwen2VLForConditionalGeneration" => Architecture::Qwen2,
             other => return Err(ConfigError::UnknownArchitecture(other.into())),
         };
         let int = |k: &str| -> Result<usize, ConfigError> {
@@ -121,6 +127,23 @@ impl ModelConfig {
                         high_freq_factor: need("high_freq_factor")?,
                         original_max_position: need("original_max_position_embeddings")?,
                     },
+                    "mrope" => {
+                        let s: Vec<usize> = rs
+                            .get("mrope_section")
+                            .and_then(|s| s.as_array())
+                            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+                            .unwrap_or_default();
+                        match s[..] {
+                            [a, b, c] if a + b + c == head_dim / 2 => RopeScaling::MRope { section: [a, b, c] },
+                            _ => {
+                                return Err(bad(format!(
+                                    "config.json: rope_scaling.mrope_section must be three integers summing to \
+                                     head_dim / 2 = {}",
+                                    head_dim / 2
+                                )))
+                            }
+                        }
+                    }
                     other => return Err(ConfigError::UnsupportedRopeScaling(other.into())),
                 }
             }
@@ -226,7 +249,7 @@ impl ModelConfig {
         let d = self.head_dim;
         let base: Vec<f32> = (0..d / 2).map(|i| self.rope_theta.powf(-((2 * i) as f32) / d as f32)).collect();
         let inv_freq = match &self.rope_scaling {
-            RopeScaling::None => base,
+            RopeScaling::None | RopeScaling::MRope { .. } => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
             RopeScaling::Divisors(div) => base.iter().zip(div).map(|(f, d)| f / d).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
@@ -248,7 +271,11 @@ impl ModelConfig {
                     .collect()
             }
         };
-        Rope { style, head_dim: d, inv_freq }
+        let mrope_section = match self.rope_scaling {
+            RopeScaling::MRope { section } => Some(section),
+            _ => None,
+        };
+        Rope { style, head_dim: d, inv_freq, mrope_section }
     }
 }
 
@@ -278,6 +305,29 @@ fn check_head_dim(n_heads: usize, n_kv_heads: usize, head_dim: usize, hidden_siz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Qwen2-VL's language model is Qwen2 with M-RoPE; a section that does not cover the head's
+    /// frequencies is refused.
+    #[test]
+    fn qwen2_vl_configs_read_as_qwen2_with_mrope() {
+        let mut v = serde_json::json!({
+            "model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}
+        });
+        let (c, _) = ModelConfig::from_hf_json(&v).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen2);
+        assert_eq!(c.rope_scaling, RopeScaling::MRope { section: [16, 24, 24] });
+        let r = c.rope(RopeStyle::Neox);
+        assert_eq!(
+            (r.mrope_section, r.positions_per_row(), r.component(15), r.component(16), r.component(40)),
+            (Some([16, 24, 24]), 3, 0, 1, 2)
+        );
+        v["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 16]);
+        let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
+        assert!(e.contains("mrope_section") && e.contains("64"), "{e}");
+    }
 
     fn llama32() -> ModelConfig {
         ModelConfig {

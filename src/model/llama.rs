@@ -34,6 +34,8 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("empty input: at least one token is needed")]
     Empty,
+    #[error("bad multimodal input: {0}")]
+    Input(String),
 }
 
 /// A projection whose output is one activation. Usually one matrix (q|k|v or gate|up rows fused
@@ -439,7 +441,27 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         all_logits: bool,
     ) -> Result<Vec<f32>, ModelError> {
-        self.run(be, tokens, cache, if all_logits { Output::AllLogits } else { Output::LastLogits })
+        self.forward_mm(be, tokens, &MmInput::default(), cache, all_logits)
+    }
+
+    /// [`Self::forward`] with a multimodal prompt's extras: image embeddings in place of some
+    /// token embeddings, and M-RoPE positions.
+    pub fn forward_mm<C: KvCache<B> + Send + ?Sized>(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        mm: &MmInput<'_>,
+        cache: &mut C,
+        all_logits: bool,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.run(be, tokens, mm, cache, if all_logits { Output::AllLogits } else { Output::LastLogits })
+    }
+
+    /// Rope positions for `n` tokens at cache indices `first..`, as the rope wants them: one per
+    /// token, or (M-RoPE) three equal ones, shifted by the sequence's `rope_delta`.
+    fn text_positions(&self, first: usize, n: usize, rope_delta: i64) -> Vec<u32> {
+        let per_row = self.rope.positions_per_row();
+        (first..first + n).flat_map(|p| std::iter::repeat_n((p as i64 + rope_delta).max(0) as u32, per_row)).collect()
     }
 
     /// Runs `tokens` and returns the mean over them of the final-norm hidden states
@@ -450,7 +472,7 @@ impl<B: Backend> Llama<B> {
         tokens: &[u32],
         cache: &mut C,
     ) -> Result<Vec<f32>, ModelError> {
-        let rows = self.run(be, tokens, cache, Output::Hidden)?;
+        let rows = self.run(be, tokens, &MmInput::default(), cache, Output::Hidden)?;
         let h = self.config.hidden_size;
         let mut mean = vec![0f32; h];
         for row in rows.chunks_exact(h) {
@@ -467,6 +489,7 @@ impl<B: Backend> Llama<B> {
         &self,
         be: &B,
         tokens: &[u32],
+        mm: &MmInput<'_>,
         cache: &mut C,
         output: Output,
     ) -> Result<Vec<f32>, ModelError> {
@@ -476,14 +499,33 @@ impl<B: Backend> Llama<B> {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
         }
-        let first = cache.len();
-        let new_slots = cache.append(tokens.len())?;
-        let slots = cache.slots().to_vec();
-        let positions: Vec<u32> = (first as u32..(first + tokens.len()) as u32).collect();
         let n = tokens.len();
+        let positions = match mm.positions {
+            None => self.text_positions(cache.len(), n, mm.rope_delta),
+            Some(p) if self.rope.mrope_section.is_none() => {
+                return Err(ModelError::Input(format!("{} 3-D positions for a model without M-RoPE", p.len())))
+            }
+            Some(p) if p.len() != n => {
+                return Err(ModelError::Input(format!("{} 3-D positions for {n} tokens", p.len())));
+            }
+            Some(p) => p.iter().flatten().copied().collect(),
+        };
+        let h = self.config.hidden_size;
+        if mm.embeds.len() != mm.embed_rows.len() * h || mm.embed_rows.iter().any(|&r| r >= n) {
+            return Err(ModelError::Input(format!(
+                "{} embedding values for rows {:?} of a {n}-token input of width {h}",
+                mm.embeds.len(),
+                mm.embed_rows
+            )));
+        }
+        let first = cache.len();
+        let new_slots = cache.append(n)?;
+        let slots = cache.slots().to_vec();
+        debug_assert_eq!(first + n, slots.len());
         let seqs = [AttnSeq { q_rows: 0..n, slots: &slots }];
         let rows: Vec<usize> = if output == Output::LastLogits { vec![n - 1] } else { (0..n).collect() };
-        Ok(self.compute(be, tokens, &positions, &new_slots, &seqs, &rows, output == Output::Hidden, cache))
+        let embeds = (!mm.embed_rows.is_empty()).then_some((mm.embed_rows, mm.embeds));
+        Ok(self.compute(be, tokens, embeds, &positions, &new_slots, &seqs, &rows, output == Output::Hidden, cache))
     }
 
     /// One forward over several sequences of a paged cache at once: each `(tokens, sequence)`
@@ -507,9 +549,9 @@ impl<B: Backend> Llama<B> {
             if let Some(&id) = t.iter().find(|&&id| id as usize >= self.config.vocab_size) {
                 return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
             }
-            let first = seq.len() as u32;
+            let first = seq.len();
             new_slots.extend(cache.view(seq, t).append(t.len())?);
-            positions.extend(first..first + t.len() as u32);
+            positions.extend(self.text_positions(first, t.len(), 0));
             tokens.extend_from_slice(t);
             rows.push(tokens.len() - 1);
         }
@@ -522,18 +564,20 @@ impl<B: Backend> Llama<B> {
                 q
             })
             .collect();
-        let flat = self.compute(be, &tokens, &positions, &new_slots, &seqs, &rows, false, cache);
+        let flat = self.compute(be, &tokens, None, &positions, &new_slots, &seqs, &rows, false, cache);
         Ok(flat.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
-    /// The decoder over flat rows: `tokens[i]` at `positions[i]` writes its K/V to
-    /// `new_slots[i]`; `seqs` say which rows attend over which slots; returns the final-norm
-    /// hidden states (`hidden`) or logits of `out_rows`, row after row.
+    /// The decoder over flat rows: `tokens[i]` at `positions[i]` (M-RoPE: `positions[3i..3i+3]`)
+    /// writes its K/V to `new_slots[i]`; `embeds` replace the token embeddings of some rows;
+    /// `seqs` say which rows attend over which slots; returns the final-norm hidden states
+    /// (`hidden`) or logits of `out_rows`, row after row.
     #[allow(clippy::too_many_arguments)]
     fn compute<C: KvLayers<B> + Send + ?Sized>(
         &self,
         be: &B,
         tokens: &[u32],
+        embeds: Option<(&[usize], &[f32])>,
         positions: &[u32],
         new_slots: &[u32],
         seqs: &[AttnSeq<'_>],
@@ -547,6 +591,9 @@ impl<B: Backend> Llama<B> {
             let eps = cfg.rms_norm_eps;
             let mut h = be.zeros(n, cfg.hidden_size);
             be.embedding(&self.embed, tokens, &mut h);
+            if let Some((rows, values)) = embeds {
+                be.set_rows(&mut h, rows, values);
+            }
             let mut normed = be.zeros(n, cfg.hidden_size);
             let mut attn = be.zeros(n, self.layout.q_cols());
             let mut act = be.zeros(n, cfg.intermediate_size);
@@ -583,6 +630,19 @@ impl<B: Backend> Llama<B> {
             be.download(&logits)
         })
     }
+}
+
+/// A multimodal prompt's extras for [`Llama::forward_mm`]. The default is plain text.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmInput<'a> {
+    /// M-RoPE positions `(t, h, w)`, one per token (a prompt with images, from
+    /// `model::vision::mrope_positions`). `None`: each token at its cache index + `rope_delta`.
+    pub positions: Option<&'a [[u32; 3]]>,
+    /// M-RoPE: what images shifted later text positions by (negative; 0 without images).
+    pub rope_delta: i64,
+    /// Rows of the input whose embeddings `embeds` replace (`embed_rows.len() × hidden_size`).
+    pub embed_rows: &'a [usize],
+    pub embeds: &'a [f32],
 }
 
 /// What [`Llama::run`] returns after the last block.
@@ -716,6 +776,40 @@ mod tests {
         }
     }
 
+    /// Embeddings put in place of some rows act exactly like the tokens they embed: the image
+    /// path (vision rows into `<|image_pad|>` rows) changes the input and nothing else. Bad
+    /// extras are errors, not panics.
+    #[test]
+    fn injected_embeddings_act_like_the_tokens_they_embed() {
+        use crate::backend::cpu::{CpuBackend, Precision};
+        use crate::model::kv_cache::ContiguousKvCache;
+        use crate::model::test_model;
+
+        let file = test_model::gguf(5);
+        let be = CpuBackend::with_precision(1, Precision::F32);
+        let m = Llama::from_gguf(&file, &be).unwrap();
+        let h = m.config.hidden_size;
+        let cache = || ContiguousKvCache::new(&be, m.config.n_layers, m.layout().kv_cols(), 16).unwrap();
+        let real = [5u32, 9, 40, 41, 42, 7];
+        let want = m.forward(&be, &real, &mut cache(), true).unwrap();
+        // Rows 2..5 get placeholders (id 3) and the embeddings of 40, 41, 42 instead.
+        let table = be.download(&{
+            let mut t = be.zeros(3, h);
+            be.embedding(&m.embed, &[40, 41, 42], &mut t);
+            t
+        });
+        let placeholders = [5u32, 9, 3, 3, 3, 7];
+        let mm = MmInput { embed_rows: &[2, 3, 4], embeds: &table, ..MmInput::default() };
+        let got = m.forward_mm(&be, &placeholders, &mm, &mut cache(), true).unwrap();
+        assert_eq!(got, want);
+        let bad = MmInput { embed_rows: &[2, 9], embeds: &table[..2 * h], ..MmInput::default() };
+        assert!(matches!(m.forward_mm(&be, &placeholders, &bad, &mut cache(), true), Err(ModelError::Input(_))));
+        let pos = [[0u32; 3]; 6];
+        let bad = MmInput { positions: Some(&pos), ..MmInput::default() };
+        let e = m.forward_mm(&be, &placeholders, &bad, &mut cache(), true).unwrap_err();
+        assert!(e.to_string().contains("without M-RoPE"), "{e}");
+    }
+
     /// GGUF `llama` q/k rows are stored for GPT-J-style rope. Un-permuting them and applying HF
     /// rotate-half rope gives the same rotated vectors, in HF order, as rotating the stored rows
     /// with adjacent-pair rope: the two conventions are one model.
@@ -734,6 +828,7 @@ mod tests {
             style,
             head_dim: hd,
             inv_freq: (0..hd / 2).map(|i| 100f32.powf(-((2 * i) as f32) / hd as f32)).collect(),
+            mrope_section: None,
         };
 
         let mut a = reference::linear(&x, 1, cols, &stored, rows, None);

@@ -53,16 +53,20 @@ void norms(int rows, int cols) {
     emu_launch(dim3(rows), dim3(NORM_THREADS), [&] { rms_norm_f32(x.data(), w.data(), out.data(), cols, 1e-6f); });
     for (int i = 0; i < rows * cols; ++i) check("rms in place", xi[i], out[i], 0);
 }
-void rope(int rows, int stride, int nh, int hd) {
+// ps = positions per row (1, or 3 for M-RoPE with sections ending at e0, e1).
+void rope(int rows, int stride, int nh, int hd, int ps = 1, int e0 = -1, int e1 = 0) {
+    if (e0 < 0) e0 = hd / 2;
     std::vector<float> x(rows * stride); for (auto& v : x) v = urand();
-    std::vector<uint32_t> pos(rows); for (auto& p : pos) p = rng() % 40000;
+    std::vector<uint32_t> pos(rows * ps); for (auto& p : pos) p = rng() % 40000;
     std::vector<float> inv(hd / 2); for (int i = 0; i < hd / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / hd);
     auto y = x;
-    emu_launch(dim3(rows, nh), dim3(hd / 2), [&] { rope_f32(y.data(), rows, stride, nh, hd, pos.data(), inv.data()); });
+    emu_launch(dim3(rows, nh), dim3(hd / 2), [&] { rope_f32(y.data(), rows, stride, nh, hd, pos.data(), ps, e0, e1, inv.data()); });
     for (int r = 0; r < rows; ++r) for (int c = 0; c < stride; ++c) {
         int h = c / hd, i = c % hd; float want = x[r * stride + c];
         if (h < nh) {
-            int ii = i % (hd / 2); float ang = (float)pos[r] * inv[ii]; double s = std::sin((double)ang), co = std::cos((double)ang);
+            int ii = i % (hd / 2);
+            int comp = ps == 1 ? 0 : (ii < e0 ? 0 : (ii < e1 ? 1 : 2));
+            float ang = (float)pos[r * ps + comp] * inv[ii]; double s = std::sin((double)ang), co = std::cos((double)ang);
             float a = x[r * stride + h * hd + ii], b = x[r * stride + h * hd + ii + hd / 2];
             want = i < hd / 2 ? a * co - b * s : a * s + b * co;
         }
@@ -110,6 +114,7 @@ int main() {
     lin(8, 72, 3, true, 0, true);
     norms(3, 1000); norms(2, 1001); norms(1, 4100); norms(1, 3);
     rope(3, 70, 2, 32); rope(2, 300, 3, 80); rope(1, 128, 1, 128);
+    rope(3, 140, 4, 32, 3, 4, 10); rope(2, 256, 2, 128, 3, 16, 40);  // M-RoPE: Qwen2-VL's 16/24/24
     elem();
     printf(fails ? "misc: %d FAILURES\n" : "misc: all ok\n", fails);
     return fails != 0;

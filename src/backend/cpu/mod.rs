@@ -455,11 +455,13 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &mut CpuTensor, n_heads: usize, positions: &[u32], rope: &Rope) {
         let d = rope.head_dim;
-        assert!(n_heads * d <= x.cols && positions.len() == x.rows);
+        let per_row = rope.positions_per_row();
+        assert!(n_heads * d <= x.cols && positions.len() == x.rows * per_row);
         let cols = x.cols;
-        x.data.par_chunks_mut(cols).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        x.data.par_chunks_mut(cols).zip(positions.par_chunks_exact(per_row)).for_each(|(row, pos)| {
             // One sin/cos per frequency, shared by all heads of the row.
-            let sc: Vec<(f32, f32)> = rope.inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).collect();
+            let sc: Vec<(f32, f32)> =
+                rope.inv_freq.iter().enumerate().map(|(i, f)| (pos[rope.component(i)] as f32 * f).sin_cos()).collect();
             for head in row[..n_heads * d].chunks_exact_mut(d) {
                 match rope.style {
                     RopeStyle::Neox => {
@@ -587,6 +589,13 @@ impl Backend for CpuBackend {
         }
         CpuTensor { data, rows: rows.len(), cols: x.cols }
     }
+
+    fn set_rows(&self, x: &mut CpuTensor, rows: &[usize], values: &[f32]) {
+        assert!(values.len() == rows.len() * x.cols && rows.iter().all(|&r| r < x.rows), "set_rows: bad shape");
+        for (&r, v) in rows.iter().zip(values.chunks_exact(x.cols)) {
+            x.data[r * x.cols..(r + 1) * x.cols].copy_from_slice(v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -696,6 +705,7 @@ mod tests {
                 style,
                 head_dim: 32,
                 inv_freq: (0..16).map(|i| 10000f32.powf(-2.0 * i as f32 / 32.0)).collect(),
+                mrope_section: None,
             };
             let pos = [0u32, 1, 7, 300, 4095];
             let mut a = x.clone();
@@ -704,6 +714,37 @@ mod tests {
             r::rope(&mut b, c, 3, &pos, &rope);
             assert_close(&a.data, &b, 1e-5, "rope");
             assert_eq!(a.data[3 * 32..c], x.data[3 * 32..c], "heads past n_heads untouched");
+
+            // M-RoPE (sections 4/6/6 of the 16 pairs): each pair turns with its section's
+            // position, so the result splices three plain rotations, at t, at h and at w.
+            let m = Rope { mrope_section: Some([4, 6, 6]), ..rope.clone() };
+            let pos3: Vec<u32> = pos.iter().flat_map(|&p| [p, p * 3 + 1, p / 2 + 5]).collect();
+            let mut a = x.clone();
+            be.rope(&mut a, 3, &pos3, &m);
+            let mut b = x.data.clone();
+            r::rope(&mut b, c, 3, &pos3, &m);
+            assert_close(&a.data, &b, 1e-5, "mrope");
+            let plain = |k: usize| {
+                let p: Vec<u32> = pos3.chunks(3).map(|t| t[k]).collect();
+                let mut y = x.clone();
+                be.rope(&mut y, 3, &p, &rope);
+                y.data
+            };
+            let by = [plain(0), plain(1), plain(2)];
+            for (idx, v) in a.data.iter().enumerate() {
+                let col = idx % c;
+                let pair = match style {
+                    RopeStyle::Neox => col % 32 % 16,
+                    RopeStyle::Norm => col % 32 / 2,
+                };
+                let k = if col >= 3 * 32 { 0 } else { m.component(pair) };
+                assert_eq!(*v, by[k][idx], "mrope col {col}: pair {pair} turns with position {k}");
+            }
+            // Text tokens (t = h = w) get plain RoPE.
+            let same: Vec<u32> = pos.iter().flat_map(|&p| [p; 3]).collect();
+            let mut a = x.clone();
+            be.rope(&mut a, 3, &same, &m);
+            assert_eq!(a.data, plain(0), "t = h = w is plain rope");
         }
 
         let mut h = be.zeros(n, c / 2);

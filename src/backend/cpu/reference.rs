@@ -57,11 +57,12 @@ pub fn silu_mul(gate_up: &[f32], hidden: usize) -> Vec<f32> {
 pub fn rope(x: &mut [f32], cols: usize, n_heads: usize, positions: &[u32], rope: &Rope) {
     let d = rope.head_dim;
     let half = d / 2;
-    for (row, &pos) in x.chunks_mut(cols).zip(positions) {
+    let per_row = rope.positions_per_row();
+    for (row, pos) in x.chunks_mut(cols).zip(positions.chunks_exact(per_row)) {
         for h in 0..n_heads {
             let head = &mut row[h * d..(h + 1) * d];
             for i in 0..half {
-                let angle = pos as f32 * rope.inv_freq[i];
+                let angle = pos[rope.component(i)] as f32 * rope.inv_freq[i];
                 let (sin, cos) = angle.sin_cos();
                 let (a, b) = match rope.style {
                     RopeStyle::Neox => (i, i + half),

@@ -511,13 +511,17 @@ impl Backend for CudaBackend {
     fn rope(&self, x: &mut CudaTensor, n_heads: usize, positions: &[u32], rope: &Rope) {
         assert_eq!(rope.style, RopeStyle::Neox, "the CUDA engine loads every checkpoint for rotate-half rope");
         let d = rope.head_dim;
-        assert!(n_heads * d <= x.cols && positions.len() == x.rows);
+        let per_row = rope.positions_per_row();
+        assert!(n_heads * d <= x.cols && positions.len() == x.rows * per_row);
         assert_eq!(rope.inv_freq.len(), d / 2);
         let pos = self.u32s(positions);
         let freq = self.stream.clone_htod(&rope.inv_freq).unwrap_or_else(fail("upload"));
         let (r, s, h, hd) = (i(x.rows), i(x.cols), i(n_heads), i(d));
+        // Section ends in frequency pairs: without M-RoPE every pair reads the one position.
+        let [s0, s1, _] = rope.mrope_section.unwrap_or([d / 2, 0, 0]);
+        let (stride, e0, e1) = (i(per_row), i(s0), i(s0 + s1));
         let mut l = self.stream.launch_builder(&self.k.rope);
-        l.arg(&mut x.buf).arg(&r).arg(&s).arg(&h).arg(&hd).arg(&pos).arg(&freq);
+        l.arg(&mut x.buf).arg(&r).arg(&s).arg(&h).arg(&hd).arg(&pos).arg(&stride).arg(&e0).arg(&e1).arg(&freq);
         // SAFETY: matches rope_f32.
         unsafe { l.launch(cfg((x.rows, n_heads, 1), d / 2)) }.unwrap_or_else(fail("rope"));
     }
@@ -636,5 +640,21 @@ impl Backend for CudaBackend {
         // SAFETY: matches gather_rows_f32.
         unsafe { l.launch(cfg((rows.len().max(1), 1, 1), 256)) }.unwrap_or_else(fail("gather_rows"));
         out
+    }
+
+    fn set_rows(&self, x: &mut CudaTensor, rows: &[usize], values: &[f32]) {
+        let c = x.cols;
+        assert!(values.len() == rows.len() * c && rows.iter().all(|&r| r < x.rows), "set_rows: bad shape");
+        // Image rows come in runs (one per image): one copy per run of consecutive rows.
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                j += 1;
+            }
+            let mut dst = x.buf.slice_mut(rows[i] * c..(rows[j - 1] + 1) * c);
+            self.stream.memcpy_htod(&values[i * c..j * c], &mut dst).unwrap_or_else(fail("set_rows"));
+            i = j;
+        }
     }
 }

@@ -427,6 +427,7 @@ pub fn http_vs_loop(
         stop: vec![],
         logprobs: None,
         constraint: None,
+        mm: None,
     };
     let in_process = || -> anyhow::Result<f64> {
         let keep_going = |_: crate::engine::generate::Emitted<'_>| std::ops::ControlFlow::Continue(());
@@ -503,6 +504,7 @@ pub fn constrained_vs_free<B: Backend>(m: &LoadedModel<B>, reps: usize) -> anyho
             stop: vec![],
             logprobs: None,
             constraint,
+            mm: None,
         };
         let keep_going = |_: crate::engine::generate::Emitted<'_>| std::ops::ControlFlow::Continue(());
         let g = generate(&m.model, &m.backend, &m.tokenizer, req, m.context_length, keep_going)?;

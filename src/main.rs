@@ -330,6 +330,7 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
         stop: manifest.defaults.stop.clone(),
         logprobs: None,
         constraint: None,
+        mm: None,
     };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;

@@ -59,6 +59,7 @@ fn chat_generation_follows_llama_cpp() {
         stop: vec![],
         logprobs: None,
         constraint: None,
+        mm: None,
     };
     let mut streamed = String::new();
     let g = generate(&model, &be, &tok, req, 2048, |e| {
@@ -131,6 +132,7 @@ fn constrained_generation_is_schema_valid_for_every_seed() {
             stop: vec![],
             logprobs: None,
             constraint: Some(constraint.clone()),
+            mm: None,
         };
         let g = generate(&model, &be, &tok, req, 2048, |_| std::ops::ControlFlow::Continue(())).unwrap();
         eprintln!("seed {seed}: {}", g.text);

@@ -276,7 +276,8 @@ where
             }
             // A preempted sequence recomputes everything it has (prompt and generated).
             let history = w.dec.history().to_vec();
-            let (seq, cached) = cache.start(&history, w.meta.context_len);
+            // Cached blocks are found by keys in which image placeholders stand for their images.
+            let (seq, cached) = cache.start(&w.dec.history_keys(), w.meta.context_len);
             let need = cache.blocks_needed(&seq, history.len() - cached + 1);
             if !cache.pool.can_allocate(need) {
                 let mut seq = seq;
@@ -411,16 +412,18 @@ where
         let chunks: Vec<Vec<u32>> = fed.iter().map(|&i| running[i].pending[..take[i]].to_vec()).collect();
         let mut logits = {
             let mut batch: Vec<(&[u32], &mut Sequence)> = Vec::with_capacity(fed.len());
+            let mut mm = Vec::with_capacity(fed.len());
             let mut k = 0;
             for (i, r) in running.iter_mut().enumerate() {
                 if take[i] > 0 {
                     batch.push((&chunks[k], &mut r.seq));
+                    mm.push(r.dec.mm());
                     k += 1;
                 }
             }
             // A failed forward leaves the cache undefined: fatal for this incarnation.
             self.model
-                .forward_batch(&self.backend, cache, &mut batch)
+                .forward_batch_mm(&self.backend, cache, &mut batch, &mm)
                 .map_err(|e| format!("forward pass failed: {e}"))?
         };
         let mut finished = Vec::new();

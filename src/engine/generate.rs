@@ -21,7 +21,7 @@ use crate::engine::detokenizer::Detokenizer;
 use crate::engine::grammar::{Constraint, ConstraintState};
 use crate::engine::sampler::{Sampler, SamplingError, SamplingParams};
 use crate::model::kv_cache::{ContiguousKvCache, KvError};
-use crate::model::llama::{Llama, ModelError};
+use crate::model::llama::{Llama, MmPrompt, ModelError};
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +40,8 @@ pub struct GenerateRequest {
     /// Only tokens that keep the output valid for this grammar may be sampled; the sequence
     /// stops when the grammar is complete.
     pub constraint: Option<Constraint>,
+    /// A prompt with images: embeddings, M-RoPE positions and cache keys (batching engine only).
+    pub mm: Option<std::sync::Arc<MmPrompt>>,
 }
 
 /// Log-probabilities of one generated token under the model's own distribution (the softmax of
@@ -221,6 +223,7 @@ pub struct SeqDecoder<'t> {
     logprobs: Option<usize>,
     raw_logits: Vec<f32>,
     constraint: Option<ConstraintState>,
+    mm: Option<std::sync::Arc<MmPrompt>>,
     finish: Option<FinishReason>,
     started: Option<Instant>,
     decode_start: Option<Instant>,
@@ -260,6 +263,7 @@ impl<'t> SeqDecoder<'t> {
             logprobs: req.logprobs,
             raw_logits: Vec::new(),
             constraint: req.constraint.as_ref().map(Constraint::start),
+            mm: req.mm,
             finish: None,
             started: None,
             decode_start: None,
@@ -274,6 +278,19 @@ impl<'t> SeqDecoder<'t> {
     /// Prompt and generated ids so far.
     pub fn history(&self) -> &[u32] {
         &self.history
+    }
+
+    /// The prompt's images, if it has any.
+    pub fn mm(&self) -> Option<&MmPrompt> {
+        self.mm.as_deref()
+    }
+
+    /// [`Self::history`] as the prefix cache keys it: image placeholders by their images.
+    pub fn history_keys(&self) -> Vec<u32> {
+        match &self.mm {
+            None => self.history.clone(),
+            Some(m) => m.keys(0, &self.history),
+        }
     }
 
     pub fn max_new(&self) -> usize {
@@ -520,6 +537,7 @@ mod tests {
             stop: vec![],
             logprobs: None,
             constraint: None,
+            mm: None,
         }
     }
 

@@ -457,6 +457,13 @@ impl<B: Backend> Llama<B> {
         self.run(be, tokens, mm, cache, if all_logits { Output::AllLogits } else { Output::LastLogits })
     }
 
+    /// The input embeddings of `ids`, row after row (`hidden_size` each).
+    pub fn token_embeddings(&self, be: &B, ids: &[u32]) -> Vec<f32> {
+        let mut t = be.zeros(ids.len(), self.config.hidden_size);
+        be.embedding(&self.embed, ids, &mut t);
+        be.download(&t)
+    }
+
     /// Rope positions for `n` tokens at cache indices `first..`, as the rope wants them: one per
     /// token, or (M-RoPE) three equal ones, shifted by the sequence's `rope_delta`.
     fn text_positions(&self, first: usize, n: usize, rope_delta: i64) -> Vec<u32> {
@@ -541,20 +548,52 @@ impl<B: Backend> Llama<B> {
     where
         B::KvLayer: Send,
     {
+        self.forward_batch_mm(be, cache, batch, &vec![None; batch.len()])
+    }
+
+    /// [`Self::forward_batch`] where sequence `i` may be a prompt with images (`mm[i]`): its rows
+    /// take their M-RoPE positions and image embeddings from the [`MmPrompt`] by position in the
+    /// sequence, so prompt chunks and recomputation after preemption need nothing else; tokens
+    /// past the prompt are text at `index + rope_delta`.
+    pub fn forward_batch_mm(
+        &self,
+        be: &B,
+        cache: &mut PagedKvCache<B>,
+        batch: &mut [(&[u32], &mut Sequence)],
+        mm: &[Option<&MmPrompt>],
+    ) -> Result<Vec<Vec<f32>>, ModelError>
+    where
+        B::KvLayer: Send,
+    {
         if batch.is_empty() || batch.iter().any(|(t, _)| t.is_empty()) {
             return Err(ModelError::Empty);
         }
+        assert_eq!(mm.len(), batch.len(), "one multimodal entry per sequence");
         let (mut tokens, mut positions, mut new_slots, mut rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (t, seq) in batch.iter_mut() {
+        let (mut embed_rows, mut embeds) = (Vec::new(), Vec::new());
+        for ((t, seq), m) in batch.iter_mut().zip(mm) {
             if let Some(&id) = t.iter().find(|&&id| id as usize >= self.config.vocab_size) {
                 return Err(ModelError::TokenOutOfRange { id, vocab: self.config.vocab_size });
             }
-            let first = seq.len();
-            new_slots.extend(cache.view(seq, t).append(t.len())?);
-            positions.extend(self.text_positions(first, t.len(), 0));
+            let (first, n) = (seq.len(), t.len());
+            match m {
+                None => {
+                    new_slots.extend(cache.view(seq, t).append(n)?);
+                    positions.extend(self.text_positions(first, n, 0));
+                }
+                Some(m) => {
+                    let keys = m.keys(first, t);
+                    new_slots.extend(cache.view(seq, &keys).append(n)?);
+                    positions.extend(m.positions_for(self, first, n));
+                    let (r, e) = m.embeds_in(first..first + n, self.config.hidden_size);
+                    embed_rows.extend(r.into_iter().map(|r| tokens.len() + r - first));
+                    embeds.extend_from_slice(e);
+                }
+            }
             tokens.extend_from_slice(t);
             rows.push(tokens.len() - 1);
         }
+        let embeds = (!embed_rows.is_empty()).then_some((&embed_rows[..], &embeds[..]));
         let mut start = 0;
         let seqs: Vec<AttnSeq> = batch
             .iter()
@@ -564,7 +603,7 @@ impl<B: Backend> Llama<B> {
                 q
             })
             .collect();
-        let flat = self.compute(be, &tokens, None, &positions, &new_slots, &seqs, &rows, false, cache);
+        let flat = self.compute(be, &tokens, embeds, &positions, &new_slots, &seqs, &rows, false, cache);
         Ok(flat.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
@@ -643,6 +682,49 @@ pub struct MmInput<'a> {
     /// Rows of the input whose embeddings `embeds` replace (`embed_rows.len() × hidden_size`).
     pub embed_rows: &'a [usize],
     pub embeds: &'a [f32],
+}
+
+/// A prompt with images, prepared for the batching engine: everything the decoder needs besides
+/// the token ids, indexed by position in the prompt.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MmPrompt {
+    /// M-RoPE `(t, h, w)` of every prompt token (empty for a model without M-RoPE).
+    pub positions: Vec<[u32; 3]>,
+    /// What the images shift later text positions by.
+    pub rope_delta: i64,
+    /// Prompt indices whose embeddings are replaced, ascending; `embeds` holds their rows.
+    pub embed_rows: Vec<usize>,
+    pub embeds: Vec<f32>,
+    /// The prompt's ids for prefix-cache hashing: placeholders replaced by ids derived from their
+    /// image's hash, so the same placeholders for different images never share cached blocks.
+    pub key_ids: Vec<u32>,
+}
+
+impl MmPrompt {
+    /// Hash ids for `tokens` at sequence positions `first..`: the prompt's keys, then the ids.
+    pub fn keys(&self, first: usize, tokens: &[u32]) -> Vec<u32> {
+        (first..first + tokens.len()).map(|i| self.key_ids.get(i).copied().unwrap_or(tokens[i - first])).collect()
+    }
+
+    /// Rope positions for `n` tokens at sequence positions `first..`.
+    fn positions_for<B: Backend>(&self, model: &Llama<B>, first: usize, n: usize) -> Vec<u32> {
+        if model.rope.mrope_section.is_none() || self.positions.is_empty() {
+            return model.text_positions(first, n, self.rope_delta);
+        }
+        (first..first + n)
+            .flat_map(|i| match self.positions.get(i) {
+                Some(p) => *p,
+                None => [(i as i64 + self.rope_delta).max(0) as u32; 3],
+            })
+            .collect()
+    }
+
+    /// The replaced rows within `range` (sequence positions) and their embedding values.
+    fn embeds_in(&self, range: std::ops::Range<usize>, hidden: usize) -> (Vec<usize>, &[f32]) {
+        let a = self.embed_rows.partition_point(|&r| r < range.start);
+        let b = self.embed_rows.partition_point(|&r| r < range.end);
+        (self.embed_rows[a..b].to_vec(), &self.embeds[a * hidden..b * hidden])
+    }
 }
 
 /// What [`Llama::run`] returns after the last block.
@@ -793,11 +875,8 @@ mod tests {
         let real = [5u32, 9, 40, 41, 42, 7];
         let want = m.forward(&be, &real, &mut cache(), true).unwrap();
         // Rows 2..5 get placeholders (id 3) and the embeddings of 40, 41, 42 instead.
-        let table = be.download(&{
-            let mut t = be.zeros(3, h);
-            be.embedding(&m.embed, &[40, 41, 42], &mut t);
-            t
-        });
+        let table = m.token_embeddings(&be, &[40, 41, 42]);
+        assert_eq!(table.len(), 3 * h);
         let placeholders = [5u32, 9, 3, 3, 3, 7];
         let mm = MmInput { embed_rows: &[2, 3, 4], embeds: &table, ..MmInput::default() };
         let got = m.forward_mm(&be, &placeholders, &mm, &mut cache(), true).unwrap();

@@ -416,6 +416,63 @@ mod tests {
         (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32
     }
 
+    /// A prompt whose placeholder rows carry other embeddings, fed to the paged cache in two
+    /// chunks, decodes like the prompt of the tokens those embeddings belong to; and the same
+    /// placeholders for different "images" never share prefix-cached blocks, while the same image
+    /// again does.
+    #[test]
+    fn image_rows_in_chunks_decode_like_their_tokens_and_key_the_prefix_cache() {
+        use crate::model::llama::MmPrompt;
+        let file = test_model::gguf(5);
+        let be = CpuBackend::with_precision(1, crate::backend::cpu::Precision::F32);
+        let model = Llama::from_gguf(&file, &be).unwrap();
+        let cols = model.layout().kv_cols();
+        let h = model.config.hidden_size;
+        let embed = |ids: &[u32]| model.token_embeddings(&be, ids);
+        assert_eq!(embed(&[1]).len(), h);
+        let real: Vec<u32> = (10..22).collect();
+        let mut c = ContiguousKvCache::new(&be, test_model::LAYERS, cols, 64).unwrap();
+        let want = greedy(|t| model.forward(&be, t, &mut c, false).unwrap(), &real, 6);
+        // Rows 3..11 are "an image": placeholder id 5, the real tokens' embeddings.
+        let mut prompt = real.clone();
+        prompt[3..11].fill(5);
+        let image = |salt: u32, rows: &[u32]| MmPrompt {
+            embed_rows: (3..11).collect(),
+            embeds: embed(rows),
+            key_ids: prompt
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if (3..11).contains(&i) { 1 << 31 | salt } else { t })
+                .collect(),
+            ..MmPrompt::default()
+        };
+        let mut paged = PagedKvCache::new(&be, test_model::LAYERS, cols, 64, 4).unwrap();
+        let mut run = |mm: &MmPrompt| {
+            let (mut seq, cached) = paged.start(&mm.keys(0, &prompt), 64);
+            let mut out = Vec::new();
+            let mut next = prompt[cached..].to_vec();
+            if next.len() > 5 {
+                // The prompt in two chunks, the first ending inside the image.
+                model.forward_batch_mm(&be, &mut paged, &mut [(&next[..5], &mut seq)], &[Some(mm)]).unwrap();
+                next.drain(..5);
+            }
+            for _ in 0..6 {
+                let l = model.forward_batch_mm(&be, &mut paged, &mut [(&next[..], &mut seq)], &[Some(mm)]).unwrap();
+                let id = argmax(&l[0]);
+                out.push(id);
+                next = vec![id];
+            }
+            paged.free(&mut seq);
+            (out, cached)
+        };
+        let a = image(1, &real[3..11]);
+        assert_eq!(run(&a), (want.clone(), 0));
+        assert_eq!(run(&a), (want, 8), "the same image again reuses its blocks");
+        let other: Vec<u32> = (50..58).collect();
+        let (_, cached) = run(&image(2, &other));
+        assert_eq!(cached, 0, "another image behind the same placeholders shares nothing past them");
+    }
+
     /// Several sequences in one forward: prompts of different lengths prefilled together, a
     /// sequence joining while others decode, a prompt fed in two chunks — each decodes exactly
     /// what it decodes alone.

@@ -183,6 +183,7 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
                 stop: stop.clone(),
                 logprobs: req.logprobs,
                 constraint: constraint.clone(),
+                mm: None,
             }
         })
         .collect();

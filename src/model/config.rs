@@ -118,7 +118,10 @@ impl ModelConfig {
             Some(rs) => {
                 let f = |k: &str| rs.get(k).and_then(|x| x.as_f64()).map(|x| x as f32);
                 let need = |k: &str| f(k).ok_or_else(|| bad(format!("config.json: rope_scaling.{k} is missing")));
-                match rs.get("rope_type").or_else(|| rs.get("type")).and_then(|t| t.as_str()).unwrap_or("default") {
+                let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+                // transformers ≥ 4.46 saves Qwen2-VL's M-RoPE as type "default" with the sections.
+                let kind = if kind == "default" && rs.get("mrope_section").is_some() { "mrope" } else { kind };
+                match kind {
                     "default" => RopeScaling::None,
                     "linear" => RopeScaling::Linear { factor: need("factor")? },
                     "llama3" => RopeScaling::Llama3 {
@@ -324,6 +327,8 @@ mod tests {
             (r.mrope_section, r.positions_per_row(), r.component(15), r.component(16), r.component(40)),
             (Some([16, 24, 24]), 3, 0, 1, 2)
         );
+        v["rope_scaling"] = serde_json::json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]});
+        assert_eq!(ModelConfig::from_hf_json(&v).unwrap().0.rope_scaling, RopeScaling::MRope { section: [16, 24, 24] });
         v["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 16]);
         let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
         assert!(e.contains("mrope_section") && e.contains("64"), "{e}");

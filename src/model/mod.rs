@@ -9,4 +9,5 @@ pub mod synth;
 #[cfg(test)]
 pub(crate) mod test_model;
 pub mod tokenizer;
+pub mod vision;
 pub mod weights;

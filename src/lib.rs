@@ -8,6 +8,7 @@
 //! - [`engine`]: sampling, incremental detokenization, the generation loop.
 //! - [`hub`]: model manifests, the models directory, `pull`.
 //! - [`server`]: `zoe-llm serve`, the Ollama and OpenAI APIs over the engine.
+//! - [`vision`]: images into vision-model inputs (Qwen2-VL preprocessing).
 //! - [`bench`]: `zoe-llm bench`.
 
 pub mod backend;
@@ -17,3 +18,4 @@ pub mod engine;
 pub mod hub;
 pub mod model;
 pub mod server;
+pub mod vision;

@@ -64,7 +64,7 @@ fn run<B: Backend>(
 where
     B::KvLayer: Send,
 {
-    let LoadedModel { backend, model, tokenizer, context_length, .. } = loaded;
+    let LoadedModel { backend, model, tokenizer, context_length, vision, .. } = loaded;
     let kv_cols = model.layout().kv_cols();
     let bytes_per_block = config.block_size * kv_cols * model.config.n_layers * 2 * backend.kv_value_bytes();
     // No more blocks than every sequence at full context could use.
@@ -119,6 +119,7 @@ where
             kv_bytes: (num_blocks * bytes_per_block) as u64,
             load_duration,
             warmup,
+            vision,
         }));
     }
     engine.serve(rx, cache, carried)

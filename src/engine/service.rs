@@ -352,6 +352,8 @@ pub struct ModelHandle {
     pub warmup: Option<Duration>,
     pub stats: Arc<EngineStats>,
     pub health: Arc<EngineHealth>,
+    /// A vision-language model's tower and image settings (`None` for text models).
+    pub vision: Option<Arc<crate::vision::Vision>>,
     queue: SyncSender<(Job, Instant, tracing::Span)>,
 }
 
@@ -383,6 +385,7 @@ impl ModelHandle {
             warmup: init.warmup,
             stats,
             health,
+            vision: init.vision,
             queue: tx,
         })
     }

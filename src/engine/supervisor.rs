@@ -43,6 +43,7 @@ pub(super) struct Init {
     pub kv_bytes: u64,
     pub load_duration: Duration,
     pub warmup: Option<Duration>,
+    pub vision: Option<Arc<crate::vision::Vision>>,
 }
 
 /// State shared by the handle, the supervisor and each engine incarnation.

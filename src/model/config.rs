@@ -327,7 +327,8 @@ mod tests {
             (r.mrope_section, r.positions_per_row(), r.component(15), r.component(16), r.component(40)),
             (Some([16, 24, 24]), 3, 0, 1, 2)
         );
-        v["rope_scaling"] = serde_json::json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]});
+        v["rope_scaling"] =
+            serde_json::json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]});
         assert_eq!(ModelConfig::from_hf_json(&v).unwrap().0.rope_scaling, RopeScaling::MRope { section: [16, 24, 24] });
         v["rope_scaling"]["mrope_section"] = serde_json::json!([16, 24, 16]);
         let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();

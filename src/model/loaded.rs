@@ -70,6 +70,8 @@ pub struct LoadedModel<B: Backend> {
     pub tokenizer: Tokenizer,
     /// The smaller of the file's and the manifest's context length.
     pub context_length: usize,
+    /// The vision tower and image settings of a vision-language checkpoint.
+    pub vision: Option<std::sync::Arc<crate::vision::Vision>>,
 }
 
 impl<B: Backend> LoadedModel<B> {
@@ -92,8 +94,12 @@ impl<B: Backend> LoadedModel<B> {
             .map_err(|source| LoadError::Safetensors { path: dir.display().to_string(), source })?;
         let model = Llama::from_safetensors(&st, cfg, awq.as_ref(), &backend)
             .map_err(|source| LoadError::Model { path: dir.display().to_string(), source })?;
+        // The vision tower runs on the CPU in f32 (its CUDA port is not built yet).
+        let vision = crate::vision::Vision::load(dir, &json, &st)
+            .map_err(|reason| LoadError::Config { path: dir.display().to_string(), reason })?
+            .map(std::sync::Arc::new);
         let context_length = context_limit.map_or(model.config.context_length, |l| l.min(model.config.context_length));
-        Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length })
+        Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length, vision })
     }
 }
 
@@ -112,7 +118,7 @@ impl LoadedModel<CpuBackend> {
         let backend = CpuBackend::with_precision(threads, precision);
         let model = Llama::from_gguf(&file, &backend).map_err(|source| LoadError::Model { path: p(), source })?;
         let context_length = context_limit.map_or(model.config.context_length, |l| l.min(model.config.context_length));
-        Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length })
+        Ok(Self { id: id.to_owned(), backend, model, tokenizer, context_length, vision: None })
     }
 
     /// Loads a manifest's primary file (already present at `path`) onto the CPU. An AWQ

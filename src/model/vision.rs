@@ -563,7 +563,9 @@ pub mod ops {
     /// alike: they differ only in how the angle table is filled.)
     pub fn rope_from_angles(x: &mut [f32], cols: usize, col0: usize, n_heads: usize, head_dim: usize, angles: &[f32]) {
         let half = head_dim / 2;
-        assert!(x.len().is_multiple_of(cols) && col0 + n_heads * head_dim <= cols && angles.len() == x.len() / cols * half);
+        assert!(
+            x.len().is_multiple_of(cols) && col0 + n_heads * head_dim <= cols && angles.len() == x.len() / cols * half
+        );
         x.par_chunks_mut(cols).zip(angles.par_chunks(half)).for_each(|(row, ang)| {
             let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
             for h in 0..n_heads {

@@ -18,7 +18,9 @@ use crate::engine::grammar::{Constraint, OutputFormat};
 use crate::engine::sampler::{SamplingError, SamplingParams};
 use crate::engine::service::{EmbedError, Event, ModelHandle, SubmitError, Summary, Tagged};
 use crate::hub::Manifest;
+use crate::model::llama::MmPrompt;
 use crate::model::tokenizer::Tokenizer;
+use std::sync::Arc;
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -36,6 +38,30 @@ pub enum Input {
         /// Ollama's deprecated `context`: token ids of an earlier exchange, put first.
         context: Vec<u32>,
     },
+}
+
+/// An image a request carries: its bytes and the request field it came from (errors name it).
+#[derive(Clone, Debug)]
+pub struct ImageBytes {
+    pub field: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A template message's `content` with images: `{"type": "image"}` slots (where a vision chat
+/// template writes the model's image placeholder) and `{"type": "text"}` parts, in order, as
+/// Hugging Face processors pass them. Without images, the text parts joined by newlines.
+pub fn message_content(parts: Vec<Option<String>>) -> serde_json::Value {
+    if parts.iter().all(Option::is_some) {
+        return parts.into_iter().flatten().collect::<Vec<_>>().join("\n").into();
+    }
+    parts
+        .into_iter()
+        .map(|p| match p {
+            Some(text) => serde_json::json!({ "type": "text", "text": text }),
+            None => serde_json::json!({ "type": "image" }),
+        })
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// Sampling fields a request set; the rest come from the model's manifest.
@@ -80,6 +106,8 @@ pub struct InferenceRequest {
     pub tools: Option<ToolSet>,
     /// Structured output: the request field it came from (for errors) and the format.
     pub format: Option<(&'static str, OutputFormat)>,
+    /// Images, in the order of their slots in `input` (a chat; vision models only).
+    pub images: Vec<ImageBytes>,
 }
 
 /// A request ready for the engine.
@@ -93,11 +121,26 @@ pub struct Prepared {
 }
 
 /// Renders and tokenizes the prompt, checks it against the context and merges sampling
-/// defaults. Every failure is the client's: a 400 that names the field and the limit.
-pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest) -> Result<Prepared, ApiError> {
+/// defaults. Every failure is the client's: a 400 that names the field and the limit. Images are
+/// decoded, preprocessed and encoded by the vision tower on a blocking thread.
+pub async fn prepare(
+    handle: &Arc<ModelHandle>,
+    manifest: &Manifest,
+    req: &InferenceRequest,
+) -> Result<Prepared, ApiError> {
+    if req.images.is_empty() {
+        return prepare_now(handle, manifest, req);
+    }
+    let (h, m, r) = (handle.clone(), manifest.clone(), req.clone());
+    tokio::task::spawn_blocking(move || prepare_now(&h, &m, &r))
+        .await
+        .map_err(|e| ApiError::Internal(format!("preparing the images failed: {e}")))?
+}
+
+fn prepare_now(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest) -> Result<Prepared, ApiError> {
     let tok = &handle.tokenizer;
     let constraint = constraint(tok, req)?;
-    let prompt_ids = match &req.input {
+    let mut prompt_ids = match &req.input {
         Input::Chat { messages } => {
             render_chat_prompt_with_tools(tok, messages, req.tools.as_ref()).map_err(prompt_error)?
         }
@@ -136,6 +179,13 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
             ids.extend(text_ids);
             ids
         }
+    };
+    let mm = if req.images.is_empty() {
+        None
+    } else {
+        let (ids, mm) = attach_images(handle, &prompt_ids, &req.images)?;
+        prompt_ids = ids;
+        Some(Arc::new(mm))
     };
     let context_len = match req.num_ctx {
         Some(n) if n > 0 => n.min(handle.context_length),
@@ -183,11 +233,34 @@ pub fn prepare(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
                 stop: stop.clone(),
                 logprobs: req.logprobs,
                 constraint: constraint.clone(),
-                mm: None,
+                mm: mm.clone(),
             }
         })
         .collect();
     Ok(Prepared { prompt_ids, context_len, requests, tool_calls: req.tools.is_some() })
+}
+
+/// Preprocesses `images` (errors name each image's field), puts them into the rendered prompt
+/// and encodes them with the model's vision tower.
+fn attach_images(
+    handle: &ModelHandle,
+    prompt: &[u32],
+    images: &[ImageBytes],
+) -> Result<(Vec<u32>, MmPrompt), ApiError> {
+    let vision = handle.vision.as_ref().ok_or_else(|| {
+        ApiError::bad_field(
+            &images[0].field,
+            format!("model '{}' does not support vision: it cannot take images", handle.id),
+        )
+    })?;
+    let inputs = images
+        .iter()
+        .map(|img| {
+            crate::vision::preprocess(&img.bytes, &vision.preprocess)
+                .map_err(|e| ApiError::bad_field(&img.field, format!("{}: {e}", img.field)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    vision.attach(prompt, &inputs).map_err(|e| ApiError::bad_field("messages", format!("images: {e}")))
 }
 
 /// The grammar a request's output must follow: a forced tool call, or `format`. Both at once

@@ -28,6 +28,8 @@ mod engine_tests;
 mod tests;
 #[cfg(test)]
 mod tool_tests;
+#[cfg(test)]
+mod vision_tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::engines::KeepAlive;
 use super::error::{json_response, read_json, ApiError, Dialect, OllamaError};
-use super::infer::{self, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
+use super::infer::{self, ImageBytes, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
 use super::wire::{self, KeepAliveWire, OneOrMany, TopLogprob};
 use super::{Shared, OLLAMA_COMPAT_VERSION};
 use crate::chat::gotmpl::GoTemplate;
@@ -264,6 +264,7 @@ struct Plan {
     options: Options,
     tools: Option<ToolSet>,
     format: Option<OutputFormat>,
+    images: Vec<ImageBytes>,
 }
 
 fn parse_logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>> {
@@ -363,7 +364,18 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
     }
     let format = wire::ollama_format(req.format.as_ref())?;
     check_think(&manifest, req.think.as_ref())?;
-    wire::check_images(&manifest, "images", req.images.as_deref().unwrap_or(&[]))?;
+    let images: Vec<ImageBytes> = wire::check_images(&manifest, "images", req.images.as_deref().unwrap_or(&[]))?
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| ImageBytes { field: format!("images[{i}]"), bytes })
+        .collect();
+    if !images.is_empty() && (raw || req.template.is_some() || req.context.is_some()) {
+        return Err(ApiError::bad_field(
+            "images",
+            "images need the model's chat template: they cannot be used with raw, template or context",
+        )
+        .into());
+    }
     let template = match req.template.as_deref().filter(|t| !t.is_empty()) {
         Some(t) => Some(GoTemplate::parse(t).map_err(|e| ApiError::bad_field("template", e.to_string()))?),
         None => None,
@@ -379,9 +391,22 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
         options: req.options.clone().unwrap_or_default(),
         tools: None,
         format,
+        images: Vec::new(),
     };
-    if prompt.is_empty() && req.images.as_ref().is_none_or(Vec::is_empty) {
+    if prompt.is_empty() && images.is_empty() {
         return load_or_unload(&st, &plan, Kind::Generate { context: false }).await;
+    }
+    if !images.is_empty() {
+        // The prompt becomes a user message with its images, through the chat template.
+        let mut messages = Vec::new();
+        if let Some(s) = &req.system {
+            messages.push(serde_json::json!({ "role": "system", "content": s }));
+        }
+        let mut parts = vec![None; images.len()];
+        parts.push(Some(prompt));
+        messages.push(serde_json::json!({ "role": "user", "content": infer::message_content(parts) }));
+        let plan = Plan { images, ..plan };
+        return run(&st, plan, Input::Chat { messages }, Kind::Generate { context: false }, start).await;
     }
     let input = Input::Text {
         prompt,
@@ -401,6 +426,7 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
     let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
     let format = wire::ollama_format(req.format.as_ref())?;
     check_think(&manifest, req.think.as_ref())?;
+    let mut images = Vec::new();
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         let role = m.role.to_lowercase();
@@ -411,8 +437,15 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
             )
             .into());
         }
-        wire::check_images(&manifest, &format!("messages[{i}].images"), m.images.as_deref().unwrap_or(&[]))?;
-        let mut msg = serde_json::json!({ "role": role, "content": m.content.clone().unwrap_or_default() });
+        let field = format!("messages[{i}].images");
+        let bytes = wire::check_images(&manifest, &field, m.images.as_deref().unwrap_or(&[]))?;
+        // Images before the text, as Ollama's renderers place them.
+        let mut parts: Vec<Option<String>> = vec![None; bytes.len()];
+        parts.push(Some(m.content.clone().unwrap_or_default()));
+        images.extend(
+            bytes.into_iter().enumerate().map(|(j, bytes)| ImageBytes { field: format!("{field}[{j}]"), bytes }),
+        );
+        let mut msg = serde_json::json!({ "role": role, "content": infer::message_content(parts) });
         if let Some(calls) = &m.tool_calls {
             msg["tool_calls"] = serde_json::Value::Array(calls.clone());
         }
@@ -430,6 +463,7 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
         options: req.options.clone().unwrap_or_default(),
         tools,
         format,
+        images,
     };
     if messages.is_empty() {
         // Ollama: a chat with no messages loads (or, with keep_alive 0, unloads) the model.
@@ -468,8 +502,9 @@ async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) 
         logprobs: plan.logprobs,
         tools: plan.tools,
         format: plan.format.map(|f| ("format", f)),
+        images: plan.images,
     };
-    let prepared = infer::prepare(&handle, &plan.manifest, &ireq)?;
+    let prepared = infer::prepare(&handle, &plan.manifest, &ireq).await?;
     let rx = infer::submit(&handle, &prepared)?;
     let mut writer = Writer {
         model: plan.model,

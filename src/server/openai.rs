@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::error::{json_response, read_json, ApiError, OpenAiError};
-use super::infer::{self, Collected, InferenceRequest, Input, MaxTokens, SamplingOverrides};
+use super::infer::{self, Collected, ImageBytes, InferenceRequest, Input, MaxTokens, SamplingOverrides};
 use super::infer::{check_dimensions, embed_error, embedding_ids, normalize};
 use super::ollama::listed_name;
 use super::sse::{ChatChunks, SseStream, TextChunks};
@@ -488,18 +488,23 @@ fn max_tokens(field: &str, v: Option<i64>, default: MaxTokens) -> Result<MaxToke
     }
 }
 
-/// Text of a message's content; image parts are checked (data URLs only) and refused by models
-/// without vision.
-fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<String> {
+/// A message's content for the template; image parts are checked (data URLs only; models
+/// without vision refuse them), become image slots, and their bytes go to `images`.
+fn content_value(
+    m: &Manifest,
+    i: usize,
+    content: Option<&Content>,
+    images: &mut Vec<ImageBytes>,
+) -> Result<serde_json::Value> {
     match content {
-        None => Ok(String::new()),
-        Some(Content::Text(s)) => Ok(s.clone()),
+        None => Ok(String::new().into()),
+        Some(Content::Text(s)) => Ok(s.clone().into()),
         Some(Content::Parts(parts)) => {
             let mut texts = Vec::new();
             for (j, p) in parts.iter().enumerate() {
                 let field = format!("messages[{i}].content[{j}]");
                 match p.kind.as_str() {
-                    "text" | "input_text" => texts.push(p.text.clone().unwrap_or_default()),
+                    "text" | "input_text" => texts.push(Some(p.text.clone().unwrap_or_default())),
                     "image_url" => {
                         let url = match &p.image_url {
                             Some(ImageUrl::Url(u)) | Some(ImageUrl::Object { url: u, .. }) => u,
@@ -521,7 +526,10 @@ fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<Str
                                 return Err(ApiError::bad_field(&field, format!("{field}: invalid image input")).into())
                             }
                         };
-                        wire::check_images(m, &format!("{field}.image_url"), &[b64])?;
+                        let field = format!("{field}.image_url");
+                        let bytes = wire::check_images(m, &field, &[b64])?.pop().expect("one image in, one out");
+                        images.push(ImageBytes { field, bytes });
+                        texts.push(None);
                     }
                     other => {
                         return Err(ApiError::bad_field(
@@ -532,20 +540,21 @@ fn content_text(m: &Manifest, i: usize, content: Option<&Content>) -> Result<Str
                     }
                 }
             }
-            Ok(texts.join("\n"))
+            Ok(infer::message_content(texts))
         }
     }
 }
 
 /// OpenAI messages → template messages (tool-call arguments parsed from strings, so templates do
 /// not encode them twice).
-fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<Vec<serde_json::Value>> {
+fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<(Vec<serde_json::Value>, Vec<ImageBytes>)> {
     if msgs.is_empty() {
         return Err(
             ApiError::bad_field("messages", "messages: [] is too short - at least one message is required").into()
         );
     }
     let mut out = Vec::with_capacity(msgs.len());
+    let mut images = Vec::new();
     for (i, msg) in msgs.iter().enumerate() {
         let role = match msg.role.as_str() {
             "developer" => "system",
@@ -558,7 +567,8 @@ fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<Vec<serde_json::V
                 .into())
             }
         };
-        let mut v = serde_json::json!({ "role": role, "content": content_text(m, i, msg.content.as_ref())? });
+        let mut v =
+            serde_json::json!({ "role": role, "content": content_value(m, i, msg.content.as_ref(), &mut images)? });
         if let Some(calls) = &msg.tool_calls {
             let mut calls = calls.clone();
             for (j, c) in calls.iter_mut().enumerate() {
@@ -583,7 +593,7 @@ fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<Vec<serde_json::V
         }
         out.push(v);
     }
-    Ok(out)
+    Ok((out, images))
 }
 
 fn request_id(prefix: &str) -> String {
@@ -663,7 +673,7 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
     let logprobs = (req.logprobs == Some(true)).then_some(top as usize);
     let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
     let format = wire::response_format(req.response_format.as_ref())?.map(|f| ("response_format", f));
-    let messages = chat_messages(&manifest, &req.messages)?;
+    let (messages, images) = chat_messages(&manifest, &req.messages)?;
     let (handle, _) = st.engines.get(&manifest, &model_name, None).await?;
     let ireq = InferenceRequest {
         input: Input::Chat { messages },
@@ -675,8 +685,9 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
         logprobs,
         tools,
         format,
+        images,
     };
-    let prepared = infer::prepare(&handle, &manifest, &ireq)?;
+    let prepared = infer::prepare(&handle, &manifest, &ireq).await?;
     let rx = infer::submit(&handle, &prepared)?;
     let id = request_id("chatcmpl-");
     let created = wire::unix_secs(SystemTime::now());
@@ -781,8 +792,9 @@ async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
         logprobs,
         tools: None,
         format: None,
+        images: Vec::new(),
     };
-    let mut prepared = infer::prepare(&handle, &manifest, &ireq)?;
+    let mut prepared = infer::prepare(&handle, &manifest, &ireq).await?;
     if let Some(ids) = token_prompt {
         for r in &mut prepared.requests {
             r.prompt_ids = ids.clone();
@@ -986,7 +998,11 @@ async fn tokenize(State(st): State<Shared>, body: Body) -> Result<Response> {
         }
         (None, Some(msgs)) => {
             let tools = wire::tool_set(&manifest, req.tools.as_deref(), None)?;
-            render_chat_prompt_with_tools(tok, &chat_messages(&manifest, msgs)?, tools.as_ref()).map_err(bad)?
+            let (messages, images) = chat_messages(&manifest, msgs)?;
+            if !images.is_empty() {
+                return Err(ApiError::bad_field("messages", "/tokenize does not take images").into());
+            }
+            render_chat_prompt_with_tools(tok, &messages, tools.as_ref()).map_err(bad)?
         }
         _ => return Err(ApiError::bad("give exactly one of `prompt` and `messages`").into()),
     };

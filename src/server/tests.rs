@@ -58,6 +58,23 @@ primary = true
 context_length = 2048
 "#;
 
+/// The tiny transformers-made Qwen2-VL (tests/fixtures/qwen2_vl_tiny) with a test tokenizer.
+pub(super) const TINY_VL: &str = r#"
+id = "tiny-vl"
+roles = ["chat", "vision"]
+format = "gguf"
+architecture = "qwen2"
+[source]
+kind = "huggingface"
+repo = "test/tiny-vl"
+[[files]]
+name = "tiny-vl.gguf"
+sha256 = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+primary = true
+[defaults]
+context_length = 512
+"#;
+
 const ABSENT: &str = r#"
 id = "absent"
 format = "gguf"
@@ -107,7 +124,7 @@ impl TestSource {
 impl ModelSource for TestSource {
     fn present(&self, m: &Manifest) -> bool {
         match m.id.as_str() {
-            "tiny" | "tiny2" | "tiny-tools" => self.tiny_present.load(Ordering::SeqCst),
+            "tiny" | "tiny2" | "tiny-tools" | "tiny-vl" => self.tiny_present.load(Ordering::SeqCst),
             "big-awq" => true,
             _ => false,
         }
@@ -126,6 +143,9 @@ impl ModelSource for TestSource {
         if n >= self.fail_from {
             return Err(format!("the test source refuses load {n}"));
         }
+        if m.id == "tiny-vl" {
+            return Ok(tiny_vl().into());
+        }
         let mut w = test_model::writer(3);
         w.kv("tokenizer.chat_template", MetaValue::String(CHATML.into()));
         // Tools in the system prompt take many of its one-byte tokens.
@@ -135,7 +155,7 @@ impl ModelSource for TestSource {
         let backend = CpuBackend::new(1);
         let model = Llama::from_gguf(&file, &backend).map_err(|e| e.to_string())?;
         let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-        Ok(LoadedModel { id: m.id.clone(), backend, model, tokenizer, context_length }.into())
+        Ok(LoadedModel { id: m.id.clone(), backend, model, tokenizer, context_length, vision: None }.into())
     }
     fn pull(&self, m: &Manifest, opts: &PullOptions) -> Result<(), HubError> {
         *self.pulls.lock().unwrap() += 1;
@@ -159,6 +179,50 @@ impl ModelSource for TestSource {
         self.tiny_present.store(false, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// The tiny Qwen2-VL checkpoint with the test model's byte-level vocabulary, padded to the
+/// checkpoint's 300 ids with its vision tokens at their config.json ids, and Qwen2-VL's template.
+fn tiny_vl() -> LoadedModel<CpuBackend> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_vl_tiny");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let n = config["vocab_size"].as_u64().unwrap() as usize;
+    let mut tokens = test_model::vocab();
+    let mut types = vec![1i32; tokens.len()];
+    types[..3].fill(3);
+    let named = [
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+    ];
+    while tokens.len() < n {
+        let id = tokens.len() as u64;
+        let name = named.iter().find(|(k, _)| config[k].as_u64() == Some(id)).map(|(_, t)| t.to_string());
+        tokens.push(name.unwrap_or_else(|| format!("<|unused_{id}|>")));
+        types.push(3);
+    }
+    let strs = |v: Vec<String>| MetaValue::Array(v.into_iter().map(MetaValue::String).collect());
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/qwen2-vl-instruct.jinja"),
+    )
+    .unwrap();
+    let mut w = crate::model::weights::gguf_writer::GgufWriter::new();
+    w.kv("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", MetaValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.tokens", strs(tokens))
+        .kv("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .kv("tokenizer.ggml.merges", strs(vec!["h e".into(), "\u{120} t".into()]))
+        .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(test_model::IM_END))
+        .kv("tokenizer.chat_template", MetaValue::String(template));
+    let tokenizer = Tokenizer::from_gguf(&w.build()).unwrap();
+    let backend = CpuBackend::new(1);
+    let st = crate::model::weights::safetensors::SafetensorsDir::open(&dir).unwrap();
+    let (cfg, _) = crate::model::config::ModelConfig::from_hf_json(&config).unwrap();
+    let model = Llama::from_safetensors(&st, cfg, None, &backend).unwrap();
+    let vision = crate::vision::Vision::load(&dir, &config, &st).unwrap().map(Arc::new);
+    assert!(vision.is_some());
+    LoadedModel { id: "tiny-vl".into(), backend, model, tokenizer, context_length: 512, vision }
 }
 
 pub(super) fn state_with(config: ServeConfig) -> Shared {

@@ -12,7 +12,10 @@
 //! that says what to change (the servers turn it into a 400).
 
 mod preprocess;
+mod prompt;
 mod resample;
+
+pub use prompt::{AttachError, Vision};
 
 pub use preprocess::{
     detect_format, preprocess, smart_resize, ImageError, ImageFormat, ImageInput, PreprocessConfig, MAX_ASPECT_RATIO,

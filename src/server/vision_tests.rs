@@ -1,0 +1,168 @@
+//! Images through both dialects on the tiny transformers-made Qwen2-VL (tests/fixtures/
+//! qwen2_vl_tiny) with a byte-level test tokenizer whose vision tokens sit at the checkpoint's
+//! ids: requests with images answer, bad images are 400s that say what is wrong, and the same
+//! image again reuses its prefix-cached blocks.
+
+use std::io::Cursor;
+
+use axum::http::StatusCode;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::tests::{post, state_from, TestSource, TINY, TINY_VL};
+use super::ServeConfig;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A `w`×`h` RGB gradient as PNG.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]));
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A well-formed PNG of a few dozen bytes whose header claims `w`×`h`: 16 zero bytes of image
+/// data (a stored zlib block), then the end chunk. Decoding it would allocate `w·h·3` bytes.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend((data.len() as u32).to_be_bytes());
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    // zlib: header, one final stored block of 16 zeros, Adler-32 of 16 zeros (= 0x00100001).
+    let mut idat = vec![0x78, 0x01, 0x01, 16, 0, !16u8, 0xff];
+    idat.extend([0u8; 16]);
+    idat.extend([0x00, 0x10, 0x00, 0x01]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &idat);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+fn state() -> super::Shared {
+    state_from(ServeConfig::default(), &[TINY, TINY_VL], TestSource::new(1))
+}
+
+#[tokio::test]
+async fn image_requests_answer_in_both_dialects() {
+    let st = state();
+    let image = b64(&png(56, 84));
+    let greedy = json!({"temperature": 0, "num_predict": 4});
+    let v = post(
+        &st,
+        "/api/chat",
+        json!({"model": "tiny-vl", "stream": false, "options": greedy,
+               "messages": [{"role": "user", "content": "what is this?", "images": [image]}]}),
+    )
+    .await
+    .json();
+    assert_eq!(v["done"], true, "{v}");
+    // 56×84 → a 4×6 patch grid → 6 image tokens, on top of the text.
+    let with_image = v["prompt_eval_count"].as_u64().unwrap();
+    let text_only = post(
+        &st,
+        "/api/chat",
+        json!({"model": "tiny-vl", "stream": false, "options": greedy,
+               "messages": [{"role": "user", "content": "what is this?"}]}),
+    )
+    .await
+    .json()["prompt_eval_count"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(with_image, text_only + 1 + 6 + 1, "vision_start, 6 pads, vision_end: {v}");
+    let answer = v["message"]["content"].as_str().unwrap().to_owned();
+
+    // OpenAI: the same image as a data URL content part gives the same greedy answer.
+    let v = post(
+        &st,
+        "/v1/chat/completions",
+        json!({"model": "tiny-vl", "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{image}")}}
+        ]}]}),
+    )
+    .await
+    .json();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some(with_image), "{v}");
+    // Text before the image here, after it in the Ollama message: the prompts differ, the count
+    // does not. /api/generate puts the image before the prompt like /api/chat.
+    let g = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny-vl", "prompt": "what is this?", "images": [image], "stream": false, "options": greedy}),
+    )
+    .await
+    .json();
+    assert_eq!((g["response"].as_str(), g["prompt_eval_count"].as_u64()), (Some(answer.as_str()), Some(with_image)));
+}
+
+#[tokio::test]
+async fn bad_images_are_400s_that_say_what_is_wrong() {
+    let st = state();
+    let good = png(56, 84);
+    let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
+    let cases: Vec<(String, &str)> = vec![
+        (b64(&good[..good.len() / 2]), "images[0]"),
+        (b64(&png_claiming(0, 0)), "images[0]"),
+        (b64(&png_claiming(30000, 30000)), "30000x30000 = 900000000 pixels, more than the limit"),
+        ("not base64!".into(), "not valid base64"),
+        (b64(&gif), "GIF"),
+        (b64(&[]), "images[0]"),
+    ];
+    for (img, want) in cases {
+        for path in ["/api/generate", "/v1/chat/completions"] {
+            let body = if path == "/api/generate" {
+                json!({"model": "tiny-vl", "prompt": "x", "images": [img], "stream": false})
+            } else {
+                json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{img}")}}]}]})
+            };
+            let r = post(&st, path, body).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+            let e = r.error();
+            eprintln!("{path}: {e}");
+            let want = if path != "/api/generate" && want == "images[0]" { "image_url" } else { want };
+            assert!(e.contains(want), "{path}: {e:?} lacks {want:?}");
+        }
+    }
+    // A text model refuses images outright; a raw prompt cannot place them.
+    let r = post(&st, "/api/generate", json!({"model": "tiny", "prompt": "x", "images": [b64(&good)]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("does not support vision"), "{}", r.error());
+    let r = post(&st, "/api/generate", json!({"model": "tiny-vl", "prompt": "x", "raw": true, "images": [b64(&good)]}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("chat template"), "{}", r.error());
+    // The model still answers afterwards.
+    let v: Value = post(
+        &st,
+        "/api/generate",
+        json!({"model": "tiny-vl", "prompt": "x", "images": [b64(&good)],
+        "stream": false, "options": {"num_predict": 2}}),
+    )
+    .await
+    .json();
+    assert_eq!(v["done"], true, "{v}");
+}

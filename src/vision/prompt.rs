@@ -1,0 +1,129 @@
+//! A vision-language model's images in a prompt: the loaded vision part of a checkpoint
+//! ([`Vision`]: tower, token ids, preprocessing), and [`Vision::attach`], which turns a prompt
+//! rendered with one `<|image_pad|>` per image into what the decoder and the batching engine take —
+//! one pad per merged image row, the tower's rows for them, M-RoPE positions, and prefix-cache
+//! keys that tell images apart.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{ImageInput, PreprocessConfig};
+use crate::model::llama::MmPrompt;
+use crate::model::vision::{mrope_positions, VisionConfig, VisionTokenIds, VisionTower};
+use crate::model::weights::safetensors::SafetensorsDir;
+
+/// The vision part of a loaded model.
+pub struct Vision {
+    pub tower: VisionTower,
+    pub tokens: VisionTokenIds,
+    pub preprocess: PreprocessConfig,
+}
+
+impl std::fmt::Debug for Vision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vision").field("tokens", &self.tokens).field("preprocess", &self.preprocess).finish()
+    }
+}
+
+/// Why images could not be placed in a prompt (the client's doing: a 400).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("the chat template placed {slots} image slots for {images} images")]
+    SlotCount { slots: usize, images: usize },
+    #[error("{0}")]
+    Positions(String),
+}
+
+impl Vision {
+    /// The vision part of the Hugging Face checkpoint in `dir` (`config` is its config.json),
+    /// or `None` when it has no `vision_config`. `preprocessor_config.json`, when present,
+    /// overrides the pixel budget and normalization.
+    pub fn load(dir: &Path, config: &Value, st: &SafetensorsDir) -> Result<Option<Self>, String> {
+        if config.get("vision_config").is_none() {
+            return Ok(None);
+        }
+        let vc = VisionConfig::from_hf_json(config).map_err(|e| e.to_string())?;
+        let tokens = VisionTokenIds::from_hf_json(config).map_err(|e| e.to_string())?;
+        let mut preprocess = PreprocessConfig {
+            patch_size: vc.patch_size,
+            temporal_patch_size: vc.temporal_patch_size,
+            merge_size: vc.spatial_merge_size,
+            ..PreprocessConfig::default()
+        };
+        let pp = dir.join("preprocessor_config.json");
+        if pp.is_file() {
+            let text = std::fs::read_to_string(&pp).map_err(|e| format!("{}: {e}", pp.display()))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", pp.display()))?;
+            apply_preprocessor_config(&mut preprocess, &v).map_err(|e| format!("{}: {e}", pp.display()))?;
+        }
+        preprocess.validate().map_err(|e| e.to_string())?;
+        let tower = VisionTower::from_safetensors(st, vc).map_err(|e| e.to_string())?;
+        Ok(Some(Self { tower, tokens, preprocess }))
+    }
+
+    /// Expands each `<|image_pad|>` of `prompt` (one per image, in order) to the image's merged
+    /// rows, runs the tower, and returns the new prompt with its [`MmPrompt`].
+    pub fn attach(&self, prompt: &[u32], images: &[ImageInput]) -> Result<(Vec<u32>, MmPrompt), AttachError> {
+        let pad = self.tokens.image_pad;
+        let slots = prompt.iter().filter(|&&t| t == pad).count();
+        if slots != images.len() {
+            return Err(AttachError::SlotCount { slots, images: images.len() });
+        }
+        let mut ids = Vec::with_capacity(prompt.len() + images.iter().map(ImageInput::llm_tokens).sum::<usize>());
+        let mut key_ids = Vec::with_capacity(ids.capacity());
+        let mut embed_rows = Vec::new();
+        let mut next = images.iter();
+        for &t in prompt {
+            if t != pad {
+                ids.push(t);
+                key_ids.push(t);
+                continue;
+            }
+            let image = next.next().expect("counted above");
+            // Ids past any vocabulary, from the image's hash: equal only for the same image.
+            let key = 0x8000_0000 | (u32::from_le_bytes(image.hash[..4].try_into().expect("4 bytes")) & 0x7fff_ffff);
+            for _ in 0..image.llm_tokens() {
+                embed_rows.push(ids.len());
+                ids.push(pad);
+                key_ids.push(key);
+            }
+        }
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let pixels: Vec<f32> = images.iter().flat_map(|i| i.pixel_values.iter().copied()).collect();
+        let (positions, rope_delta) =
+            mrope_positions(&ids, &grids, pad, self.tokens.vision_start, self.tower.config.spatial_merge_size)
+                .map_err(|e| AttachError::Positions(e.to_string()))?;
+        let embeds = self.tower.forward(&pixels, &grids);
+        debug_assert_eq!(embeds.len(), embed_rows.len() * self.tower.config.out_hidden);
+        Ok((ids, MmPrompt { positions, rope_delta, embed_rows, embeds, key_ids }))
+    }
+}
+
+/// `min_pixels`, `max_pixels`, `image_mean`, `image_std` from a preprocessor_config.json (older
+/// files nest the pixel budget under `size`).
+fn apply_preprocessor_config(cfg: &mut PreprocessConfig, v: &Value) -> Result<(), String> {
+    let int = |k: &str| v.get(k).or_else(|| v.get("size").and_then(|s| s.get(k))).and_then(Value::as_u64);
+    if let Some(n) = int("min_pixels") {
+        cfg.min_pixels = n as usize;
+    }
+    if let Some(n) = int("max_pixels") {
+        cfg.max_pixels = n as usize;
+    }
+    let triple = |k: &str| -> Result<Option<[f64; 3]>, String> {
+        match v.get(k) {
+            None => Ok(None),
+            Some(a) => {
+                let xs: Vec<f64> = a.as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+                <[f64; 3]>::try_from(xs).map(Some).map_err(|_| format!("\"{k}\" must be three numbers"))
+            }
+        }
+    };
+    if let Some(m) = triple("image_mean")? {
+        cfg.image_mean = m;
+    }
+    if let Some(s) = triple("image_std")? {
+        cfg.image_std = s;
+    }
+    Ok(())
+}

@@ -462,6 +462,75 @@ pub fn constrained_schema() -> serde_json::Value {
     })
 }
 
+/// One line of [`vision`]'s report.
+#[derive(Clone, Debug)]
+pub struct VisionResult {
+    pub test: String,
+    /// Median milliseconds per image.
+    pub ms: f64,
+    /// The vision tower only: GFLOP per image and the rate achieved.
+    pub gflop: Option<f64>,
+}
+
+/// A 1920×1080 JPEG (quality 90) of smooth gradients and hard-edged shapes: a camera-frame-sized
+/// input for the preprocessing benchmark.
+pub fn test_jpeg_1080p() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(1920, 1080, |x, y| {
+        let edge = ((x / 97 + y / 61) % 3 == 0) as u8 * 90;
+        image::Rgb([(x / 8) as u8 ^ edge, (y / 5) as u8, ((x + 2 * y) / 12) as u8 ^ (edge / 2)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .expect("encoding an in-memory image");
+    out.into_inner()
+}
+
+/// Image preprocessing (a 1080p JPEG, default and Orin-sized pixel budgets) and the vision
+/// tower of Qwen2-VL-7B's shapes (synthetic weights, f32 on the CPU) at `sides` (square images,
+/// pixels): median of `reps` after one warm-up each.
+pub fn vision(reps: usize, sides: &[usize]) -> anyhow::Result<Vec<VisionResult>> {
+    use crate::model::vision::{VisionConfig, VisionTower};
+    use crate::vision::{preprocess, PreprocessConfig};
+    let reps = reps.max(1);
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        let mut v = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = Instant::now();
+            f()?;
+            v.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(median(v))
+    };
+    let jpeg = test_jpeg_1080p();
+    let mut out = Vec::new();
+    for max_pixels in [PreprocessConfig::default().max_pixels, 1_003_520] {
+        let cfg = PreprocessConfig { max_pixels, ..PreprocessConfig::default() };
+        let grid = preprocess(&jpeg, &cfg)?.grid_thw;
+        let ms = time(&mut || preprocess(&jpeg, &cfg).map(|_| ()).map_err(Into::into))?;
+        let test = format!("preprocess 1920x1080 JPEG, max_pixels {max_pixels} -> grid {grid:?}");
+        out.push(VisionResult { test, ms, gflop: None });
+    }
+    let config = VisionConfig::qwen2_vl_7b();
+    let tower = VisionTower::synthetic(config.clone(), 1);
+    for &side in sides {
+        let g = side / config.patch_size;
+        let grid = [1, g - g % 2, g - g % 2];
+        let rows = grid.iter().product::<usize>();
+        let pixels: Vec<f32> =
+            (0..rows * config.patch_cols()).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
+        let ms = time(&mut || {
+            tower.forward(&pixels, &[grid]);
+            Ok(())
+        })?;
+        let gflop = config.flops(&[grid]) / 1e9;
+        let test = format!("vision tower (Qwen2-VL-7B shapes) {side}x{side}: {rows} patches, {} tokens", rows / 4);
+        out.push(VisionResult { test, ms, gflop: Some(gflop) });
+    }
+    Ok(out)
+}
+
 /// What [`constrained_vs_free`] measured.
 #[derive(Clone, Debug)]
 pub struct ConstrainedReport {

@@ -180,6 +180,10 @@ struct BenchArgs {
     /// client, and print the ratio to the in-process tg rate.
     #[arg(long, value_name = "URL", value_parser = zoe_llm::bench::parse_server_url)]
     server: Option<reqwest::Url>,
+    /// Measure image preprocessing (a 1080p JPEG) and the vision tower of Qwen2-VL-7B's shapes
+    /// (synthetic weights, CPU) at these square image sides, instead of a language model.
+    #[arg(long, value_delimiter = ',', value_name = "SIDES", num_args = 0.., default_missing_value = "224")]
+    vision: Option<Vec<usize>>,
     /// Also measure constrained decoding's cost: the generation loop under a JSON Schema
     /// against the same loop free, same prompt, seed and token count.
     #[arg(long, conflicts_with = "server")]
@@ -493,6 +497,19 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
     use zoe_llm::bench::{http_vs_loop, HttpTarget, HTTP_PROMPT};
     if args.synthetic.is_some() || args.model_dir.is_some() {
         return bench_checkpoint(&args);
+    }
+    if let Some(sides) = &args.vision {
+        if sides.iter().any(|&s| s < 28) {
+            bail!("--vision: image sides must be at least 28 pixels");
+        }
+        println!("| test | ms per image | GFLOP | GFLOP/s |");
+        println!("| --- | --- | --- | --- |");
+        for r in zoe_llm::bench::vision(args.reps, sides)? {
+            let (g, rate) =
+                r.gflop.map_or(("-".into(), "-".into()), |g| (format!("{g:.0}"), format!("{:.1}", g / r.ms * 1e3)));
+            println!("| {} | {:.1} | {g} | {rate} |", r.test, r.ms);
+        }
+        return Ok(());
     }
     let manifest = resolve(registry, &args.engine)?;
     let threads = threads(&args.engine)?;

@@ -74,6 +74,37 @@ pub struct VisionConfig {
 }
 
 impl VisionConfig {
+    /// Qwen2-VL-7B-Instruct's tower: 32 blocks of width 1280, 16 heads, MLP 5120, merger into
+    /// the 3584-wide language model.
+    pub fn qwen2_vl_7b() -> Self {
+        Self {
+            depth: 32,
+            embed_dim: 1280,
+            num_heads: 16,
+            mlp_hidden: 5120,
+            out_hidden: 3584,
+            in_channels: 3,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            spatial_merge_size: 2,
+        }
+    }
+
+    /// Floating-point operations of one forward over images of `grids`: the linears (2 per
+    /// multiply-add) and attention's two products within each image (`4·n²·embed` per block).
+    pub fn flops(&self, grids: &[[usize; 3]]) -> f64 {
+        let e = self.embed_dim as f64;
+        let patches: f64 = grids.iter().map(|g| g.iter().product::<usize>() as f64).sum();
+        let per_block = 2.0 * e * (3.0 * e + e + 2.0 * self.mlp_hidden as f64);
+        let merged = e * self.merge_unit() as f64;
+        let linear = patches * 2.0 * e * self.patch_cols() as f64
+            + patches * self.depth as f64 * per_block
+            + patches / self.merge_unit() as f64 * 2.0 * merged * (merged + self.out_hidden as f64);
+        let attn: f64 =
+            grids.iter().map(|&[t, h, w]| t as f64 * 4.0 * ((h * w) as f64).powi(2) * e * self.depth as f64).sum();
+        linear + attn
+    }
+
     /// Reads `vision_config` from a whole Qwen2-VL config.json. Errors name the field.
     pub fn from_hf_json(config: &Value) -> Result<Self, ConfigError> {
         let bad = |m: String| ConfigError::Invalid(format!("config.json: {m}"));
@@ -315,6 +346,47 @@ impl VisionTower {
         let dim = c.head_dim() / 2;
         let inv_freq = (0..dim / 2).map(|j| 1.0 / VISION_ROPE_THETA.powf((2 * j) as f32 / dim as f32)).collect();
         Ok(Self { config, patch_embed, blocks, ln_q, merge_fc1, merge_fc2, inv_freq })
+    }
+
+    /// A tower of `config`'s shapes with pseudo-random weights (`seed`), for benchmarks of
+    /// shapes whose checkpoint is not at hand.
+    pub fn synthetic(config: VisionConfig, seed: u64) -> Self {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut vec = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        let c = &config;
+        let e = c.embed_dim;
+        let mut linear = |out: usize, inp: usize| Linear {
+            w: vec(out * inp, 2.0 / (inp as f32).sqrt()),
+            b: vec(out, 0.02),
+            out,
+            inp,
+        };
+        let ln = |n: usize| LayerNorm { w: vec![1.0; n], b: vec![0.0; n] };
+        let blocks = (0..c.depth)
+            .map(|_| Block {
+                norm1: ln(e),
+                norm2: ln(e),
+                qkv: linear(3 * e, e),
+                proj: linear(e, e),
+                fc1: linear(c.mlp_hidden, e),
+                fc2: linear(e, c.mlp_hidden),
+            })
+            .collect();
+        let merged = e * c.merge_unit();
+        let (merge_fc1, merge_fc2) = (linear(merged, merged), linear(c.out_hidden, merged));
+        let patch_embed = linear(e, c.patch_cols()).w;
+        let dim = c.head_dim() / 2;
+        let inv_freq = (0..dim / 2).map(|j| 1.0 / VISION_ROPE_THETA.powf((2 * j) as f32 / dim as f32)).collect();
+        Self { config, patch_embed, blocks, ln_q: ln(e), merge_fc1, merge_fc2, inv_freq }
     }
 
     /// Checks `pixel_values` (length) against the grids; returns the output rows
@@ -648,6 +720,24 @@ pub mod ops {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cost model behind the image time-to-first-token estimate: Qwen2-VL-7B on a 1080p
+    /// frame at max_pixels 1003520 (4888 patches, 1222 tokens) is about 6.2 TFLOP of linears
+    /// and 3.9 TFLOP of attention (model-formats.md §3.1).
+    #[test]
+    fn tower_flops_match_the_worked_example() {
+        let c = VisionConfig::qwen2_vl_7b();
+        let all = c.flops(&[[1, 52, 94]]);
+        let attn = 4.0 * 4888f64.powi(2) * 1280.0 * 32.0;
+        assert!((attn / 1e12 - 3.91).abs() < 0.01);
+        assert!(((all - attn) / 1e12 - 6.2).abs() < 0.1, "linears {} TFLOP", (all - attn) / 1e12);
+        // A tiny synthetic tower runs and has the right output shape.
+        let tiny = VisionConfig { depth: 1, embed_dim: 32, num_heads: 2, mlp_hidden: 64, out_hidden: 16, ..c };
+        let t = VisionTower::synthetic(tiny, 3);
+        let out = t.forward(&vec![0.5; 16 * t.config.patch_cols()], &[[1, 4, 4]]);
+        assert_eq!(out.len(), 4 * 16);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
 
     /// The vision block of Qwen2-VL-7B-Instruct's config.json (as published; every field spelled
     /// out, `in_chans` rather than `in_channels`).

@@ -258,3 +258,14 @@ fn decoder_with_images_matches_transformers() {
     let got = model.forward_batch_mm(&be, &mut paged, &mut [(&[next][..], &mut seq)], &[Some(&prompt)]).unwrap();
     assert!(max_abs_diff(&got[0], &want_decode) <= 1e-4);
 }
+
+/// The checkpoint's vision part loads with its language model's width and is refused with any
+/// other (its rows would not fit the decoder's embeddings).
+#[test]
+fn vision_loads_only_for_the_matching_language_model_width() {
+    let st = SafetensorsDir::open(&fixture_dir()).unwrap();
+    let v = zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 64).unwrap().unwrap();
+    assert_eq!(v.tokens.image_pad, goldens()["prompt"]["image_token_id"].as_u64().unwrap() as u32);
+    let e = zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 96).unwrap_err();
+    assert!(e.contains("vision_config.hidden_size 64") && e.contains("96"), "{e}");
+}

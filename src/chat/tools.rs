@@ -85,9 +85,26 @@ impl ToolSet {
     /// The JSON Schema a forced choice constrains the output to: a JSON array of call objects
     /// (`{"name", "arguments"}`, arguments under the tool's own `parameters` schema), which
     /// [`extract`] reads back as calls. `None` for [`ToolChoice::Auto`].
+    ///
+    /// Each tool's `$defs`/`definitions` move to the root under a per-tool prefix (references
+    /// resolve from the root of the whole document), and arguments are always an object.
     pub fn forced_schema(&self) -> Option<Value> {
-        let call = |f: &Value| {
-            let params = f.get("parameters").filter(|p| p.is_object()).cloned().unwrap_or(json!({"type": "object"}));
+        let mut defs = serde_json::Map::new();
+        let mut call = |i: usize, f: &Value| {
+            let mut params = f.get("parameters").filter(|p| p.is_object()).cloned().unwrap_or(json!({}));
+            let prefix = format!("tool{i}_");
+            for key in ["$defs", "definitions"] {
+                if let Some(Value::Object(d)) = params.as_object_mut().and_then(|p| p.remove(key)) {
+                    for (name, mut schema) in d {
+                        rewrite_refs(&mut schema, &prefix);
+                        defs.insert(format!("{prefix}{name}"), schema);
+                    }
+                }
+            }
+            rewrite_refs(&mut params, &prefix);
+            if let Some(p) = params.as_object_mut() {
+                p.entry("type").or_insert_with(|| "object".into());
+            }
             json!({
                 "type": "object",
                 "properties": { "name": { "const": f["name"] }, "arguments": params },
@@ -95,18 +112,22 @@ impl ToolSet {
                 "additionalProperties": false
             })
         };
-        let functions = self.tools.iter().filter_map(|t| t.get("function"));
-        match &self.choice {
-            ToolChoice::Auto => None,
+        let functions: Vec<&Value> = self.tools.iter().filter_map(|t| t.get("function")).collect();
+        let mut schema = match &self.choice {
+            ToolChoice::Auto => return None,
             ToolChoice::Required => {
-                let calls: Vec<Value> = functions.map(call).collect();
-                Some(json!({ "type": "array", "minItems": 1, "items": { "anyOf": calls } }))
+                let calls: Vec<Value> = functions.iter().enumerate().map(|(i, f)| call(i, f)).collect();
+                json!({ "type": "array", "minItems": 1, "items": { "anyOf": calls } })
             }
             ToolChoice::Named(name) => {
-                let f = functions.clone().find(|f| f["name"] == name.as_str())?;
-                Some(json!({ "type": "array", "minItems": 1, "maxItems": 1, "items": call(f) }))
+                let i = functions.iter().position(|f| f["name"] == name.as_str())?;
+                json!({ "type": "array", "minItems": 1, "maxItems": 1, "items": call(i, functions[i]) })
             }
+        };
+        if !defs.is_empty() {
+            schema["$defs"] = Value::Object(defs);
         }
+        Some(schema)
     }
 
     /// The tools as a system-prompt section, for chat templates that do not render `tools`
@@ -122,6 +143,31 @@ impl ToolSet {
             s.push_str(&f.to_string());
         }
         s
+    }
+}
+
+/// Points a tool's local references (`#/$defs/X`, `#/definitions/X`) at its hoisted copies
+/// (`#/$defs/<prefix>X`).
+fn rewrite_refs(v: &mut Value, prefix: &str) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "$ref" {
+                    if let Value::String(r) = x {
+                        for local in ["#/$defs/", "#/definitions/"] {
+                            if let Some(rest) = r.strip_prefix(local) {
+                                *r = format!("#/$defs/{prefix}{rest}");
+                                break;
+                            }
+                        }
+                    }
+                } else {
+                    rewrite_refs(x, prefix);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, prefix)),
+        _ => {}
     }
 }
 

@@ -453,10 +453,16 @@ pub fn render_chat_prompt_with_tools(
             let mut msgs = messages.to_vec();
             let section = t.prompt_section();
             match msgs.first_mut() {
-                Some(m) if m["role"] == "system" => {
-                    let content = m["content"].as_str().unwrap_or_default();
-                    m["content"] = format!("{content}\n\n{section}").into();
-                }
+                Some(m) if m["role"] == "system" => match &mut m["content"] {
+                    // Content parts (a system message with images): the section is one more part.
+                    serde_json::Value::Array(parts) => {
+                        parts.push(serde_json::json!({ "type": "text", "text": format!("\n\n{section}") }))
+                    }
+                    content => {
+                        let text = content.as_str().unwrap_or_default();
+                        *content = format!("{text}\n\n{section}").into();
+                    }
+                },
                 _ => msgs.insert(0, serde_json::json!({ "role": "system", "content": section })),
             }
             injected = msgs;

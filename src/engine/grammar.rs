@@ -57,7 +57,9 @@ impl OutputFormat {
 pub struct Constraint {
     format: OutputFormat,
     factory: Arc<ParserFactory>,
-    grammar: TopLevelGrammar,
+    /// Compiled once; each sequence starts from a deep copy (no recompilation on the engine
+    /// thread).
+    parser: llguidance::TokenParser,
     /// End-of-generation ids: all of them are allowed where the grammar allows its EOS.
     eos: Vec<u32>,
 }
@@ -79,9 +81,8 @@ impl Constraint {
     /// not take (an unsupported schema keyword, a malformed schema).
     pub fn new(tok: &Tokenizer, format: OutputFormat) -> Result<Self, String> {
         let factory = factory(tok)?;
-        let grammar = format.grammar();
-        factory.create_parser(grammar.clone()).map_err(|e| e.to_string())?;
-        Ok(Self { format, factory, grammar, eos: tok.eos_ids().to_vec() })
+        let parser = factory.create_parser(format.grammar()).map_err(|e| e.to_string())?;
+        Ok(Self { format, factory, parser, eos: tok.eos_ids().to_vec() })
     }
 
     pub fn format(&self) -> &OutputFormat {
@@ -90,9 +91,8 @@ impl Constraint {
 
     /// A fresh parser at the start of the output.
     pub fn start(&self) -> ConstraintState {
-        let parser = self.factory.create_parser(self.grammar.clone());
         let tok_eos = self.factory.tok_env().tok_trie().eos_token();
-        ConstraintState { matcher: Matcher::new(parser), eos: self.eos.clone(), tok_eos }
+        ConstraintState { matcher: Matcher::new(Ok(self.parser.deep_clone())), eos: self.eos.clone(), tok_eos }
     }
 }
 
@@ -169,7 +169,8 @@ fn build_factory(tok: &Tokenizer) -> Result<ParserFactory, String> {
     let words: Vec<Vec<u8>> = (0..n as u32)
         .map(|id| {
             let bytes = tok.token_bytes(id).unwrap_or_default();
-            if tok.is_special(id) {
+            // End-of-generation ids are never text, even where the vocabulary calls them normal.
+            if tok.is_special(id) || tok.eos_ids().contains(&id) {
                 // The trie's marker: never matched by text the grammar asks for.
                 let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
                 w.extend_from_slice(bytes);

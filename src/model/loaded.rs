@@ -95,7 +95,7 @@ impl<B: Backend> LoadedModel<B> {
         let model = Llama::from_safetensors(&st, cfg, awq.as_ref(), &backend)
             .map_err(|source| LoadError::Model { path: dir.display().to_string(), source })?;
         // The vision tower runs on the CPU in f32 (its CUDA port is not built yet).
-        let vision = crate::vision::Vision::load(dir, &json, &st)
+        let vision = crate::vision::Vision::load(dir, &json, &st, model.config.hidden_size)
             .map_err(|reason| LoadError::Config { path: dir.display().to_string(), reason })?
             .map(std::sync::Arc::new);
         let context_length = context_limit.map_or(model.config.context_length, |l| l.min(model.config.context_length));

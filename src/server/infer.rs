@@ -128,7 +128,10 @@ pub async fn prepare(
     manifest: &Manifest,
     req: &InferenceRequest,
 ) -> Result<Prepared, ApiError> {
-    if req.images.is_empty() {
+    // Images (decoding, the vision tower) and grammars (compiling; a model's first also builds
+    // its token trie) are CPU work: off the async workers.
+    let forced = req.tools.as_ref().is_some_and(|t| t.choice != crate::chat::tools::ToolChoice::Auto);
+    if req.images.is_empty() && req.format.is_none() && !forced {
         return prepare_now(handle, manifest, req);
     }
     let (h, m, r) = (handle.clone(), manifest.clone(), req.clone());
@@ -180,16 +183,16 @@ fn prepare_now(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
             ids
         }
     };
-    let mm = if req.images.is_empty() {
-        None
-    } else {
-        let (ids, mm) = attach_images(handle, &prompt_ids, &req.images)?;
-        prompt_ids = ids;
-        Some(Arc::new(mm))
-    };
     let context_len = match req.num_ctx {
         Some(n) if n > 0 => n.min(handle.context_length),
         _ => handle.context_length,
+    };
+    let mm = if req.images.is_empty() {
+        None
+    } else {
+        let (ids, mm) = attach_images(handle, &prompt_ids, &req.images, context_len)?;
+        prompt_ids = ids;
+        Some(Arc::new(mm))
     };
     let p = prompt_ids.len();
     if p == 0 {
@@ -246,6 +249,7 @@ fn attach_images(
     handle: &ModelHandle,
     prompt: &[u32],
     images: &[ImageBytes],
+    context: usize,
 ) -> Result<(Vec<u32>, MmPrompt), ApiError> {
     let vision = handle.vision.as_ref().ok_or_else(|| {
         ApiError::bad_field(
@@ -253,15 +257,26 @@ fn attach_images(
             format!("model '{}' does not support vision: it cannot take images", handle.id),
         )
     })?;
+    if images.len() > MAX_IMAGES {
+        return Err(ApiError::bad_field(
+            &images[MAX_IMAGES].field,
+            format!("{} images in one request: at most {MAX_IMAGES} are allowed", images.len()),
+        ));
+    }
     let inputs = images
         .iter()
         .map(|img| {
-            crate::vision::preprocess(&img.bytes, &vision.preprocess)
-                .map_err(|e| ApiError::bad_field(&img.field, format!("{}: {e}", img.field)))
+            crate::vision::preprocess(&img.bytes, &vision.preprocess).map_err(|e| match e {
+                crate::vision::ImageError::Config(_) => ApiError::Internal(format!("the model's image settings: {e}")),
+                _ => ApiError::bad_field(&img.field, format!("{}: {e}", img.field)),
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    vision.attach(prompt, &inputs).map_err(|e| ApiError::bad_field("messages", format!("images: {e}")))
+    vision.attach(prompt, &inputs, context).map_err(|e| ApiError::bad(format!("images: {e}")))
 }
+
+/// Most images one request may carry: each is a vision-tower run before the first token.
+pub const MAX_IMAGES: usize = 8;
 
 /// The grammar a request's output must follow: a forced tool call, or `format`. Both at once
 /// is refused, as vLLM does; a schema the grammar engine cannot enforce is a 400 naming the

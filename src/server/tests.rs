@@ -220,7 +220,7 @@ fn tiny_vl() -> LoadedModel<CpuBackend> {
     let st = crate::model::weights::safetensors::SafetensorsDir::open(&dir).unwrap();
     let (cfg, _) = crate::model::config::ModelConfig::from_hf_json(&config).unwrap();
     let model = Llama::from_safetensors(&st, cfg, None, &backend).unwrap();
-    let vision = crate::vision::Vision::load(&dir, &config, &st).unwrap().map(Arc::new);
+    let vision = crate::vision::Vision::load(&dir, &config, &st, 64).unwrap().map(Arc::new);
     assert!(vision.is_some());
     LoadedModel { id: "tiny-vl".into(), backend, model, tokenizer, context_length: 512, vision }
 }

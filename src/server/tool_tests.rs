@@ -312,3 +312,48 @@ async fn structured_output_is_valid_json_in_both_dialects() {
         }
     }
 }
+
+/// Tools as Pydantic writes them (`$defs` + `$ref`) and tools whose parameters schema has no
+/// type still give calls whose arguments are objects under a forced choice.
+#[tokio::test]
+async fn forced_calls_take_pydantic_refs_and_schemaless_tools() {
+    let st = state();
+    let tools = json!([
+        {"type": "function", "function": {"name": "move", "parameters": {
+            "$defs": {"Room": {"type": "string", "enum": ["hall", "attic"]}},
+            "properties": {"to": {"$ref": "#/$defs/Room"}},
+            "required": ["to"], "additionalProperties": false, "title": "Move", "type": "object"
+        }}},
+        // No "type": without the server adding "object", a bare 0 would be valid arguments.
+        {"type": "function", "function": {"name": "ping", "parameters": {"properties": {}, "additionalProperties": false}}}
+    ]);
+    let msgs = json!([{"role": "user", "content": "go"}]);
+    for (choice, name) in [
+        (json!({"type": "function", "function": {"name": "move"}}), "move"),
+        (json!({"type": "function", "function": {"name": "ping"}}), "ping"),
+    ] {
+        for seed in 0..3 {
+            let v = post(
+                &st,
+                "/v1/chat/completions",
+                json!({"model": "tiny-tools", "messages": msgs, "tools": tools, "tool_choice": choice,
+                       "seed": seed, "temperature": 1.0, "max_tokens": 60}),
+            )
+            .await
+            .json();
+            let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap_or_else(|| panic!("{v}"));
+            assert_eq!(calls[0]["function"]["name"], name);
+            let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+            if name == "move" {
+                assert!(args["to"] == "hall" || args["to"] == "attic", "{args}");
+            } else {
+                assert_eq!(args, json!({}));
+            }
+        }
+    }
+    // A tool whose arguments are not an object is refused up front.
+    let bad = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]);
+    let r = post(&st, "/v1/chat/completions", json!({"model": "tiny-tools", "messages": msgs, "tools": bad})).await;
+    assert_eq!(r.status, axum::http::StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("tools[0].function.parameters.type"), "{}", r.error());
+}

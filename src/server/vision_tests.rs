@@ -155,6 +155,15 @@ async fn bad_images_are_400s_that_say_what_is_wrong() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.error().contains("chat template"), "{}", r.error());
+    // Too many images, and images that do not fit the context, are refused before the tower runs.
+    let nine: Vec<String> = (0..9).map(|_| b64(&good)).collect();
+    let r = post(&st, "/api/generate", json!({"model": "tiny-vl", "prompt": "x", "images": nine})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("9 images in one request: at most 8"), "{}", r.error());
+    let big = b64(&png(1400, 1400)); // 2500 image tokens > the 512-token context
+    let r = post(&st, "/api/generate", json!({"model": "tiny-vl", "prompt": "x", "images": [big]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("but the context is 512"), "{}", r.error());
     // The model still answers afterwards.
     let v: Value = post(
         &st,

@@ -190,6 +190,12 @@ pub fn tool_set(m: &Manifest, tools: Option<&[Value]>, choice: Option<&Value>) -
                 format!("{} must be a JSON Schema object", field(".function.parameters")),
             ));
         }
+        if let Some(t) = f.pointer("/parameters/type").filter(|t| *t != "object") {
+            return Err(ApiError::bad_field(
+                &field(".function.parameters.type"),
+                format!("{} = {t}: a tool's arguments are an object", field(".function.parameters.type")),
+            ));
+        }
     }
     let choice = match choice {
         None => ToolChoice::Auto,

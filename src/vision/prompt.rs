@@ -33,17 +33,29 @@ pub enum AttachError {
     SlotCount { slots: usize, images: usize },
     #[error("{0}")]
     Positions(String),
+    #[error(
+        "with its images the prompt is {tokens} tokens ({image_tokens} of them for the images), but the context is \
+         {context}: send fewer or smaller images"
+    )]
+    TooLong { tokens: usize, image_tokens: usize, context: usize },
 }
 
 impl Vision {
     /// The vision part of the Hugging Face checkpoint in `dir` (`config` is its config.json),
     /// or `None` when it has no `vision_config`. `preprocessor_config.json`, when present,
     /// overrides the pixel budget and normalization.
-    pub fn load(dir: &Path, config: &Value, st: &SafetensorsDir) -> Result<Option<Self>, String> {
+    /// `llm_hidden` is the language model's width, which the tower's output must have.
+    pub fn load(dir: &Path, config: &Value, st: &SafetensorsDir, llm_hidden: usize) -> Result<Option<Self>, String> {
         if config.get("vision_config").is_none() {
             return Ok(None);
         }
         let vc = VisionConfig::from_hf_json(config).map_err(|e| e.to_string())?;
+        if vc.out_hidden != llm_hidden {
+            return Err(format!(
+                "config.json: vision_config.hidden_size {} differs from the language model's hidden_size {llm_hidden}",
+                vc.out_hidden
+            ));
+        }
         let tokens = VisionTokenIds::from_hf_json(config).map_err(|e| e.to_string())?;
         let mut preprocess = PreprocessConfig {
             patch_size: vc.patch_size,
@@ -63,12 +75,23 @@ impl Vision {
     }
 
     /// Expands each `<|image_pad|>` of `prompt` (one per image, in order) to the image's merged
-    /// rows, runs the tower, and returns the new prompt with its [`MmPrompt`].
-    pub fn attach(&self, prompt: &[u32], images: &[ImageInput]) -> Result<(Vec<u32>, MmPrompt), AttachError> {
+    /// rows, runs the tower, and returns the new prompt with its [`MmPrompt`]. A prompt that would
+    /// not leave a token of `context` is refused before the (costly) tower runs.
+    pub fn attach(
+        &self,
+        prompt: &[u32],
+        images: &[ImageInput],
+        context: usize,
+    ) -> Result<(Vec<u32>, MmPrompt), AttachError> {
         let pad = self.tokens.image_pad;
         let slots = prompt.iter().filter(|&&t| t == pad).count();
         if slots != images.len() {
             return Err(AttachError::SlotCount { slots, images: images.len() });
+        }
+        let image_tokens: usize = images.iter().map(ImageInput::llm_tokens).sum();
+        let tokens = prompt.len() - slots + image_tokens;
+        if tokens >= context {
+            return Err(AttachError::TooLong { tokens, image_tokens, context });
         }
         let mut ids = Vec::with_capacity(prompt.len() + images.iter().map(ImageInput::llm_tokens).sum::<usize>());
         let mut key_ids = Vec::with_capacity(ids.capacity());
@@ -81,12 +104,14 @@ impl Vision {
                 continue;
             }
             let image = next.next().expect("counted above");
-            // Ids past any vocabulary, from the image's hash: equal only for the same image.
-            let key = 0x8000_0000 | (u32::from_le_bytes(image.hash[..4].try_into().expect("4 bytes")) & 0x7fff_ffff);
-            for _ in 0..image.llm_tokens() {
+            // Ids past any vocabulary from the image's SHA-256, its eight 31-bit pieces in turn: a
+            // cache block of 8 or more image rows commits to 248 bits of the hash.
+            let pieces: Vec<u32> =
+                image.hash.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+            for k in 0..image.llm_tokens() {
                 embed_rows.push(ids.len());
                 ids.push(pad);
-                key_ids.push(key);
+                key_ids.push(0x8000_0000 | (pieces[k % pieces.len()] & 0x7fff_ffff));
             }
         }
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();

@@ -240,7 +240,8 @@ fn prepare_now(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
             }
         })
         .collect();
-    Ok(Prepared { prompt_ids, context_len, requests, tool_calls: req.tools.is_some() })
+    // Output under `format` is the client's structured data, not calls to look for.
+    Ok(Prepared { prompt_ids, context_len, requests, tool_calls: req.tools.is_some() && req.format.is_none() })
 }
 
 /// Preprocesses `images` (errors name each image's field), puts them into the rendered prompt

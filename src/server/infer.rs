@@ -45,6 +45,46 @@ pub enum Input {
 pub struct ImageBytes {
     pub field: String,
     pub bytes: Vec<u8>,
+    /// An http(s) URL still to fetch (`bytes` empty until [`fetch_images`]).
+    pub url: Option<String>,
+}
+
+/// Time one image URL may take, connection to last byte.
+pub const IMAGE_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Fetches the images given by URL, each within [`IMAGE_FETCH_TIMEOUT`] and `max_bytes` (read
+/// in pieces, so a large or endless body is cut off, not buffered). Failures are 400s naming
+/// the field.
+pub async fn fetch_images(images: &mut [ImageBytes], max_bytes: usize) -> Result<(), ApiError> {
+    let build = |direct: bool| {
+        let b = reqwest::Client::builder().timeout(IMAGE_FETCH_TIMEOUT);
+        // A proxy cannot reach this machine's loopback addresses: those go direct.
+        if direct { b.no_proxy() } else { b }.build().map_err(|e| ApiError::Internal(format!("HTTP client: {e}")))
+    };
+    let (client, direct) = (build(false)?, build(true)?);
+    for img in images.iter_mut() {
+        let Some(url) = img.url.take() else { continue };
+        let field = img.field.clone();
+        let fail = |why: String| ApiError::bad_field(&field, format!("{field}: fetching {url}: {why}"));
+        let parsed = reqwest::Url::parse(&url).map_err(|e| fail(e.to_string()))?;
+        let loopback = parsed.host_str().is_some_and(|h| {
+            h == "localhost" || h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+        });
+        let c = if loopback { &direct } else { &client };
+        let mut resp = c.get(parsed).send().await.map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status())));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+            if bytes.len() + chunk.len() > max_bytes {
+                return Err(fail(format!("the image is larger than {max_bytes} bytes")));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        img.bytes = bytes;
+    }
+    Ok(())
 }
 
 /// A template message's `content` with images: `{"type": "image"}` slots (where a vision chat

@@ -92,6 +92,9 @@ pub struct ServeConfig {
     pub max_restarts: u32,
     /// Run a short generation after each load before the model counts as ready.
     pub warmup: bool,
+    /// Fetch OpenAI `image_url` http(s) URLs (off: such URLs are a 400). The server then
+    /// requests any URL a client names, so enable it only where clients are trusted.
+    pub image_url_fetch: bool,
 }
 
 mod secs {
@@ -127,6 +130,7 @@ impl Default for ServeConfig {
             restart_backoff: Duration::from_millis(500),
             max_restarts: 3,
             warmup: true,
+            image_url_fetch: false,
         }
     }
 }

@@ -367,7 +367,7 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
     let images: Vec<ImageBytes> = wire::check_images(&manifest, "images", req.images.as_deref().unwrap_or(&[]))?
         .into_iter()
         .enumerate()
-        .map(|(i, bytes)| ImageBytes { field: format!("images[{i}]"), bytes })
+        .map(|(i, bytes)| ImageBytes { field: format!("images[{i}]"), bytes, url: None })
         .collect();
     if !images.is_empty() && (raw || req.template.is_some() || req.context.is_some()) {
         return Err(ApiError::bad_field(
@@ -442,9 +442,11 @@ async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
         // Images before the text, as Ollama's renderers place them.
         let mut parts: Vec<Option<String>> = vec![None; bytes.len()];
         parts.push(Some(m.content.clone().unwrap_or_default()));
-        images.extend(
-            bytes.into_iter().enumerate().map(|(j, bytes)| ImageBytes { field: format!("{field}[{j}]"), bytes }),
-        );
+        images.extend(bytes.into_iter().enumerate().map(|(j, bytes)| ImageBytes {
+            field: format!("{field}[{j}]"),
+            bytes,
+            url: None,
+        }));
         let mut msg = serde_json::json!({ "role": role, "content": infer::message_content(parts) });
         if let Some(calls) = &m.tool_calls {
             msg["tool_calls"] = serde_json::Value::Array(calls.clone());

@@ -495,6 +495,7 @@ fn content_value(
     i: usize,
     content: Option<&Content>,
     images: &mut Vec<ImageBytes>,
+    fetch_urls: bool,
 ) -> Result<serde_json::Value> {
     match content {
         None => Ok(String::new().into()),
@@ -513,11 +514,29 @@ fn content_value(
                             }
                         };
                         if url.starts_with("http://") || url.starts_with("https://") {
-                            return Err(ApiError::bad_field(
-                                &field,
-                                "image URLs are not currently supported, please use base64 encoded data instead",
-                            )
-                            .into());
+                            if !fetch_urls {
+                                return Err(ApiError::bad_field(
+                                    &field,
+                                    "image URLs are not currently supported, please use base64 encoded data instead \
+                                     (or enable image_url_fetch in the server's settings)",
+                                )
+                                .into());
+                            }
+                            // Vision is checked before anything is fetched.
+                            if !m.has_role(crate::hub::Role::Vision) {
+                                return Err(ApiError::bad_field(
+                                    &field,
+                                    format!("model '{}' does not support vision: it cannot take images", m.id),
+                                )
+                                .into());
+                            }
+                            images.push(ImageBytes {
+                                field: format!("{field}.image_url"),
+                                bytes: Vec::new(),
+                                url: Some(url.clone()),
+                            });
+                            texts.push(None);
+                            continue;
                         }
                         let b64 = match url.split_once(";base64,") {
                             Some((head, data)) if head.starts_with("data:") => data.to_owned(),
@@ -528,7 +547,7 @@ fn content_value(
                         };
                         let field = format!("{field}.image_url");
                         let bytes = wire::check_images(m, &field, &[b64])?.pop().expect("one image in, one out");
-                        images.push(ImageBytes { field, bytes });
+                        images.push(ImageBytes { field, bytes, url: None });
                         texts.push(None);
                     }
                     other => {
@@ -547,7 +566,11 @@ fn content_value(
 
 /// OpenAI messages → template messages (tool-call arguments parsed from strings, so templates do
 /// not encode them twice).
-fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<(Vec<serde_json::Value>, Vec<ImageBytes>)> {
+fn chat_messages(
+    m: &Manifest,
+    msgs: &[ChatMessage],
+    fetch_urls: bool,
+) -> Result<(Vec<serde_json::Value>, Vec<ImageBytes>)> {
     if msgs.is_empty() {
         return Err(
             ApiError::bad_field("messages", "messages: [] is too short - at least one message is required").into()
@@ -567,8 +590,7 @@ fn chat_messages(m: &Manifest, msgs: &[ChatMessage]) -> Result<(Vec<serde_json::
                 .into())
             }
         };
-        let mut v =
-            serde_json::json!({ "role": role, "content": content_value(m, i, msg.content.as_ref(), &mut images)? });
+        let mut v = serde_json::json!({ "role": role, "content": content_value(m, i, msg.content.as_ref(), &mut images, fetch_urls)? });
         if let Some(calls) = &msg.tool_calls {
             let mut calls = calls.clone();
             for (j, c) in calls.iter_mut().enumerate() {
@@ -673,7 +695,8 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
     let logprobs = (req.logprobs == Some(true)).then_some(top as usize);
     let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
     let format = wire::response_format(req.response_format.as_ref())?.map(|f| ("response_format", f));
-    let (messages, images) = chat_messages(&manifest, &req.messages)?;
+    let (messages, mut images) = chat_messages(&manifest, &req.messages, st.config.image_url_fetch)?;
+    infer::fetch_images(&mut images, crate::vision::PreprocessConfig::default().max_file_bytes).await?;
     let (handle, _) = st.engines.get(&manifest, &model_name, None).await?;
     let ireq = InferenceRequest {
         input: Input::Chat { messages },
@@ -998,7 +1021,7 @@ async fn tokenize(State(st): State<Shared>, body: Body) -> Result<Response> {
         }
         (None, Some(msgs)) => {
             let tools = wire::tool_set(&manifest, req.tools.as_deref(), None)?;
-            let (messages, images) = chat_messages(&manifest, msgs)?;
+            let (messages, images) = chat_messages(&manifest, msgs, false)?;
             if !images.is_empty() {
                 return Err(ApiError::bad_field("messages", "/tokenize does not take images").into());
             }

@@ -175,3 +175,69 @@ async fn bad_images_are_400s_that_say_what_is_wrong() {
     .json();
     assert_eq!(v["done"], true, "{v}");
 }
+
+/// Serves `png` at /img.png, 404 elsewhere, and 21 MiB at /big, on a local port; returns the
+/// base URL. One thread, one connection at a time, for the test's few requests.
+fn image_server(png: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            reader.read_line(&mut line).unwrap();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let (status, body) = match path.as_str() {
+                "/img.png" => ("200 OK", png.clone()),
+                "/big" => ("200 OK", vec![0u8; 21 << 20]),
+                _ => ("404 Not Found", Vec::new()),
+            };
+            let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn image_urls_are_fetched_only_when_enabled_and_within_limits() {
+    let base = image_server(png(56, 84));
+    let body = |url: String| {
+        json!({"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    };
+    // Off by default.
+    let r = post(&state(), "/v1/chat/completions", body(format!("{base}/img.png"))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.error().contains("enable image_url_fetch"), "{}", r.error());
+
+    let config = ServeConfig { image_url_fetch: true, ..ServeConfig::default() };
+    let st = state_from(config, &[TINY, TINY_VL], TestSource::new(1));
+    let v = post(&st, "/v1/chat/completions", body(format!("{base}/img.png"))).await.json();
+    let data_url = format!("data:image/png;base64,{}", b64(&png(56, 84)));
+    let same = post(&st, "/v1/chat/completions", body(data_url)).await.json();
+    assert_eq!(v["usage"]["prompt_tokens"], same["usage"]["prompt_tokens"], "{v}");
+    for (path, want) in [("/missing.png", "HTTP 404"), ("/big", "larger than 20971520 bytes")] {
+        let r = post(&st, "/v1/chat/completions", body(format!("{base}{path}"))).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+        assert!(r.error().contains(want) && r.error().contains("image_url"), "{path}: {}", r.error());
+    }
+    // A text model refuses before fetching anything.
+    let r = post(
+        &st,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": format!("{base}/img.png")}}]}]}),
+    )
+    .await;
+    assert!(r.error().contains("does not support vision"), "{}", r.error());
+}

@@ -510,7 +510,14 @@ where
             prompt_eval: Duration::from_secs_f64(g.timings.prompt_ms / 1000.0),
             eval: Duration::from_secs_f64(g.timings.decode_ms / 1000.0),
         };
-        let _ = meta.events.send((meta.index, Event::Done(summary)));
+        let event = match g.error {
+            Some(e) => {
+                tracing::warn!(error = %e, "the sequence ended early");
+                Event::Error(e)
+            }
+            None => Event::Done(summary),
+        };
+        let _ = meta.events.send((meta.index, event));
     }
 
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {

@@ -155,6 +155,9 @@ pub struct Generation {
     pub stop_reason: Option<String>,
     pub prompt_tokens: usize,
     pub timings: Timings,
+    /// Set when the sequence had to end for an internal failure (its grammar failed): the
+    /// output is cut short and the caller reports an error rather than a normal finish.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +181,8 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
+    #[error("{0}")]
+    EndedEarly(String),
 }
 
 /// Generates for one prompt. `context_len` is the sequence's whole budget (prompt + generated);
@@ -204,7 +209,11 @@ pub fn generate<B: Backend>(
     while let Some(id) = dec.step(&mut logits, &mut on_token) {
         logits = model.forward(be, &[id], &mut cache, false)?;
     }
-    Ok(dec.finish(&mut on_token))
+    let g = dec.finish(&mut on_token);
+    match g.error {
+        Some(e) => Err(GenerateError::EndedEarly(e)),
+        None => Ok(g),
+    }
 }
 
 /// One sequence's state between forward passes: sampler, detokenizer, history and the finish
@@ -224,6 +233,7 @@ pub struct SeqDecoder<'t> {
     raw_logits: Vec<f32>,
     constraint: Option<ConstraintState>,
     mm: Option<std::sync::Arc<MmPrompt>>,
+    error: Option<String>,
     finish: Option<FinishReason>,
     started: Option<Instant>,
     decode_start: Option<Instant>,
@@ -264,6 +274,7 @@ impl<'t> SeqDecoder<'t> {
             raw_logits: Vec::new(),
             constraint: req.constraint.as_ref().map(Constraint::start),
             mm: req.mm,
+            error: None,
             finish: None,
             started: None,
             decode_start: None,
@@ -334,9 +345,9 @@ impl<'t> SeqDecoder<'t> {
         }
         if let Some(c) = &mut self.constraint {
             if let Err(e) = c.mask(logits) {
-                // Cannot happen for a grammar that compiled; end the output rather than let it
-                // run unconstrained.
-                tracing::warn!(error = %e, "constrained decoding failed; ending the sequence");
+                // A grammar that compiled can still fail (a parser step limit): end the output
+                // rather than let it run unconstrained, and say so.
+                self.error = Some(format!("constrained decoding failed: {e}"));
                 self.finish = Some(FinishReason::Stop);
                 return None;
             }
@@ -361,12 +372,14 @@ impl<'t> SeqDecoder<'t> {
         let logprobs = self.logprobs.map(|top| TokenLogprobs::of(&self.raw_logits, id, top));
         self.text.push_str(&step.text);
         let flow = on_token(Emitted { text: &step.text, token: Some(id), logprobs: logprobs.as_ref() });
-        let grammar_done = self.constraint.as_mut().is_some_and(|c| {
-            c.accept(id).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "constrained decoding failed; ending the sequence");
+        let grammar_done = match self.constraint.as_mut().map(|c| c.accept(id)) {
+            None | Some(Ok(false)) => false,
+            Some(Ok(true)) => true,
+            Some(Err(e)) => {
+                self.error = Some(format!("constrained decoding failed: {e}"));
                 true
-            })
-        });
+            }
+        };
         if step.stopped.is_some() || grammar_done {
             self.finish = Some(FinishReason::Stop);
         } else if flow.is_break() {
@@ -407,6 +420,7 @@ impl<'t> SeqDecoder<'t> {
             stop_reason: self.detok.stopped().map(str::to_owned),
             prompt_tokens: self.prompt_tokens,
             timings: self.timings,
+            error: self.error,
         }
     }
 }

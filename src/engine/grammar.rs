@@ -267,6 +267,19 @@ mod tests {
         assert_eq!(text, r#"{"room": "kitchen", "on": true}"#, "json.dumps separators, no free whitespace");
     }
 
+    /// A token the grammar does not allow is an error from `accept`, never silently taken (the
+    /// decoder turns it into an error event rather than a normal finish).
+    #[test]
+    fn a_token_the_grammar_forbids_is_an_error() {
+        let tok = tok();
+        let c = Constraint::new(&tok, OutputFormat::JsonObject).unwrap();
+        let mut st = c.start();
+        let x = tok.encode("x", false).unwrap()[0];
+        assert!(st.accept(x).is_err(), "an object cannot start with x");
+        let brace = tok.encode("{", false).unwrap()[0];
+        assert!(!c.start().accept(brace).unwrap(), "a brace is a start, not an end");
+    }
+
     #[test]
     fn schemas_the_engine_cannot_enforce_are_refused_with_the_reason() {
         let tok = tok();

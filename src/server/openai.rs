@@ -522,14 +522,7 @@ fn content_value(
                                 )
                                 .into());
                             }
-                            // Vision is checked before anything is fetched.
-                            if !m.has_role(crate::hub::Role::Vision) {
-                                return Err(ApiError::bad_field(
-                                    &field,
-                                    format!("model '{}' does not support vision: it cannot take images", m.id),
-                                )
-                                .into());
-                            }
+                            wire::require_vision(m, &field)?;
                             images.push(ImageBytes {
                                 field: format!("{field}.image_url"),
                                 bytes: Vec::new(),

@@ -122,13 +122,18 @@ pub fn check_images(m: &Manifest, field: &str, images: &[String]) -> Result<Vec<
         })?;
         out.push(bytes);
     }
-    if !out.is_empty() && !m.has_role(Role::Vision) {
-        return Err(ApiError::bad_field(
-            field,
-            format!("model '{}' does not support vision: it cannot take images", m.id),
-        ));
+    if !out.is_empty() {
+        require_vision(m, field)?;
     }
     Ok(out)
+}
+
+/// Models without the vision role refuse images (before anything is decoded or fetched).
+pub fn require_vision(m: &Manifest, field: &str) -> Result<(), ApiError> {
+    if m.has_role(Role::Vision) {
+        return Ok(());
+    }
+    Err(ApiError::bad_field(field, format!("model '{}' does not support vision: it cannot take images", m.id)))
 }
 
 /// Validates `tools` and `tool_choice` (OpenAI's rules, which Ollama's `tools` follow too):

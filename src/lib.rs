@@ -7,6 +7,7 @@
 //! - [`chat`]: chat-template rendering shared by every API dialect.
 //! - [`engine`]: sampling, incremental detokenization, the generation loop.
 //! - [`hub`]: model manifests, the models directory, `pull`.
+//! - [`provider`]: upstream servers and routes (providers behind the API).
 //! - [`server`]: `zoe-llm serve`, the Ollama and OpenAI APIs over the engine.
 //! - [`vision`]: images into vision-model inputs (Qwen2-VL preprocessing).
 //! - [`bench`]: `zoe-llm bench`.
@@ -17,5 +18,6 @@ pub mod chat;
 pub mod engine;
 pub mod hub;
 pub mod model;
+pub mod provider;
 pub mod server;
 pub mod vision;

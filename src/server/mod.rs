@@ -95,6 +95,11 @@ pub struct ServeConfig {
     /// Fetch OpenAI `image_url` http(s) URLs (off: such URLs are a 400). The server then
     /// requests any URL a client names, so enable it only where clients are trusted.
     pub image_url_fetch: bool,
+    /// Other servers that serve models: an Ollama (the Raspberry Pi plan), OpenAI-compatible
+    /// boxes ([`crate::provider::config`]).
+    pub upstreams: Vec<crate::provider::UpstreamConfig>,
+    /// Model name or pattern → providers to try in order.
+    pub routes: Vec<crate::provider::RouteConfig>,
 }
 
 mod secs {
@@ -131,6 +136,8 @@ impl Default for ServeConfig {
             max_restarts: 3,
             warmup: true,
             image_url_fetch: false,
+            upstreams: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -181,6 +188,8 @@ impl ServeConfig {
         if cfg.stall_timeout.is_zero() {
             anyhow::bail!("{}: stall_timeout must be above 0 seconds", path.display());
         }
+        crate::provider::config::validate(&cfg.upstreams, &cfg.routes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
 }

@@ -415,7 +415,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     };
     let source = std::sync::Arc::new(StoreSource { store, threads, precision });
     let engines = Engines::new(source, engine, config.keep_alive, config.memory_budget());
-    let state = std::sync::Arc::new(AppState { registry, engines, config, loopback });
+    let providers = zoe_llm::provider::Providers::new(true, &config.upstreams, &config.routes);
+    let state = std::sync::Arc::new(AppState { registry, engines, config, loopback, providers });
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         for m in &preload {

@@ -134,7 +134,10 @@ pub fn validate(upstreams: &[UpstreamConfig], routes: &[RouteConfig]) -> Result<
             return Err(format!("{}: {:?} must be an http(s) URL with a host", at("url"), u.url));
         }
         if u.models.is_empty() {
-            return Err(format!("{}: empty: the upstream would serve nothing (\"*\" serves every model)", at("models")));
+            return Err(format!(
+                "{}: empty: the upstream would serve nothing (\"*\" serves every model)",
+                at("models")
+            ));
         }
         for (field, d) in [
             ("connect_timeout", u.connect_timeout),

@@ -4,3 +4,9 @@
 pub mod config;
 
 pub use config::{RouteConfig, UpstreamConfig, UpstreamKind, LOCAL};
+pub mod breaker;
+pub mod router;
+pub mod translate;
+pub mod upstream;
+
+pub use router::{Providers, Target};

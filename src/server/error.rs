@@ -128,6 +128,18 @@ impl From<ApiError> for OpenAiError {
     }
 }
 
+impl From<OllamaError> for ApiError {
+    fn from(e: OllamaError) -> Self {
+        e.0
+    }
+}
+
+impl From<OpenAiError> for ApiError {
+    fn from(e: OpenAiError) -> Self {
+        e.0
+    }
+}
+
 impl IntoResponse for OllamaError {
     fn into_response(self) -> Response {
         self.0.into_response_for(Dialect::Ollama)
@@ -154,8 +166,13 @@ pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Respo
 /// `missing request body`, as in Ollama. The `Content-Type` is not checked (Ollama does not;
 /// `curl -d` sends a form type).
 pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
+    parse_json(&read_bytes(body, limit).await?)
+}
+
+/// The whole body, at most `limit` bytes (413 beyond).
+pub async fn read_bytes(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
         Err(e) => {
             // `to_bytes` reports the limit as a boxed `LengthLimitError` in the source chain.
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -165,10 +182,9 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
                 }
                 source = s.source();
             }
-            return Err(ApiError::bad(format!("could not read the request body: {e}")));
+            Err(ApiError::bad(format!("could not read the request body: {e}")))
         }
-    };
-    parse_json(&bytes)
+    }
 }
 
 /// Decodes `bytes` as `T` with field-naming errors (see [`read_json`]).

@@ -118,5 +118,39 @@ pub fn render(state: &Shared) -> String {
     let _ = writeln!(out, "zoe_memory_budget_bytes {}", state.engines.budget);
     head(&mut out, "zoe_memory_used_bytes", "gauge", "Bytes the resident models hold.");
     let _ = writeln!(out, "zoe_memory_used_bytes {}", state.engines.memory_used());
+    let ups = &state.providers.upstreams;
+    if !ups.is_empty() {
+        use std::sync::atomic::Ordering::Relaxed;
+        type UpSeries = (&'static str, &'static str, &'static str, fn(&crate::provider::upstream::Upstream) -> f64);
+        let series: [UpSeries; 5] = [
+            ("zoe_upstream_up", "gauge", "1 while the upstream's circuit breaker is closed, else 0.", |u| {
+                f64::from(u8::from(u.breaker.allows()))
+            }),
+            ("zoe_upstream_requests_total", "counter", "Requests the upstream answered.", |u| {
+                u.ok.load(Relaxed) as f64
+            }),
+            (
+                "zoe_upstream_failures_total",
+                "counter",
+                "Attempts that failed before an answer (retries included).",
+                |u| u.failures.load(Relaxed) as f64,
+            ),
+            (
+                "zoe_upstream_skipped_total",
+                "counter",
+                "Requests that skipped the upstream while its breaker was open.",
+                |u| u.skipped.load(Relaxed) as f64,
+            ),
+            ("zoe_upstream_breaker_opened_total", "counter", "Times the upstream's circuit breaker opened.", |u| {
+                u.breaker.snapshot().opened_total as f64
+            }),
+        ];
+        for (name, kind, help, get) in series {
+            head(&mut out, name, kind, help);
+            for u in ups {
+                let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", u.name(), get(u));
+            }
+        }
+    }
     out
 }

@@ -19,11 +19,14 @@ pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod openapi;
+pub mod proxy;
 mod sse;
 pub mod wire;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod proxy_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -199,6 +202,8 @@ pub struct AppState {
     pub registry: Registry,
     pub engines: Engines,
     pub config: ServeConfig,
+    /// Who serves which model: this machine's engines and the configured upstreams.
+    pub providers: crate::provider::Providers,
     /// True when bound to a loopback address: the Host check applies.
     pub loopback: bool,
 }
@@ -232,6 +237,7 @@ pub async fn serve(state: Shared) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
     eprintln!("zoe-llm listening on http://{local}");
     engines::spawn_reaper(state.clone());
+    crate::provider::upstream::spawn_probes(&state.providers.upstreams);
     spawn_systemd_notifier(state.clone());
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
@@ -448,6 +454,31 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
             "model": id, "pinned": true, "state": "not_loaded", "reason": "the model is not loaded", "alive": false,
         }));
     }
+    // Upstreams: an open breaker is a provider down. Without local engines (the Ollama-proxy
+    // plan) the upstreams are all there is: every one down is unavailable.
+    let mut providers = Vec::new();
+    let mut upstream_up = false;
+    for u in &state.providers.upstreams {
+        let s = u.breaker.snapshot();
+        let up = s.state == crate::provider::breaker::BreakerState::Closed;
+        upstream_up |= up;
+        if !up {
+            other_down = true;
+        }
+        providers.push(serde_json::json!({
+            "name": u.name(),
+            "kind": u.config.kind,
+            "url": u.config.url,
+            "breaker": s.state.name(),
+            "consecutive_failures": s.consecutive_failures,
+            "last_error": s.last_error,
+            "seconds_in_state": (s.in_state_for.as_secs_f64() * 1000.0).round() / 1000.0,
+            "seconds_since_success": s.since_success.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
+        }));
+    }
+    if !state.providers.local && !upstream_up {
+        pinned_down = true;
+    }
     let (code, status) = if pinned_down {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
     } else if other_down {
@@ -455,7 +486,11 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
     } else {
         (StatusCode::OK, "ok")
     };
-    (code, serde_json::json!({ "status": status, "models": models }))
+    let mut body = serde_json::json!({ "status": status, "models": models });
+    if !providers.is_empty() {
+        body["providers"] = providers.into();
+    }
+    (code, body)
 }
 
 /// Every pinned model is loaded and its engine alive or restarting (what the systemd watchdog

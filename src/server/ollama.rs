@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::engines::KeepAlive;
-use super::error::{json_response, read_json, ApiError, Dialect, OllamaError};
+use super::error::{json_response, parse_json, read_json, ApiError, Dialect, OllamaError};
 use super::infer::{self, ImageBytes, InferenceRequest, Input, MaxTokens, SamplingOverrides, StreamWriter};
 use super::wire::{self, KeepAliveWire, OneOrMany, TopLogprob};
 use super::{Shared, OLLAMA_COMPAT_VERSION};
@@ -350,9 +350,13 @@ fn map_options(
     Ok((sampling, max, stop, num_ctx))
 }
 
-async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
+async fn generate(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OllamaGenerate, body, generate_local).await
+}
+
+async fn generate_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
     let start = Instant::now();
-    let req: GenerateRequest = read_json(body, st.config.max_body_bytes).await?;
+    let req: GenerateRequest = parse_json(&body)?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveWire::parse).transpose()?;
     let raw = req.raw.unwrap_or(false);
@@ -418,9 +422,13 @@ async fn generate(State(st): State<Shared>, body: Body) -> Result<Response> {
     run(&st, plan, input, Kind::Generate { context: !raw }, start).await
 }
 
-async fn chat(State(st): State<Shared>, body: Body) -> Result<Response> {
+async fn chat(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OllamaChat, body, chat_local).await
+}
+
+async fn chat_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
     let start = Instant::now();
-    let req: ChatRequest = read_json(body, st.config.max_body_bytes).await?;
+    let req: ChatRequest = parse_json(&body)?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveWire::parse).transpose()?;
     let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
@@ -751,9 +759,13 @@ pub struct EmbeddingsResponse {
     pub embedding: Vec<f32>,
 }
 
-async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
+async fn embed(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OllamaEmbed, body, embed_local).await
+}
+
+async fn embed_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
     let start = Instant::now();
-    let req: EmbedRequest = read_json(body, st.config.max_body_bytes).await?;
+    let req: EmbedRequest = parse_json(&body)?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveWire::parse).transpose()?;
     let inputs: Vec<String> = match req.input.clone() {
@@ -779,8 +791,12 @@ async fn embed(State(st): State<Shared>, body: Body) -> Result<Response> {
     ))
 }
 
-async fn embeddings(State(st): State<Shared>, body: Body) -> Result<Response> {
-    let req: EmbeddingsRequest = read_json(body, st.config.max_body_bytes).await?;
+async fn embeddings(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OllamaEmbeddings, body, embeddings_local).await
+}
+
+async fn embeddings_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
+    let req: EmbeddingsRequest = parse_json(&body)?;
     let manifest = wire::resolve(&st, &req.model)?.clone();
     let keep_alive = req.keep_alive.as_ref().map(KeepAliveWire::parse).transpose()?;
     let (handle, _) = st.engines.get(&manifest, &req.model, keep_alive).await?;
@@ -902,8 +918,12 @@ pub fn capabilities(m: &Manifest) -> Vec<String> {
     caps
 }
 
-async fn show(State(st): State<Shared>, body: Body) -> Result<Response> {
-    let req: ModelRequest = read_json(body, st.config.max_body_bytes).await?;
+async fn show(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OllamaShow, body, show_local).await
+}
+
+async fn show_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
+    let req: ModelRequest = parse_json(&body)?;
     let name = req.model()?;
     let m = wire::resolve(&st, name)?.clone();
     if !st.engines.source().present(&m) {

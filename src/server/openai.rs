@@ -19,7 +19,7 @@ use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::error::{json_response, read_json, ApiError, OpenAiError};
+use super::error::{json_response, parse_json, read_json, ApiError, OpenAiError};
 use super::infer::{self, Collected, ImageBytes, InferenceRequest, Input, MaxTokens, SamplingOverrides};
 use super::infer::{check_dimensions, embed_error, embedding_ids, normalize};
 use super::ollama::listed_name;
@@ -663,8 +663,12 @@ fn sse_response(body: Body) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Chat completions
 
-async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Response> {
-    let req: ChatCompletionRequest = read_json(body, st.config.max_body_bytes).await?;
+async fn chat_completions(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OpenAiChat, body, chat_completions_local).await
+}
+
+async fn chat_completions_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
+    let req: ChatCompletionRequest = parse_json(&body)?;
     let (manifest, model_name) = resolve_model(&st, req.model.as_deref())?;
     let common = req.common();
     let mapped = map_common(&common)?;
@@ -748,8 +752,12 @@ async fn chat_completions(State(st): State<Shared>, body: Body) -> Result<Respon
 // ---------------------------------------------------------------------------------------------
 // Text completions
 
-async fn completions(State(st): State<Shared>, body: Body) -> Result<Response> {
-    let req: CompletionRequest = read_json(body, st.config.max_body_bytes).await?;
+async fn completions(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OpenAiCompletions, body, completions_local).await
+}
+
+async fn completions_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
+    let req: CompletionRequest = parse_json(&body)?;
     let (manifest, model_name) = resolve_model(&st, req.model.as_deref())?;
     let common = req.common();
     let mapped = map_common(&common)?;
@@ -904,8 +912,12 @@ pub struct EmbeddingResponse {
     pub usage: Usage,
 }
 
-async fn embeddings(State(st): State<Shared>, body: Body) -> Result<Response> {
-    let req: EmbeddingRequest = read_json(body, st.config.max_body_bytes).await?;
+async fn embeddings(State(st): State<Shared>, body: Body) -> Response {
+    super::proxy::dispatch(st, super::proxy::Endpoint::OpenAiEmbeddings, body, embeddings_local).await
+}
+
+async fn embeddings_local(st: Shared, body: axum::body::Bytes) -> Result<Response> {
+    let req: EmbeddingRequest = parse_json(&body)?;
     let (manifest, model_name) = resolve_model(&st, req.model.as_deref())?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,

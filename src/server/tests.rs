@@ -247,7 +247,13 @@ pub(super) fn state_full(
     let registry = Registry::new(manifests).unwrap();
     let budget = config.memory_budget_bytes.unwrap_or(u64::MAX);
     let engines = Engines::new(Arc::new(source), engine, config.keep_alive, budget);
-    Arc::new(AppState { registry, engines, config, loopback: true })
+    Arc::new(AppState {
+        registry,
+        engines,
+        config,
+        loopback: true,
+        providers: crate::provider::Providers::local_only(),
+    })
 }
 
 pub(super) fn state() -> Shared {

@@ -80,7 +80,7 @@ impl Providers {
             chain.push(Target::Local);
         }
         for u in &self.upstreams {
-            if u.config.models.iter().any(|p| glob_match(&p.to_lowercase(), &model.to_lowercase())) {
+            if u.serves(model) {
                 chain.push(Target::Upstream { upstream: u.clone(), model: model.to_owned() });
             }
         }

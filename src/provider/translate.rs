@@ -71,12 +71,14 @@ pub fn openai_chat_to_ollama(req: &Value, model: &str) -> Result<Value, Untransl
                                 url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")).map(|(_, d)| d);
                             match b64 {
                                 Some(data) => images.push(Value::from(data)),
-                                None => return Err(bad(
-                                    &field,
-                                    format!(
+                                None => {
+                                    return Err(bad(
+                                        &field,
+                                        format!(
                                         "{field}: the upstream Ollama takes images inline: send a data: URL (base64)"
                                     ),
-                                )),
+                                    ))
+                                }
                             }
                         }
                         other => {
@@ -154,6 +156,8 @@ pub fn openai_completion_to_ollama(req: &Value, model: &str) -> Result<Value, Un
     let mut out = Map::new();
     out.insert("model".into(), model.into());
     out.insert("prompt".into(), prompt.into());
+    // OpenAI completions continue the text as given: no chat template.
+    out.insert("raw".into(), true.into());
     if let Some(s) = req.get("suffix").filter(|s| s.is_string()) {
         out.insert("suffix".into(), s.clone());
     }

@@ -187,12 +187,8 @@ impl Upstream {
         result
     }
 
-    /// The model names the upstream lists (`/api/tags` or `/v1/models`), within `connect_timeout × 2`.
-    pub async fn list_models(&self) -> Result<Vec<serde_json::Value>, String> {
-        let (path, key) = match self.kind() {
-            UpstreamKind::Ollama => ("/api/tags", "models"),
-            UpstreamKind::Openai => ("/v1/models", "data"),
-        };
+    /// `GET path` as JSON, within `connect_timeout × 2` (listings: `/api/tags`, `/api/ps`, `/v1/models`).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, String> {
         let mut rb = self.client.get(format!("{}{path}", self.base)).timeout(self.config.connect_timeout * 2);
         if let Some(k) = &self.config.api_key {
             rb = rb.bearer_auth(k);
@@ -201,8 +197,12 @@ impl Upstream {
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }
-        let v: serde_json::Value = resp.json().await.map_err(|e| describe(&e))?;
-        Ok(v.get(key).and_then(|m| m.as_array()).cloned().unwrap_or_default())
+        resp.json().await.map_err(|e| describe(&e))
+    }
+
+    /// This upstream takes requests for `model` (its `models` patterns).
+    pub fn serves(&self, model: &str) -> bool {
+        self.config.models.iter().any(|p| crate::server::glob_match(&p.to_lowercase(), &model.to_lowercase()))
     }
 }
 

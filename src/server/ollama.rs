@@ -862,7 +862,8 @@ async fn tags(State(st): State<Shared>) -> Response {
         .registry
         .manifests()
         .iter()
-        .filter(|m| src.present(m))
+        // Without local engines (the Ollama-proxy plan) the store's files serve nothing.
+        .filter(|m| st.providers.local && src.present(m))
         .map(|m| ListModel {
             name: listed_name(m),
             model: listed_name(m),
@@ -872,7 +873,11 @@ async fn tags(State(st): State<Shared>) -> Response {
             details: details(m),
         })
         .collect();
-    json_response(StatusCode::OK, &ListResponse { models })
+    let local = serde_json::to_value(ListResponse { models }).expect("wire types serialize");
+    json_response(
+        StatusCode::OK,
+        &super::proxy::merged_listing(&st, super::proxy::Listing::Tags, local, "models").await,
+    )
 }
 
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
@@ -999,7 +1004,8 @@ async fn ps(State(st): State<Shared>) -> Response {
             })
         })
         .collect();
-    json_response(StatusCode::OK, &PsResponse { models })
+    let local = serde_json::to_value(PsResponse { models }).expect("wire types serialize");
+    json_response(StatusCode::OK, &super::proxy::merged_listing(&st, super::proxy::Listing::Ps, local, "models").await)
 }
 
 #[derive(Clone, Debug, Serialize, JsonSchema)]

@@ -80,17 +80,36 @@ fn card(st: &Shared, m: &Manifest) -> ModelCard {
 }
 
 async fn models(State(st): State<Shared>) -> Response {
-    let data =
-        st.registry.manifests().iter().filter(|m| st.engines.source().present(m)).map(|m| card(&st, m)).collect();
-    json_response(StatusCode::OK, &ModelList { object: "list", data })
+    let data = st
+        .registry
+        .manifests()
+        .iter()
+        .filter(|m| st.providers.local && st.engines.source().present(m))
+        .map(|m| card(&st, m))
+        .collect();
+    let local = serde_json::to_value(ModelList { object: "list", data }).expect("wire types serialize");
+    json_response(
+        StatusCode::OK,
+        &super::proxy::merged_listing(&st, super::proxy::Listing::Models, local, "data").await,
+    )
 }
 
 async fn model(State(st): State<Shared>, Path(id): Path<String>) -> Result<Response> {
-    let m = wire::resolve(&st, &id)?;
-    if !st.engines.source().present(m) {
-        return Err(ApiError::ModelNotFound { model: id }.into());
+    if let Some(m) = st.registry.get(&id).filter(|m| st.providers.local && st.engines.source().present(m)) {
+        return Ok(json_response(StatusCode::OK, &card(&st, m)));
     }
-    Ok(json_response(StatusCode::OK, &card(&st, m)))
+    if id.trim().is_empty() {
+        return Err(ApiError::bad_field("model", "model is required").into());
+    }
+    // An upstream's model.
+    let found = super::proxy::upstream_listing(&st, super::proxy::Listing::Models)
+        .await
+        .into_iter()
+        .find(|c| c.get("id").and_then(serde_json::Value::as_str) == Some(id.as_str()));
+    match found {
+        Some(card) => Ok(json_response(StatusCode::OK, &card)),
+        None => Err(ApiError::ModelNotFound { model: id }.into()),
+    }
 }
 
 #[derive(Serialize, JsonSchema)]

@@ -149,11 +149,99 @@ where
     }
     let reasons = reasons.join("; ");
     let e = if all_not_found {
-        ApiError::NotFound(format!("model '{model}' not found by any provider ({reasons})"))
+        ApiError::NotFound(match dialect {
+            Dialect::Ollama => format!("model '{model}' not found ({reasons})"),
+            Dialect::OpenAi => format!("The model `{model}` does not exist ({reasons})."),
+        })
     } else {
         ApiError::Unavailable(format!("no provider could serve model '{model}' ({reasons})"))
     };
     e.into_response_for(dialect)
+}
+
+/// A model listing that upstreams add to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// `/api/tags` entries.
+    Tags,
+    /// `/api/ps` entries (Ollama upstreams only).
+    Ps,
+    /// `/v1/models` cards.
+    Models,
+}
+
+/// The upstreams' entries for `what`, in each client's shape: every upstream whose breaker is
+/// closed is asked at once (an upstream that does not answer in time adds nothing), and only
+/// names it serves are kept.
+pub async fn upstream_listing(st: &Shared, what: Listing) -> Vec<Value> {
+    let asks = st.providers.upstreams.iter().filter(|u| u.breaker.allows()).map(|u| async move {
+        let (path, key) = match (what, u.kind()) {
+            (Listing::Ps, UpstreamKind::Openai) => return Vec::new(),
+            (Listing::Ps, UpstreamKind::Ollama) => ("/api/ps", "models"),
+            (_, UpstreamKind::Ollama) => ("/api/tags", "models"),
+            (_, UpstreamKind::Openai) => ("/v1/models", "data"),
+        };
+        let v = match u.get_json(path).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(upstream = u.name(), error = %e, path, "upstream listing failed");
+                return Vec::new();
+            }
+        };
+        let entries = v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let name = e.get("name").or_else(|| e.get("id")).and_then(Value::as_str)?.to_owned();
+                if !u.serves(&name) {
+                    return None;
+                }
+                Some(match (what, u.kind()) {
+                    (Listing::Models, UpstreamKind::Openai) | (Listing::Tags | Listing::Ps, UpstreamKind::Ollama) => e,
+                    (Listing::Models, UpstreamKind::Ollama) => {
+                        let created = e
+                            .get("modified_at")
+                            .and_then(Value::as_str)
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map_or(0, |t| t.timestamp().max(0));
+                        serde_json::json!({ "id": name, "object": "model", "created": created, "owned_by": u.name() })
+                    }
+                    (Listing::Tags | Listing::Ps, UpstreamKind::Openai) => {
+                        let at = e
+                            .get("created")
+                            .and_then(Value::as_i64)
+                            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+                            .unwrap_or_default()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                        serde_json::json!({
+                            "name": name, "model": name, "modified_at": at, "size": 0, "digest": "",
+                            "details": { "format": "", "family": "", "parameter_size": "", "quantization_level": "" },
+                        })
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    futures_util::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// `local` (a listing's JSON with its entries under `key`) plus the upstreams' entries whose
+/// names it does not have yet.
+pub async fn merged_listing(st: &Shared, what: Listing, mut local: Value, key: &str) -> Value {
+    if st.providers.upstreams.is_empty() {
+        return local;
+    }
+    let extra = upstream_listing(st, what).await;
+    let name_key = if what == Listing::Models { "id" } else { "name" };
+    if let Some(list) = local.get_mut(key).and_then(Value::as_array_mut) {
+        for e in extra {
+            let name = e.get(name_key).cloned();
+            if !list.iter().any(|x| x.get(name_key) == name.as_ref()) {
+                list.push(e);
+            }
+        }
+    }
+    local
 }
 
 fn tagged(r: Result<Response, ApiError>, dialect: Dialect, provider: &str) -> Response {

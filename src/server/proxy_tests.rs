@@ -47,7 +47,8 @@ fn chat_body(stream: bool) -> Value {
 
 #[tokio::test]
 async fn ollama_requests_pass_through_with_streaming_intact() {
-    let (url, _task) = serve_upstream(state()).await;
+    let direct_state = state();
+    let (url, _task) = serve_upstream(direct_state.clone()).await;
     let pi = front(false, &[upstream("pi", UpstreamKind::Ollama, &url)], &[]);
     let direct = post(&state(), "/api/chat", chat_body(true)).await;
     let via = post(&pi, "/api/chat", chat_body(true)).await;
@@ -67,6 +68,20 @@ async fn ollama_requests_pass_through_with_streaming_intact() {
             .await;
     assert_eq!((g.status.as_u16(), g.json()["eval_count"].clone()), (200, json!(3)));
     assert_eq!(post(&pi, "/api/show", json!({ "model": "tiny" })).await.status, 200);
+    // Listings: the upstream's models (the front has none of its own), in each dialect.
+    let up_tags = get(&direct_state, "/api/tags").await.json()["models"].clone();
+    assert!(!up_tags.as_array().unwrap().is_empty());
+    assert_eq!(get(&pi, "/api/tags").await.json()["models"], up_tags);
+    let ps_names = |v: Value| v["models"].as_array().unwrap().iter().map(|m| m["name"].clone()).collect::<Vec<_>>();
+    let up_ps = ps_names(get(&direct_state, "/api/ps").await.json());
+    assert!(!up_ps.is_empty());
+    assert_eq!(ps_names(get(&pi, "/api/ps").await.json()), up_ps);
+    let name = up_tags[0]["name"].as_str().unwrap().to_owned();
+    let cards = get(&pi, "/v1/models").await.json();
+    assert_eq!(cards["data"][0]["id"], name.as_str());
+    assert_eq!(cards["data"][0]["owned_by"], "pi");
+    assert_eq!(get(&pi, &format!("/v1/models/{name}")).await.json()["id"], name.as_str());
+    assert_eq!(get(&pi, "/v1/models/nope").await.status, 404);
     // The upstream's client errors come back as they are.
     let bad =
         post(&pi, "/api/chat", json!({ "model": "tiny", "messages": [{ "role": "wizard", "content": "x" }] })).await;

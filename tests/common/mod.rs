@@ -125,39 +125,57 @@ impl Server {
         let mut last_log = String::new();
         // A port found free can be taken before the server binds it: then try another.
         for _ in 0..3 {
-            let port = free_port();
-            let logdir = tempfile::tempdir().unwrap();
-            let log = logdir.path().join("serve.stderr");
-            let child = Command::new(BIN)
-                .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--log", "info"])
-                .arg("--models-dir")
-                .arg(models_dir)
-                .args(args)
-                // Nothing from the environment the tests run in (a CI under systemd).
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("WATCHDOG_USEC")
-                .env_remove("WATCHDOG_PID")
-                .env_remove("ZOE_FAULT")
-                .envs(envs.iter().copied())
-                .env("ZOE_PYPI_INDEX", DEAD_INDEX)
-                .env_remove("RUST_LOG")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("spawning zoe-llm serve");
-            let mut server = Server { child, url: format!("http://127.0.0.1:{port}"), log, _logdir: logdir };
-            match server.wait_ready(Duration::from_secs(60)) {
-                Ok(()) => return server,
-                Err(e) => {
-                    last_log = server.log();
-                    if !last_log.contains("cannot listen") {
-                        panic!("zoe-llm serve did not come up: {e}\n--- its stderr ---\n{last_log}");
-                    }
-                }
+            match Self::try_at(models_dir, free_port(), args, envs) {
+                Ok(server) => return server,
+                Err(log) => last_log = log,
             }
         }
         panic!("zoe-llm serve found no free port\n--- its stderr ---\n{last_log}")
+    }
+
+    /// [`Server::start_with`] on a given port (a server restarted where its clients expect it).
+    pub fn start_at(models_dir: &Path, port: u16, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Self::try_at(models_dir, port, args, envs).unwrap_or_else(|log| panic!("port {port} is taken\n{log}"))
+    }
+
+    /// The server on `port`, ready; `Err(its stderr)` when the port was taken.
+    fn try_at(models_dir: &Path, port: u16, args: &[&str], envs: &[(&str, &str)]) -> Result<Server, String> {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("serve.stderr");
+        let child = Command::new(BIN)
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--log", "info"])
+            .arg("--models-dir")
+            .arg(models_dir)
+            .args(args)
+            // Nothing from the environment the tests run in (a CI under systemd).
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("ZOE_FAULT")
+            .envs(envs.iter().copied())
+            .env("ZOE_PYPI_INDEX", DEAD_INDEX)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning zoe-llm serve");
+        let mut server = Server { child, url: format!("http://127.0.0.1:{port}"), log, _logdir: logdir };
+        match server.wait_ready(Duration::from_secs(60)) {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                let log = server.log();
+                if !log.contains("cannot listen") {
+                    panic!("zoe-llm serve did not come up: {e}\n--- its stderr ---\n{log}");
+                }
+                Err(log)
+            }
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {

@@ -183,6 +183,9 @@ fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Re
     if req.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(bad("n", "n: an upstream Ollama gives one choice per request"));
     }
+    if req.get("logprobs").is_some_and(|v| v.as_bool() == Some(true) || v.as_u64().is_some_and(|n| n > 0)) {
+        return Err(bad("logprobs", "logprobs: not translated for an upstream Ollama"));
+    }
     let mut options = Map::new();
     for (from, to) in [
         ("temperature", "temperature"),
@@ -222,6 +225,9 @@ fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Re
 
 /// `/api/chat` body → `/v1/chat/completions` body for `model`.
 pub fn ollama_chat_to_openai(req: &Value, model: &str) -> Result<Value, Untranslatable> {
+    if req.get("logprobs").and_then(Value::as_bool) == Some(true) {
+        return Err(bad("logprobs", "logprobs: not translated for an OpenAI-compatible upstream"));
+    }
     let mut messages = Vec::new();
     // Ollama messages carry no call ids; OpenAI servers want a tool result to name its call.
     let mut open_calls: Vec<(String, String)> = Vec::new();

@@ -280,3 +280,37 @@ async fn an_upstream_killed_mid_stream_ends_the_stream_with_an_error() {
     assert_eq!(ls[0]["message"]["content"], "Hi");
     assert!(ls.last().unwrap()["error"].as_str().unwrap().contains("upstream vllm"), "{}", r.text());
 }
+
+#[tokio::test]
+async fn a_local_model_that_cannot_serve_falls_back_to_an_upstream_under_another_name() {
+    // "absent" is known here but not pulled (local 404); the route sends it up as "tiny" and
+    // the answer comes back under the client's name, streamed or not.
+    let (url, _task) = serve_upstream(state()).await;
+    let route = RouteConfig {
+        model: "absent".into(),
+        providers: vec!["local".into(), "pi".into()],
+        upstream_model: Some("tiny".into()),
+    };
+    let st = front(true, &[upstream("pi", UpstreamKind::Ollama, &url)], &[route]);
+    let body = |stream: bool| json!({ "model": "absent", "messages": [{ "role": "user", "content": "hello" }], "stream": stream, "options": GREEDY(4) });
+    let r = post(&st, "/api/chat", body(false)).await;
+    assert_eq!((r.status.as_u16(), provider(&r)), (200, "pi"), "{}", r.text());
+    assert_eq!(r.json()["model"], "absent");
+    let lines = ndjson(&post(&st, "/api/chat", body(true)).await);
+    assert!(lines.iter().all(|l| l["model"] == "absent"), "{lines:?}");
+    assert_eq!(lines.last().unwrap()["eval_count"], 4);
+    let o = post(&st, "/v1/chat/completions", json!({ "model": "absent", "messages": [{ "role": "user", "content": "hello" }], "max_tokens": 4, "stream": true })).await;
+    let chunks: Vec<Value> = sse(&o).iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    assert!(!chunks.is_empty() && chunks.iter().all(|c| c["model"] == "absent"), "{}", o.text());
+    // A model this machine serves never leaves it.
+    let local = post(&st, "/api/chat", chat_body(false)).await;
+    assert_eq!(provider(&local), "local");
+    // Logprobs do not survive translation: a 400 rather than silently none.
+    let lp = post(
+        &st,
+        "/v1/chat/completions",
+        json!({ "model": "absent", "messages": [{ "role": "user", "content": "x" }], "logprobs": true }),
+    )
+    .await;
+    assert_eq!((lp.status.as_u16(), lp.json()["error"]["param"].clone()), (400, json!("logprobs")));
+}

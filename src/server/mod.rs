@@ -167,7 +167,7 @@ impl ServeConfig {
     /// The memory budget: the configured one, else 80% of the machine's memory.
     pub fn memory_budget(&self) -> u64 {
         self.memory_budget_bytes.unwrap_or_else(|| {
-            let total = provider_probe::probe().total_memory_bytes.unwrap_or(8 << 30);
+            let total = provider_probe::probe().memory.total_bytes.unwrap_or(8 << 30);
             total / 5 * 4
         })
     }

@@ -126,16 +126,8 @@ pub(crate) fn detect(
     // JetPack 6 (L4T R36) supports only Orin modules: a container that sees no device tree but
     // has the L4T userspace is still on an Orin.
     let r36_only = model.is_none() && compatible.is_empty() && l4t_major == Some(36);
-    let mut board = Board {
-        family: Family::Generic,
-        model,
-        compatible,
-        soc,
-        soc0,
-        module: None,
-        variant: None,
-        super_mode: false,
-    };
+    let mut board =
+        Board { family: Family::Generic, model, compatible, soc, soc0, module: None, variant: None, super_mode: false };
     if tegra234 || named_orin || r36_only {
         board.family = Family::JetsonOrin;
         if r36_only {
@@ -143,9 +135,7 @@ pub(crate) fn detect(
             board.soc = Some("tegra234".into());
         }
         orin_variant(&mut board, &lower, mem_total, notes);
-    } else if lower.starts_with("raspberry pi")
-        || board.compatible.iter().any(|c| c.starts_with("raspberrypi,"))
-    {
+    } else if lower.starts_with("raspberry pi") || board.compatible.iter().any(|c| c.starts_with("raspberrypi,")) {
         board.family = Family::RaspberryPi;
         board.variant = pi_variant(&lower, board.soc.as_deref());
     }
@@ -366,14 +356,24 @@ mod tests {
     #[test]
     fn orin_variants_from_part_numbers_and_memory() {
         let cases = [
-            (&["nvidia,p3737-0000+p3701-0005", "nvidia,p3701-0005", "nvidia,tegra234"][..], 61.3, "agx-orin-64gb", false),
+            (
+                &["nvidia,p3737-0000+p3701-0005", "nvidia,p3701-0005", "nvidia,tegra234"][..],
+                61.3,
+                "agx-orin-64gb",
+                false,
+            ),
             (&["nvidia,p3737-0000+p3701-0004", "nvidia,p3701-0004", "nvidia,tegra234"], 29.9, "agx-orin-32gb", false),
             // The developer-kit module comes in both sizes: memory decides.
             (&["nvidia,p3737-0000+p3701-0000", "nvidia,p3701-0000", "nvidia,tegra234"], 29.9, "agx-orin-32gb", false),
             (&["nvidia,p3737-0000+p3701-0000", "nvidia,p3701-0000", "nvidia,tegra234"], 61.3, "agx-orin-64gb", false),
             (&["nvidia,p3768-0000+p3767-0000", "nvidia,p3767-0000", "nvidia,tegra234"], 15.3, "orin-nx-16gb", false),
             (&["nvidia,p3768-0000+p3767-0001", "nvidia,p3767-0001", "nvidia,tegra234"], 7.4, "orin-nx-8gb", false),
-            (&["nvidia,p3768-0000+p3767-0005-super", "nvidia,p3767-0005", "nvidia,tegra234"], 7.4, "orin-nano-8gb", true),
+            (
+                &["nvidia,p3768-0000+p3767-0005-super", "nvidia,p3767-0005", "nvidia,tegra234"],
+                7.4,
+                "orin-nano-8gb",
+                true,
+            ),
             (&["nvidia,p3768-0000+p3767-0004", "nvidia,p3767-0004", "nvidia,tegra234"], 3.4, "orin-nano-4gb", false),
         ];
         for (compat, gib, variant, sup) in cases {
@@ -387,7 +387,8 @@ mod tests {
         assert_eq!(b.variant.as_deref(), Some("orin-nx-16gb"));
         assert!(notes[0].contains("16 GB") && notes[0].contains("8 GB"), "{notes:?}");
         // No part number: the model string and memory.
-        let (b, _) = board("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", &["nvidia,tegra234"], Some(7.4));
+        let (b, _) =
+            board("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", &["nvidia,tegra234"], Some(7.4));
         assert_eq!((b.variant.as_deref(), b.super_mode), (Some("orin-nano-8gb"), true));
         // A size the module is not made in is left off rather than guessed.
         let (b, _) = board("Jetson AGX Orin", &[], Some(7.4));
@@ -403,7 +404,10 @@ mod tests {
             ("Raspberry Pi 500 Rev 1.0", "pi5"),
         ] {
             let (b, _) = board(name, &[], None);
-            assert_eq!((b.family, b.model.as_deref(), b.variant.as_deref()), (Family::RaspberryPi, Some(name), Some(variant)));
+            assert_eq!(
+                (b.family, b.model.as_deref(), b.variant.as_deref()),
+                (Family::RaspberryPi, Some(name), Some(variant))
+            );
         }
         let (b, _) = board("", &["raspberrypi,5-model-b", "brcm,bcm2712"], None);
         assert_eq!((b.family, b.variant.as_deref()), (Family::RaspberryPi, Some("pi5")));
@@ -412,7 +416,8 @@ mod tests {
     #[test]
     fn other_boards() {
         // Older Jetsons cannot run the Orin plan (sm_87 kernels).
-        let (b, _) = board("NVIDIA Jetson Xavier NX Developer Kit", &["nvidia,p3509-0000+p3668-0001", "nvidia,tegra194"], None);
+        let (b, _) =
+            board("NVIDIA Jetson Xavier NX Developer Kit", &["nvidia,p3509-0000+p3668-0001", "nvidia,tegra194"], None);
         assert_eq!((b.family, b.soc.as_deref()), (Family::Generic, Some("tegra194")));
         let (b, _) = board("Radxa ROCK 5B", &["radxa,rock-5b", "rockchip,rk3588"], None);
         assert_eq!((b.family, b.soc.as_deref(), b.variant), (Family::Generic, Some("rk3588"), None));

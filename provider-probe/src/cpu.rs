@@ -114,9 +114,8 @@ pub fn parse_cpuinfo(text: &str) -> Cpu {
         (false, _, Some(_)) => "arm",
         _ => "unknown",
     };
-    let arm_model = (!parts.is_empty()).then(|| {
-        parts.iter().map(|(name, n)| format!("{n}x {name}")).collect::<Vec<_>>().join(" + ")
-    });
+    let arm_model = (!parts.is_empty())
+        .then(|| parts.iter().map(|(name, n)| format!("{n}x {name}")).collect::<Vec<_>>().join(" + "));
     let logical = (processors > 0).then_some(processors);
     let physical = if x86 && !cores.is_empty() { Some(cores.len()) } else { logical };
     Cpu {

@@ -142,7 +142,8 @@ pub fn parse_meminfo(text: &str, notes: &mut Vec<String>) -> (Option<u64>, Optio
 impl Report {
     /// A few lines for a person: board, memory, CUDA, TensorRT, L4T, notes.
     pub fn summary(&self) -> String {
-        let gib = |b: Option<u64>| b.map_or("unknown".to_owned(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64));
+        let gib =
+            |b: Option<u64>| b.map_or("unknown".to_owned(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64));
         let b = &self.board;
         let mut out = format!(
             "board:    {} — {}{}{}\n",
@@ -202,7 +203,10 @@ mod tests {
         assert_eq!(parse_meminfo(t, &mut notes), (Some(7802664 * 1024), Some(5336064 * 1024)));
         assert!(notes.is_empty());
         // Old kernels: no MemAvailable.
-        assert_eq!(parse_meminfo("MemTotal: 1048576 kB\nMemFree: 1024 kB\n", &mut notes), (Some(1 << 30), Some(1 << 20)));
+        assert_eq!(
+            parse_meminfo("MemTotal: 1048576 kB\nMemFree: 1024 kB\n", &mut notes),
+            (Some(1 << 30), Some(1 << 20))
+        );
         // Absurd, overflowing, truncated or missing values are unknown, with a note.
         for bad in [
             "MemTotal: 99999999999999999999 kB\n",
@@ -217,7 +221,10 @@ mod tests {
             assert_eq!(notes.len(), 1, "{bad:?}");
         }
         let mut notes = Vec::new();
-        assert_eq!(parse_meminfo("MemTotal: 1048576 kB\nMemAvailable: 2097152 kB\n", &mut notes), (Some(1 << 30), None));
+        assert_eq!(
+            parse_meminfo("MemTotal: 1048576 kB\nMemAvailable: 2097152 kB\n", &mut notes),
+            (Some(1 << 30), None)
+        );
         assert_eq!(notes.len(), 1);
     }
 

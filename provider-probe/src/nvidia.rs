@@ -88,14 +88,10 @@ const JETPACK: &[(&str, &str)] = &[
 /// Parses the first line of `/etc/nv_tegra_release`, and the library directory it names.
 pub(crate) fn parse_l4t(text: &str) -> Option<(L4t, Option<String>)> {
     let first = text.lines().next()?;
-    let major: u32 = first.split_once("# R")?.1.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()?;
-    let revision: String = first
-        .split_once("REVISION:")?
-        .1
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
+    let major: u32 =
+        first.split_once("# R")?.1.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()?;
+    let revision: String =
+        first.split_once("REVISION:")?.1.trim_start().chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
     let parts: Vec<&str> = revision.split('.').filter(|p| !p.is_empty()).collect();
     if parts.is_empty() || parts.len() > 3 || major > 99 {
         return None;
@@ -157,7 +153,11 @@ pub(crate) fn probe_cuda(root: &Root, jetson: bool, lib_dir: Option<&str>) -> Cu
         })
         .or_else(|| {
             // `libcuda.so.550.54.14`; Jetson's `libcuda.so.1.1` is a soname, not a driver version.
-            libs.iter().map(|(_, v)| v).filter(|v| is_version(v) && v.split('.').next().is_some_and(|m| m.len() >= 3)).max_by_key(|v| v.len()).cloned()
+            libs.iter()
+                .map(|(_, v)| v)
+                .filter(|v| is_version(v) && v.split('.').next().is_some_and(|m| m.len() >= 3))
+                .max_by_key(|v| v.len())
+                .cloned()
         });
     for bus in root.list("proc/driver/nvidia/gpus").into_iter().take(64) {
         let info = root.text(&format!("proc/driver/nvidia/gpus/{bus}/information"), 4096);

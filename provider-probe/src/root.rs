@@ -81,9 +81,7 @@ impl Root {
 /// Garbage (binary junk, control characters, undecodable bytes) is `None`: unknown, not a name.
 pub(crate) fn printable(text: &str) -> Option<String> {
     let t = text.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-    let ok = !t.is_empty()
-        && t.len() <= 256
-        && t.chars().all(|c| !c.is_control() && c != char::REPLACEMENT_CHARACTER);
+    let ok = !t.is_empty() && t.len() <= 256 && t.chars().all(|c| !c.is_control() && c != char::REPLACEMENT_CHARACTER);
     ok.then(|| t.to_owned())
 }
 
@@ -93,7 +91,10 @@ mod tests {
 
     #[test]
     fn printable_text_only() {
-        assert_eq!(printable("NVIDIA Jetson AGX Orin Developer Kit\0"), Some("NVIDIA Jetson AGX Orin Developer Kit".into()));
+        assert_eq!(
+            printable("NVIDIA Jetson AGX Orin Developer Kit\0"),
+            Some("NVIDIA Jetson AGX Orin Developer Kit".into())
+        );
         assert_eq!(printable("  \n\0"), None);
         assert_eq!(printable("a\u{1}b"), None);
         assert_eq!(printable(&String::from_utf8_lossy(&[0xff, 0xfe, b'x'])), None);

@@ -234,7 +234,11 @@ fn every_board_probes_as_itself() {
         assert_eq!(r.cuda.available, e.cuda, "{at}: {:?}", r.cuda);
         assert_eq!(r.cuda.reason.is_none(), e.cuda, "{at}: a reason exactly when unavailable");
         assert_eq!(r.cuda.devices.first().map(|d| d.name.as_str()), e.gpu, "{at}");
-        assert_eq!(r.cuda.devices.first().is_some_and(|d| d.integrated), e.family == Family::JetsonOrin && e.cuda, "{at}");
+        assert_eq!(
+            r.cuda.devices.first().is_some_and(|d| d.integrated),
+            e.family == Family::JetsonOrin && e.cuda,
+            "{at}"
+        );
         assert_eq!(r.cuda.driver_version.as_deref(), e.driver, "{at}");
         assert_eq!(r.tensorrt.available, e.tensorrt.is_some(), "{at}");
         assert_eq!(r.tensorrt.version.as_deref(), e.tensorrt, "{at}");

@@ -7,6 +7,7 @@
 //! - [`chat`]: chat-template rendering shared by every API dialect.
 //! - [`engine`]: sampling, incremental detokenization, the generation loop.
 //! - [`hub`]: model manifests, the models directory, `pull`.
+//! - [`plan`]: the hardware plan (backend, models, memory) from the probe's report and the config.
 //! - [`provider`]: upstream servers and routes (providers behind the API).
 //! - [`server`]: `zoe-llm serve`, the Ollama and OpenAI APIs over the engine.
 //! - [`vision`]: images into vision-model inputs (Qwen2-VL preprocessing).
@@ -18,6 +19,7 @@ pub mod chat;
 pub mod engine;
 pub mod hub;
 pub mod model;
+pub mod plan;
 pub mod provider;
 pub mod server;
 pub mod vision;

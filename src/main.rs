@@ -45,6 +45,25 @@ enum Command {
     Bench(BenchArgs),
     /// Serve the Ollama and OpenAI APIs (default http://127.0.0.1:11434).
     Serve(ServeArgs),
+    /// Probe the hardware and print the plan `serve` would follow.
+    Probe {
+        /// Read the files below DIR instead of this machine's (a fixture or a mounted image).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Print `{"report": …, "plan": …}` as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// The `serve` config whose settings override the plan.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a `serve` config file and print the plan it gives on this machine.
+    CheckConfig {
+        file: PathBuf,
+        /// Plan for the files below DIR instead of this machine.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
     /// Write a synthetic AWQ checkpoint (real names, shapes, packing and configs; random values).
     Synth {
         #[arg(long, value_enum)]
@@ -67,7 +86,7 @@ struct ServeArgs {
     /// Port to listen on (default 11434, or the config file's).
     #[arg(long)]
     port: Option<u16>,
-    /// TOML settings (host, port, max_queue, max_body_bytes, origins, keep_alive, preload, threads).
+    /// TOML settings (see docs/api.md); they override the hardware plan (`zoe-llm probe`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -230,6 +249,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench(&store, &registry, args),
         Command::Serve(args) => serve(store, registry, args),
+        Command::Probe { root, json, config } => probe(&registry, root.as_deref(), json, config.as_deref()),
+        Command::CheckConfig { file, root } => check_config(&registry, &file, root.as_deref()),
         Command::Synth { arch, out, seed } => {
             let t = std::time::Instant::now();
             let s = zoe_llm::model::synth::write(arch, &out, seed)
@@ -371,7 +392,99 @@ fn run_prompt(store: &Store, registry: &Registry, args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The probe's report: the files of `root`, else this machine (refined by the CUDA driver itself
+/// when this build has the `cuda` feature).
+fn report(root: Option<&std::path::Path>) -> Result<provider_probe::Report> {
+    if let Some(dir) = root {
+        if !dir.is_dir() {
+            bail!("--root {}: not a directory", dir.display());
+        }
+        return Ok(provider_probe::probe_root(dir));
+    }
+    #[allow(unused_mut)]
+    let mut report = provider_probe::probe();
+    #[cfg(feature = "cuda")]
+    match zoe_llm::backend::cuda::device_count() {
+        Ok(0) => {
+            report.cuda.available = false;
+            report.cuda.reason = Some("the CUDA driver reports no device".into());
+        }
+        Ok(_) => {
+            report.cuda.available = true;
+            report.cuda.reason = None;
+        }
+        Err(e) => {
+            report.cuda.available = false;
+            report.cuda.reason = Some(e.to_string());
+        }
+    }
+    Ok(report)
+}
+
+fn probe(
+    registry: &Registry,
+    root: Option<&std::path::Path>,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
+    use zoe_llm::server::ServeConfig;
+    let config = match config {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    let report = report(root)?;
+    let plan = zoe_llm::plan::plan(&report, &config, registry);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "report": report, "plan": plan }))?);
+    } else {
+        print!("{}{}", report.summary(), plan.summary());
+    }
+    Ok(())
+}
+
+/// `check-config FILE`: parse and validate (TOML errors name the line and field; the checks below
+/// name the entry), then the plan the file gives here.
+fn check_config(registry: &Registry, file: &std::path::Path, root: Option<&std::path::Path>) -> Result<()> {
+    use zoe_llm::plan::Backend;
+    let config = zoe_llm::server::ServeConfig::from_file(file)?;
+    for (field, names) in [("preload", &config.preload), ("on_demand", &config.on_demand)] {
+        for (i, name) in names.iter().enumerate() {
+            registry.resolve(name).map_err(|e| anyhow::anyhow!("{}: {field}[{i}]: {e}", file.display()))?;
+        }
+    }
+    let mut warnings = Vec::new();
+    if !cfg!(feature = "cuda") {
+        if config.backend == Some(Backend::Cuda) {
+            warnings.push("backend = \"cuda\": this binary was built without the cuda feature; AWQ models would run on the CPU (exact, slow)".to_owned());
+        }
+        for name in &config.preload {
+            if registry.get(name).is_some_and(|m| m.format == Format::AwqSafetensors) {
+                warnings.push(format!(
+                    "preload {name:?}: an AWQ model, which `serve` loads only in a build with the cuda feature"
+                ));
+            }
+        }
+    }
+    let plan = zoe_llm::plan::plan(&report(root)?, &config, registry);
+    for w in &warnings {
+        eprintln!("warning: {}: {w}", file.display());
+    }
+    println!("{}: ok", file.display());
+    print!("{}", plan.summary());
+    Ok(())
+}
+
+/// A model `serve` may pin: any known model in a build with the CUDA engine, GGUF only without
+/// (AWQ on the CPU is the exact reference path, far too slow to serve).
+fn resolve_for_serve(registry: &Registry, name: &str, args: &EngineArgs) -> Result<Manifest> {
+    if cfg!(feature = "cuda") {
+        return Ok(registry.resolve(name)?.clone());
+    }
+    resolve(registry, &EngineArgs { model: Some(name.to_owned()), ..args.clone() })
+}
+
 fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
+    use zoe_llm::plan::Backend;
     use zoe_llm::server::{engines::Engines, engines::StoreSource, AppState, ServeConfig};
     let mut config = match &args.config {
         Some(path) => ServeConfig::from_file(path)?,
@@ -386,7 +499,32 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     if let Some(t) = args.engine.threads {
         config.threads = Some(t);
     }
+    // `-m` pins that model instead of the config's or the plan's.
+    if let Some(m) = &args.engine.model {
+        config.preload = vec![m.clone()];
+    }
     let threads = threads(&EngineArgs { threads: config.threads, ..args.engine.clone() })?;
+    // The hardware plan decides what the config leaves open; the config keeps the plan's answers
+    // so the running server reports what it does.
+    let plan = zoe_llm::plan::plan(&report(None)?, &config, &registry);
+    for note in &plan.notes {
+        tracing::info!("plan: {note}");
+    }
+    tracing::info!(
+        backend = plan.backend.as_str(),
+        pinned = ?plan.pinned,
+        on_demand = ?plan.on_demand,
+        budget = plan.memory_budget_bytes,
+        kv_cache_bytes = plan.kv_cache_bytes,
+        max_num_seqs = plan.max_num_seqs,
+        "plan"
+    );
+    config.backend = Some(plan.backend);
+    config.max_num_seqs = Some(plan.max_num_seqs);
+    config.kv_cache_bytes = Some(plan.kv_cache_bytes);
+    config.memory_budget_bytes = Some(plan.memory_budget_bytes);
+    config.on_demand = plan.on_demand.clone();
+    config.upstreams = plan.upstreams.clone();
     let engine = config.engine()?;
     // Said once at start: which engine AWQ models will get (GGUF models always run on the CPU).
     #[cfg(feature = "cuda")]
@@ -394,17 +532,14 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         Ok(n) => tracing::info!("CUDA: {n} device(s); AWQ models run on the CUDA engine"),
         Err(e) => tracing::warn!("{e}; every model runs on the CPU engine"),
     }
-    // What to load at start: the config's list, else `-m`, else the default model. Everything is
+    // What to load at start: the plan's pinned models (none when proxying). Everything is
     // checked (and pulled if missing) before the port is opened.
-    let names: Vec<String> =
-        if !config.preload.is_empty() { config.preload.clone() } else { args.engine.model.iter().cloned().collect() };
+    let pinned = if plan.backend == Backend::OllamaProxy { Vec::new() } else { plan.pinned.clone() };
     let mut preload = Vec::new();
-    if names.is_empty() {
-        preload.push(resolve(&registry, &EngineArgs { model: None, ..args.engine.clone() })?);
+    for name in &pinned {
+        preload.push(resolve_for_serve(&registry, name, &args.engine)?);
     }
-    for name in &names {
-        preload.push(resolve(&registry, &EngineArgs { model: Some(name.clone()), ..args.engine.clone() })?);
-    }
+    config.preload = preload.iter().map(|m| m.id.clone()).collect();
     for m in &preload {
         ensure(m, &store, &PullOptions::from_env())?;
     }
@@ -414,8 +549,10 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
         Err(_) => config.host == "localhost",
     };
     let source = std::sync::Arc::new(StoreSource { store, threads, precision });
-    let engines = Engines::new(source, engine, config.keep_alive, config.memory_budget());
-    let providers = zoe_llm::provider::Providers::new(true, &config.upstreams, &config.routes);
+    let engines = Engines::new(source, engine, config.keep_alive, plan.memory_budget_bytes);
+    // The Ollama-proxy plan runs no engines here: every model goes to an upstream.
+    let local = plan.backend != Backend::OllamaProxy;
+    let providers = zoe_llm::provider::Providers::new(local, &config.upstreams, &config.routes);
     let state = std::sync::Arc::new(AppState { registry, engines, config, loopback, providers });
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {

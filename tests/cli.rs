@@ -225,3 +225,86 @@ fn synth_then_bench_a_synthetic_checkpoint() {
     let o = zoe(models.path(), &["bench", "--model-dir", dir_s, "--batches", "0"]);
     assert!(!o.status.success() && stderr(&o).contains("must all be above 0"), "{}", stderr(&o));
 }
+
+fn fixture_root(board: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("provider-probe/tests/fixtures").join(board)
+}
+
+#[test]
+fn probe_prints_the_report_and_plan_of_a_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture_root("orin-nx-16gb");
+    let o = zoe(dir.path(), &["probe", "--root", root.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["report"]["board"]["family"], "jetson-orin");
+    assert_eq!(json["report"]["board"]["model"], "NVIDIA Jetson Orin NX Engineering Reference Developer Kit");
+    assert_eq!(json["report"]["board"]["variant"], "orin-nx-16gb");
+    assert_eq!(json["report"]["memory"]["total_bytes"], 16039540u64 * 1024);
+    assert_eq!(json["report"]["cuda"]["available"], true);
+    assert_eq!(json["plan"]["backend"], "cuda");
+    assert_eq!(json["plan"]["pinned"], serde_json::json!(["llama-3.2-3b-instruct-awq"]));
+
+    // A config overrides the plan; without --json a summary for people.
+    let cfg = dir.path().join("serve.toml");
+    std::fs::write(&cfg, "backend = \"cpu\"\n").unwrap();
+    let o = zoe(dir.path(), &["probe", "--root", root.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("orin-nx-16gb") && out.contains("plan:     cpu") && out.contains("smollm2-135m"), "{out}");
+
+    let pi = fixture_root("raspberry-pi-5");
+    let o = zoe(dir.path(), &["probe", "--root", pi.to_str().unwrap(), "--json"]);
+    let json: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["plan"]["backend"], "ollama-proxy");
+    assert_eq!(json["plan"]["upstreams"][0]["url"], "http://127.0.0.1:11435");
+
+    let o = zoe(dir.path(), &["probe", "--root", "/nonexistent/root"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture_root("x86-cpu-only");
+    let check = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let o = zoe(dir.path(), &["check-config", path.to_str().unwrap(), "--root", root.to_str().unwrap()]);
+        (o, path.display().to_string())
+    };
+    let (o, path) = check("good.toml", "port = 11500\npreload = [\"smollm2\"]\nmax_num_seqs = 4\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with(&format!("{path}: ok\n")), "{out}");
+    assert!(out.contains("plan:     cpu") && out.contains("4 sequences") && out.contains("smollm2-135m"), "{out}");
+
+    for (name, text, needles) in [
+        ("typo.toml", "max_num_seq = 4\n", &["max_num_seq", "unknown field"][..]),
+        ("model.toml", "preload = [\"smollm2\", \"no-such-model\"]\n", &["preload[1]", "no-such-model"]),
+        ("demand.toml", "on_demand = [\"nope\"]\n", &["on_demand[0]", "nope"]),
+        ("backend.toml", "backend = \"tpu\"\n", &["backend", "tpu", "ollama-proxy"]),
+        ("zero.toml", "max_num_seqs = 0\n", &["max_num_seqs must be at least 1"]),
+        ("url.toml", "[[upstreams]]\nname = \"pi\"\nkind = \"ollama\"\nurl = \"not a url\"\n", &["upstreams[0].url"]),
+    ] {
+        let (o, path) = check(name, text);
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", stdout(&o));
+        let e = stderr(&o);
+        assert!(e.contains(&path), "{name}: {e}");
+        for n in needles {
+            assert!(e.contains(n), "{name}: {n:?} not in {e}");
+        }
+    }
+
+    // Asking for CUDA in a build without it is a warning, not an error.
+    let (o, _) = check("cuda.toml", "backend = \"cuda\"\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).contains("warning") && stderr(&o).contains("cuda feature"),
+        !cfg!(feature = "cuda"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).contains("plan:     cuda"), "{}", stdout(&o));
+}

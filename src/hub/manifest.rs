@@ -39,6 +39,11 @@ pub struct Manifest {
     pub source: Source,
     pub files: Vec<FileSpec>,
     pub defaults: Defaults,
+    /// Estimated bytes the model holds once loaded: weights as the engine keeps them plus its
+    /// runtime overhead (scratch, context), without the KV cache. The hardware plan sizes the
+    /// memory budget with it; without it the plan uses the files' sizes.
+    #[serde(default)]
+    pub resident_bytes: Option<u64>,
     /// Where the manifest came from (`models/x.toml` or a path); set by the loader, not the file.
     #[serde(skip)]
     pub origin: String,
@@ -181,6 +186,15 @@ impl Manifest {
         self.roles.contains(&role)
     }
 
+    /// Bytes the model is expected to hold when loaded (without KV cache): `resident_bytes`, else
+    /// the sum of the file sizes the manifest gives; `None` when neither says.
+    pub fn resident_estimate(&self) -> Option<u64> {
+        self.resident_bytes.or_else(|| {
+            let sizes: Option<Vec<u64>> = self.files.iter().map(|f| f.size).collect();
+            sizes.map(|s| s.iter().sum()).filter(|&n| n > 0)
+        })
+    }
+
     /// Checks every rule and normalizes sha256 values to lowercase. The message names the field.
     fn validate(&mut self) -> Result<(), String> {
         check_id(&self.id)?;
@@ -193,6 +207,9 @@ impl Manifest {
         }
         if self.architecture.trim().is_empty() {
             return Err("field `architecture` is empty".to_owned());
+        }
+        if self.resident_bytes == Some(0) {
+            return Err("resident_bytes: must be above 0 (leave it out when unknown)".to_owned());
         }
         self.check_files()?;
         self.check_source()?;
@@ -433,6 +450,21 @@ primary = true
         );
         assert_eq!(m.defaults.sampling, Sampling::default());
         assert!(m.has_role(Role::Chat) && !m.has_role(Role::Default));
+    }
+
+    #[test]
+    fn resident_size_is_the_field_else_the_files() {
+        let m = Manifest::from_toml(&pypi(GOOD_FILE), "test.toml").unwrap();
+        assert_eq!(m.resident_bytes, None);
+        // GOOD_FILE gives no size: nothing to estimate from.
+        assert_eq!(m.resident_estimate(), None);
+        let sized = pypi(&format!("{GOOD_FILE}size = 1000\n"));
+        assert_eq!(Manifest::from_toml(&sized, "t").unwrap().resident_estimate(), Some(1000));
+        let text = sized.replace("[source]", "resident_bytes = 2_300_000_000\n[source]");
+        let m = Manifest::from_toml(&text, "t").unwrap();
+        assert_eq!((m.resident_bytes, m.resident_estimate()), (Some(2_300_000_000), Some(2_300_000_000)));
+        let e = err_of(&text.replace("2_300_000_000", "0"));
+        assert!(e.contains("resident_bytes"), "{e}");
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn a_load_beyond_the_budget_evicts_the_least_recently_used_model() {
     let weights: u64 = 40 << 20;
     let kv = 1 << 20;
     let config = ServeConfig {
-        kv_cache_bytes: kv,
+        kv_cache_bytes: Some(kv),
         // One model (weights + KV) fits, two do not.
         memory_budget_bytes: Some(weights + kv as u64 + weights / 2),
         ..ServeConfig::default()
@@ -131,7 +131,7 @@ async fn a_load_beyond_the_budget_evicts_the_least_recently_used_model() {
 /// accepted ones all complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let st = state_with(ServeConfig { max_queue: 1, max_num_seqs: 1, ..ServeConfig::default() });
+    let st = state_with(ServeConfig { max_queue: 1, max_num_seqs: Some(1), ..ServeConfig::default() });
     post(&st, "/api/generate", json!({"model": "tiny"})).await;
     let replies = futures_util::future::join_all((0..8).map(|i| {
         let st = st.clone();
@@ -312,7 +312,7 @@ mod faults {
     /// as it would alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_streamed_nothing_is_retried_transparently() {
-        let config = ServeConfig { max_num_seqs: 1, ..quick() };
+        let config = ServeConfig { max_num_seqs: Some(1), ..quick() };
         let st = faulty(Fault::new(FaultKind::Panic, 3, 1), config).await;
         let body = |p: &str| json!({"model": "tiny", "prompt": p, "stream": false, "options": GREEDY(12)});
         let (a, b) =

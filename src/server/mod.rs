@@ -64,12 +64,15 @@ pub struct ServeConfig {
     pub port: u16,
     /// Jobs that may wait per model before requests get 503.
     pub max_queue: usize,
-    /// Sequences decoded together per model.
-    pub max_num_seqs: usize,
+    /// Engine for the plan: `cuda`, `cpu` or `ollama-proxy` (default: what the hardware probe
+    /// suggests, see [`crate::plan`]).
+    pub backend: Option<crate::plan::Backend>,
+    /// Sequences decoded together per model (default: the plan's).
+    pub max_num_seqs: Option<usize>,
     /// Tokens per forward pass (prompt chunks fill what decoding leaves).
     pub max_batched_tokens: usize,
-    /// Bytes of KV cache per model.
-    pub kv_cache_bytes: usize,
+    /// Bytes of KV cache per model (default: the plan's).
+    pub kv_cache_bytes: Option<usize>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Largest request body accepted (413 beyond).
@@ -79,11 +82,14 @@ pub struct ServeConfig {
     /// How long a model stays after use when a request does not say (Ollama's 5m).
     #[serde(with = "secs")]
     pub keep_alive: Duration,
-    /// Models loaded at start (default: the registry's default model).
+    /// Models loaded at start and pinned (default: the plan's).
     pub preload: Vec<String>,
+    /// Models expected to load on request (default: the plan's).
+    pub on_demand: Vec<String>,
     /// CPU worker threads per model (default: physical cores).
     pub threads: Option<usize>,
-    /// Bytes the resident models may hold together (default: 80% of the machine's memory).
+    /// Bytes the resident models may hold together (default: the plan's; 80% of the machine's
+    /// memory where the plan has nothing better).
     pub memory_budget_bytes: Option<u64>,
     /// Seconds without a heartbeat after which a ready engine counts as stalled.
     #[serde(with = "secs")]
@@ -124,14 +130,16 @@ impl Default for ServeConfig {
             host: "127.0.0.1".into(),
             port: 11434,
             max_queue: 64,
-            max_num_seqs: 8,
+            backend: None,
+            max_num_seqs: None,
             max_batched_tokens: 512,
-            kv_cache_bytes: 512 << 20,
+            kv_cache_bytes: None,
             block_size: crate::model::paged_kv::DEFAULT_BLOCK_SIZE,
             max_body_bytes: 32 * 1024 * 1024,
             origins: Vec::new(),
             keep_alive: Duration::from_secs(300),
             preload: Vec::new(),
+            on_demand: Vec::new(),
             threads: None,
             memory_budget_bytes: None,
             stall_timeout: Duration::from_secs(30),
@@ -155,10 +163,10 @@ impl ServeConfig {
         let fault = None;
         Ok(crate::engine::service::EngineConfig {
             max_queue: self.max_queue,
-            max_num_seqs: self.max_num_seqs,
+            max_num_seqs: self.max_num_seqs.unwrap_or(crate::plan::DEFAULT_MAX_NUM_SEQS),
             max_batched_tokens: self.max_batched_tokens,
             block_size: self.block_size,
-            kv_cache_bytes: self.kv_cache_bytes,
+            kv_cache_bytes: self.kv_cache_bytes.unwrap_or(crate::plan::DEFAULT_KV_CACHE_BYTES),
             stall_timeout: self.stall_timeout,
             restart_backoff: self.restart_backoff,
             max_restarts: self.max_restarts,
@@ -170,7 +178,7 @@ impl ServeConfig {
     /// The memory budget: the configured one, else 80% of the machine's memory.
     pub fn memory_budget(&self) -> u64 {
         self.memory_budget_bytes.unwrap_or_else(|| {
-            let total = provider_probe::probe().total_memory_bytes.unwrap_or(8 << 30);
+            let total = provider_probe::probe().memory.total_bytes.unwrap_or(8 << 30);
             total / 5 * 4
         })
     }
@@ -180,7 +188,8 @@ impl ServeConfig {
         let cfg: ServeConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for (key, v) in [
             ("max_queue", cfg.max_queue),
-            ("max_num_seqs", cfg.max_num_seqs),
+            ("max_num_seqs", cfg.max_num_seqs.unwrap_or(1)),
+            ("kv_cache_bytes", cfg.kv_cache_bytes.unwrap_or(1)),
             ("max_batched_tokens", cfg.max_batched_tokens),
             ("block_size", cfg.block_size),
         ] {

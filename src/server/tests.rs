@@ -1390,7 +1390,7 @@ async fn a_dropped_stream_cancels_its_generation() {
 /// and with more requests than `max_num_seqs` every one completes while at most that many run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_greedy_requests_equal_their_solo_runs() {
-    let st = state_with(ServeConfig { max_num_seqs: 8, max_batched_tokens: 64, ..ServeConfig::default() });
+    let st = state_with(ServeConfig { max_num_seqs: Some(8), max_batched_tokens: 64, ..ServeConfig::default() });
     let body = |i: usize| {
         json!({"model": "tiny", "prompt": format!("req {i}: {}", "ab ".repeat(i * 3)), "raw": true,
                "stream": i.is_multiple_of(2), "options": {"temperature": 0, "num_predict": 24}})
@@ -1429,9 +1429,9 @@ async fn a_tiny_kv_pool_preempts_and_still_answers_correctly() {
     // Bytes per block of 4 tokens: K and V of every layer, f16 (the default Q8 precision's cache).
     let per_block = 4 * test_model::KV_HEADS * (test_model::HIDDEN / test_model::HEADS) * test_model::LAYERS * 2 * 2;
     let st = state_with(ServeConfig {
-        max_num_seqs: 4,
+        max_num_seqs: Some(4),
         block_size: 4,
-        kv_cache_bytes: 24 * per_block,
+        kv_cache_bytes: Some(24 * per_block),
         ..ServeConfig::default()
     });
     let body = |i: usize| {

@@ -314,3 +314,51 @@ async fn a_local_model_that_cannot_serve_falls_back_to_an_upstream_under_another
     .await;
     assert_eq!((lp.status.as_u16(), lp.json()["error"]["param"].clone()), (400, json!("logprobs")));
 }
+
+/// An upstream that accepts and then sends `head` (maybe nothing) and never anything more.
+async fn stalling_upstream(head: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock.write_all(head.as_bytes()).await;
+                // Holds the connection open, silent.
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                drop(sock);
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_silent_upstream_times_out_before_and_after_the_first_token() {
+    let ms = std::time::Duration::from_millis;
+    // Never answers: each try waits first_token_timeout, then the chain is exhausted: 503.
+    let url = stalling_upstream("").await;
+    let mut up = upstream("pi", UpstreamKind::Ollama, &url);
+    (up.first_token_timeout, up.retries) = (ms(300), 1);
+    let st = front(false, &[up], &[]);
+    let r = post(&st, "/api/chat", chat_body(false)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error().contains("no answer within 300ms"), "{}", r.text());
+    // Answers one line, then nothing: idle_timeout ends the stream with an error line.
+    let line =
+        json!({ "model": "tiny", "message": { "role": "assistant", "content": "Hi" }, "done": false }).to_string();
+    let head: &'static str = Box::leak(
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{line}\n\r\n", line.len() + 1)
+            .into_boxed_str(),
+    );
+    let url = stalling_upstream(head).await;
+    let mut up = upstream("pi", UpstreamKind::Ollama, &url);
+    up.idle_timeout = ms(300);
+    let st = front(false, &[up], &[]);
+    let ls = ndjson(&post(&st, "/api/chat", chat_body(true)).await);
+    assert_eq!(ls.len(), 2, "{ls:?}");
+    assert_eq!(ls[0]["message"]["content"], "Hi");
+    assert!(ls[1]["error"].as_str().unwrap().contains("the stream stalled"), "{ls:?}");
+}

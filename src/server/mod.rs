@@ -248,6 +248,11 @@ pub async fn serve(state: Shared) -> anyhow::Result<()> {
     engines::spawn_reaper(state.clone());
     crate::provider::upstream::spawn_probes(&state.providers.upstreams);
     spawn_systemd_notifier(state.clone());
+    // No Nagle: a reply's head and its first piece often leave back to back (a proxied stream
+    // always does), and Nagle would hold the piece until the client's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! - Other dialect: [`crate::provider::translate`] maps the request and each answer piece.
 //! - Falling through: the next provider is tried when this one is skipped (breaker open), down
 //!   after its retries, says it lacks the model (404), or — for this machine — cannot take the
-//!   request (503: model failed, queue full, no memory) or lacks the files (404). Only before
+//!   request (5xx: load failed, model failed, queue full, no memory) or lacks the files (404). Only before
 //!   anything reached the client: once streaming, a failure is an error line in the stream.
 //! - The `x-zoe-provider` response header names who answered.
 
@@ -123,10 +123,9 @@ where
                 let Some(f) = local.take() else { continue };
                 match f(st.clone(), bytes.clone()).await.map_err(Into::into) {
                     Ok(resp) => return tagged(Ok(resp), dialect, "local"),
-                    Err(e)
-                        if i < last
-                            && matches!(e.status(), StatusCode::SERVICE_UNAVAILABLE | StatusCode::NOT_FOUND) =>
-                    {
+                    // The engines could not take it (5xx: load failed, model failed, queue
+                    // full, no memory) or lack the files (404); the client's mistakes (4xx) stay.
+                    Err(e) if i < last && (e.status().is_server_error() || e.status() == StatusCode::NOT_FOUND) => {
                         tracing::warn!(error = %e.message(dialect), "local engines passed: trying the next provider");
                         Passed::Next { why: e.message(dialect), not_found: e.status() == StatusCode::NOT_FOUND }
                     }

@@ -362,3 +362,32 @@ async fn a_silent_upstream_times_out_before_and_after_the_first_token() {
     assert_eq!(ls[0]["message"]["content"], "Hi");
     assert!(ls[1]["error"].as_str().unwrap().contains("the stream stalled"), "{ls:?}");
 }
+
+#[tokio::test]
+async fn a_local_model_that_fails_to_load_falls_back_to_the_upstream() {
+    // The vision case: the local model cannot come up (503), the chain's upstream serves.
+    let (url, _task) = serve_upstream(state()).await;
+    let source = super::tests::TestSource { fail_from: 1, ..super::tests::TestSource::new(1234) };
+    let st = super::tests::state_from(ServeConfig::default(), &[super::tests::TINY], source);
+    let st = Arc::try_unwrap(st).ok().expect("fresh state");
+    let route =
+        RouteConfig { model: "tiny".into(), providers: vec!["local".into(), "pi".into()], upstream_model: None };
+    let st = Arc::new(AppState {
+        providers: Providers::new(true, &[upstream("pi", UpstreamKind::Ollama, &url)], &[route]),
+        ..st
+    });
+    let r = post(&st, "/api/chat", chat_body(false)).await;
+    assert_eq!((r.status.as_u16(), provider(&r)), (200, "pi"), "{}", r.text());
+    // Without the upstream in its chain, the local failure is the answer.
+    let alone = Arc::try_unwrap(super::tests::state_from(
+        ServeConfig::default(),
+        &[super::tests::TINY],
+        super::tests::TestSource { fail_from: 1, ..super::tests::TestSource::new(1234) },
+    ))
+    .ok()
+    .unwrap();
+    let alone = Arc::new(alone);
+    let r = post(&alone, "/api/chat", chat_body(false)).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.error().contains("refuses load"), "{}", r.text());
+}

@@ -553,7 +553,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<()> {
     // The Ollama-proxy plan runs no engines here: every model goes to an upstream.
     let local = plan.backend != Backend::OllamaProxy;
     let providers = zoe_llm::provider::Providers::new(local, &config.upstreams, &config.routes);
-    let state = std::sync::Arc::new(AppState { registry, engines, config, loopback, providers });
+    let state =
+        std::sync::Arc::new(AppState { registry, engines, config, loopback, providers, shutdown: Default::default() });
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         for m in &preload {

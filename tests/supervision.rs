@@ -189,3 +189,60 @@ fn an_invalid_fault_spec_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ZOE_FAULT") && err.contains("unknown kind \"explode\""), "{err}");
 }
+
+/// SIGTERM with 4 streams running: no new requests, the streams get until `shutdown_grace`
+/// (here 1 s) and are then cut with a final error line each, and the process exits 0.
+#[test]
+fn sigterm_cuts_running_streams_cleanly_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    use std::time::Instant;
+
+    let Some(gguf) = common::smollm2_gguf("sigterm_cuts_running_streams_cleanly_and_exits_zero") else { return };
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(&config, "shutdown_grace = 1\n").unwrap();
+    let mut server = Server::start_with(models.path(), &["--config", config.to_str().unwrap()], &[]);
+    let streams: Vec<_> = (0..4)
+        .map(|i| {
+            let r = http()
+                .post(server.at("/api/generate"))
+                .json(&json!({ "model": "smollm2", "prompt": format!("Story {i}:"), "raw": true,
+                               "options": { "num_predict": 1800, "seed": i } }))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let mut lines = BufReader::new(r).lines();
+            let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            assert_eq!(first["done"], false);
+            lines
+        })
+        .collect();
+    let t = Instant::now();
+    server.terminate();
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|lines| std::thread::spawn(move || lines.map(|l| l.unwrap()).collect::<Vec<String>>()))
+        .collect();
+    // Draining: a new request is refused (503) or finds the port closed.
+    if let Ok(r) = http().post(server.at("/api/generate")).json(&json!({ "model": "smollm2", "prompt": "x" })).send() {
+        assert_eq!(r.status(), 503);
+        assert!(r.text().unwrap().contains("shutting down"));
+    }
+    let mut cuts = 0;
+    for reader in readers {
+        let rest = reader.join().unwrap();
+        let last: Value = serde_json::from_str(rest.last().expect("a final line")).unwrap();
+        let cut = last["error"].as_str().is_some_and(|e| e.contains("shutting down"));
+        assert!(cut || last["done"] == true, "each stream ends with a final line: {last}");
+        cuts += usize::from(cut);
+        assert!(rest[..rest.len() - 1].iter().all(|l| serde_json::from_str::<Value>(l).unwrap()["done"] == false));
+    }
+    // 1800 tokens each take far longer than the 1 s grace: streams were cut, not waited for.
+    assert!(cuts > 0, "no stream was cut");
+    let status = server.wait_exit(Duration::from_secs(15)).expect("exits within the grace and the cut");
+    assert!(status.success(), "exit status {status}: {}", server.log());
+    eprintln!("SIGTERM to exit: {:?}", t.elapsed());
+    assert!(server.log().contains("draining"), "{}", server.log());
+}

@@ -393,11 +393,20 @@ pub struct Collected {
 }
 
 /// Waits for all `n` choices. An engine error (or an engine that went away) is a 500.
-pub async fn collect(mut rx: mpsc::UnboundedReceiver<Tagged>, n: usize) -> Result<Vec<Collected>, ApiError> {
+pub async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Tagged>,
+    n: usize,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Collected>, ApiError> {
     let mut out = vec![Collected::default(); n];
     let mut done = 0;
     while done < n {
-        match rx.recv().await {
+        let next = tokio::select! {
+            ev = rx.recv() => ev,
+            // Shutdown's deadline: dropping `rx` cancels the generation.
+            _ = super::shutdown::cut(&mut cut) => return Err(ApiError::Unavailable(super::shutdown::MESSAGE.into())),
+        };
+        match next {
             Some((i, Event::Token { text, token, logprobs })) => {
                 out[i].text.push_str(&text);
                 if let (Some(t), Some(lp)) = (token, logprobs) {
@@ -425,13 +434,19 @@ pub trait StreamWriter: Send + 'static {
 
 /// A streamed response body fed by the engine's events. Dropping the body (client gone) drops
 /// the receiver, which cancels the generation at its next token.
-pub fn stream_body<W: StreamWriter>(rx: mpsc::UnboundedReceiver<Tagged>, writer: W) -> Body {
+/// At shutdown's deadline (`cut`) the stream ends with the writer's error.
+pub fn stream_body<W: StreamWriter>(
+    rx: mpsc::UnboundedReceiver<Tagged>,
+    writer: W,
+    cut: tokio::sync::watch::Receiver<bool>,
+) -> Body {
     struct State<W> {
         rx: mpsc::UnboundedReceiver<Tagged>,
         writer: W,
         finished: bool,
+        cut: tokio::sync::watch::Receiver<bool>,
     }
-    let state = State { rx, writer, finished: false };
+    let state = State { rx, writer, finished: false, cut };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
@@ -439,7 +454,15 @@ pub fn stream_body<W: StreamWriter>(rx: mpsc::UnboundedReceiver<Tagged>, writer:
         let mut out = Vec::new();
         // Keep reading until there are bytes to send (tokens that complete no text write none).
         while out.is_empty() {
-            match st.rx.recv().await {
+            let next = tokio::select! {
+                ev = st.rx.recv() => ev,
+                _ = super::shutdown::cut(&mut st.cut) => {
+                    st.writer.abort(super::shutdown::MESSAGE, &mut out);
+                    st.finished = true;
+                    break;
+                }
+            };
+            match next {
                 Some((i, ev)) => {
                     if st.writer.event(i, ev, &mut out) {
                         st.finished = true;

@@ -20,6 +20,7 @@ pub mod ollama;
 pub mod openai;
 pub mod openapi;
 pub mod proxy;
+pub mod shutdown;
 mod sse;
 pub mod wire;
 
@@ -101,6 +102,9 @@ pub struct ServeConfig {
     pub max_restarts: u32,
     /// Run a short generation after each load before the model counts as ready.
     pub warmup: bool,
+    /// Seconds streams in flight may take to finish after SIGTERM before they are cut.
+    #[serde(with = "secs")]
+    pub shutdown_grace: std::time::Duration,
     /// Fetch OpenAI `image_url` http(s) URLs (off: such URLs are a 400). The server then
     /// requests any URL a client names, so enable it only where clients are trusted.
     pub image_url_fetch: bool,
@@ -147,6 +151,7 @@ impl Default for ServeConfig {
             max_restarts: 3,
             warmup: true,
             image_url_fetch: false,
+            shutdown_grace: Duration::from_secs(10),
             upstreams: Vec::new(),
             routes: Vec::new(),
         }
@@ -215,6 +220,8 @@ pub struct AppState {
     pub providers: crate::provider::Providers,
     /// True when bound to a loopback address: the Host check applies.
     pub loopback: bool,
+    /// Draining after SIGTERM; cutting the streams left at the deadline.
+    pub shutdown: shutdown::Shutdown,
 }
 
 pub type Shared = Arc<AppState>;
@@ -229,6 +236,7 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found)
         .with_state(state.clone());
     api.layer(cors(&state.config))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_while_draining))
         .layer(middleware::from_fn_with_state(state.clone(), host_check))
         .layer(middleware::from_fn(request_span))
 }
@@ -237,7 +245,17 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "404 page not found").into_response()
 }
 
-/// Binds and serves until SIGINT/SIGTERM.
+/// After SIGTERM: 503 for every new request but `/health` (which says `stopping`).
+async fn refuse_while_draining(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    if state.shutdown.draining() && req.uri().path() != "/health" {
+        let dialect =
+            if req.uri().path().starts_with("/v1/") { error::Dialect::OpenAi } else { error::Dialect::Ollama };
+        return error::ApiError::Unavailable(shutdown::MESSAGE.into()).into_response_for(dialect);
+    }
+    next.run(req).await
+}
+
+/// Binds and serves until SIGINT/SIGTERM, then drains (see [`shutdown`]).
 pub async fn serve(state: Shared) -> anyhow::Result<()> {
     let addr = format!("{}:{}", state.config.host, state.config.port);
     let listener =
@@ -253,7 +271,32 @@ pub async fn serve(state: Shared) -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let drain = {
+        let state = state.clone();
+        async move {
+            shutdown_signal().await;
+            state.shutdown.begin();
+            let grace = state.config.shutdown_grace;
+            tracing::info!(grace_s = grace.as_secs_f64(), "draining: no new requests; streams may finish");
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                tracing::warn!("shutdown grace over: cutting the streams still running");
+                state.shutdown.cut_now();
+            });
+        }
+    };
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(drain);
+    // Cut streams end within a moment; a connection that still hangs on (a client that stopped
+    // reading) does not hold the exit past the grace plus this.
+    let mut cut = state.shutdown.watcher();
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            shutdown::cut(&mut cut).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => tracing::warn!("connections still open 5 s after the cut: exiting anyway"),
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -493,7 +536,9 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
     if !state.providers.local && !upstream_up {
         pinned_down = true;
     }
-    let (code, status) = if pinned_down {
+    let (code, status) = if state.shutdown.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
+    } else if pinned_down {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
     } else if other_down {
         (StatusCode::OK, "degraded")

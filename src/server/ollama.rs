@@ -532,11 +532,11 @@ async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) 
         calls: 0,
     };
     if plan.stream {
-        let mut resp = Response::new(infer::stream_body(rx, writer));
+        let mut resp = Response::new(infer::stream_body(rx, writer, st.shutdown.watcher()));
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
         return Ok(resp);
     }
-    let got = infer::collect(rx, 1).await?;
+    let got = infer::collect(rx, 1, st.shutdown.watcher()).await?;
     let c = got.into_iter().next().expect("one choice");
     writer.text = c.text;
     writer.lps = c.logprobs;

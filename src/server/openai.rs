@@ -734,9 +734,9 @@ async fn chat_completions_local(st: Shared, body: axum::body::Bytes) -> Result<R
     if mapped.stream {
         let kind = ChatChunks::new(id, created, model_name, handle, logprobs.is_some(), mapped.n, prepared.tool_calls);
         let writer = SseStream::new(kind, mapped.n, mapped.include_usage, prompt_tokens);
-        return Ok(sse_response(infer::stream_body(rx, writer)));
+        return Ok(sse_response(infer::stream_body(rx, writer, st.shutdown.watcher())));
     }
-    let got = infer::collect(rx, mapped.n).await?;
+    let got = infer::collect(rx, mapped.n, st.shutdown.watcher()).await?;
     let summaries: Vec<&Summary> = got.iter().filter_map(|c| c.summary.as_ref()).collect();
     let usage = usage(prompt_tokens, &summaries);
     let choices = got
@@ -860,9 +860,9 @@ async fn completions_local(st: Shared, body: axum::body::Bytes) -> Result<Respon
             logprobs: logprobs.is_some(),
         };
         let writer = SseStream::new(kind, mapped.n, mapped.include_usage, prompt_tokens);
-        return Ok(sse_response(infer::stream_body(rx, writer)));
+        return Ok(sse_response(infer::stream_body(rx, writer, st.shutdown.watcher())));
     }
-    let got: Vec<Collected> = infer::collect(rx, mapped.n).await?;
+    let got: Vec<Collected> = infer::collect(rx, mapped.n, st.shutdown.watcher()).await?;
     let summaries: Vec<&Summary> = got.iter().filter_map(|c| c.summary.as_ref()).collect();
     let usage = usage(prompt_tokens, &summaries);
     let prefix = echo.unwrap_or_default();

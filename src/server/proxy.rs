@@ -132,11 +132,12 @@ where
                     Err(e) => return e.into_response_for(dialect),
                 }
             }
-            Target::Upstream { upstream, model: sent } => match upstream_once(ep, upstream, sent, &model, &bytes).await
-            {
-                Ok(resp) => return with_provider(resp, upstream.name()),
-                Err(p) => p,
-            },
+            Target::Upstream { upstream, model: sent } => {
+                match upstream_once(ep, upstream, sent, &model, &bytes, st.shutdown.watcher()).await {
+                    Ok(resp) => return with_provider(resp, upstream.name()),
+                    Err(p) => p,
+                }
+            }
         };
         match passed {
             Passed::Answer(resp) => return with_provider(resp, target.name()),
@@ -278,6 +279,7 @@ async fn upstream_once(
     sent: &str,
     client_model: &str,
     bytes: &Bytes,
+    cut: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, Passed> {
     let dialect = ep.dialect();
     let Ok(mut body) = serde_json::from_slice::<Value>(bytes) else {
@@ -356,7 +358,7 @@ async fn upstream_once(
         }
         Answer::Whole { body, content_type } => Ok(whole(mode, body, content_type, sent, client_model, up.name())),
         Answer::Stream { first, rest, content_type } => {
-            Ok(streamed(mode, first, rest, content_type, sent, client_model, up, dialect))
+            Ok(streamed(mode, first, rest, content_type, sent, client_model, up, dialect, cut))
         }
     }
 }
@@ -448,6 +450,7 @@ fn streamed(
     client_model: &str,
     up: &Upstream,
     dialect: Dialect,
+    cut: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
     struct State {
         first: Option<Bytes>,
@@ -462,6 +465,7 @@ fn streamed(
         name: String,
         dialect: Dialect,
         done: bool,
+        cut: tokio::sync::watch::Receiver<bool>,
     }
     let writer = match &mode {
         Mode::Translate { shape, include_usage, .. } => Some(Writer::new(*shape, client_model, *include_usage)),
@@ -480,6 +484,7 @@ fn streamed(
         name: up.name().to_owned(),
         dialect,
         done: false,
+        cut,
     };
     let ct = match (&st.mode, dialect) {
         (Mode::Pass { .. }, _) => content_type,
@@ -494,9 +499,12 @@ fn streamed(
         while out.is_empty() && !st.done {
             let chunk = match st.first.take() {
                 Some(b) => Ok(Some(b)),
-                None => match tokio::time::timeout(st.idle, st.rest.chunk()).await {
-                    Ok(r) => r.map_err(|e| format!("the stream broke off: {e}")),
-                    Err(_) => Err(format!("the stream stalled: nothing for {:?}", st.idle)),
+                None => tokio::select! {
+                    r = tokio::time::timeout(st.idle, st.rest.chunk()) => match r {
+                        Ok(r) => r.map_err(|e| format!("the stream broke off: {e}")),
+                        Err(_) => Err(format!("the stream stalled: nothing for {:?}", st.idle)),
+                    },
+                    _ = super::shutdown::cut(&mut st.cut) => Err(super::shutdown::MESSAGE.to_owned()),
                 },
             };
             match chunk {

@@ -253,6 +253,7 @@ pub(super) fn state_full(
         config,
         loopback: true,
         providers: crate::provider::Providers::local_only(),
+        shutdown: Default::default(),
     })
 }
 

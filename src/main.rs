@@ -221,10 +221,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to journald, with structured fields, when systemd connected our output to the journal
+/// (`JOURNAL_STREAM`): every record carries `PRIORITY` (the level), `REQUEST_ID`, `MODEL`,
+/// `METHOD`, `PATH` from the request span, and the event's own fields, upper-cased
+/// (`journalctl -u zoe-llm REQUEST_ID=…`). Elsewhere (a terminal, Docker) they go to stderr.
 fn init_logging(level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // Colours only for a person at a terminal, not in files or journald.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                // No `F_` prefix: our field names collide with none of journald's own.
+                let journald = journald.with_syslog_identifier("zoe-llm".into()).with_field_prefix(None);
+                tracing_subscriber::registry().with(filter).with(journald).init();
+                return;
+            }
+            Err(e) => eprintln!("JOURNAL_STREAM is set but the journal socket cannot be used ({e}); logging to stderr"),
+        }
+    }
+    // Colours only for a person at a terminal, not in files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }

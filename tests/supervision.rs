@@ -246,3 +246,103 @@ fn sigterm_cuts_running_streams_cleanly_and_exits_zero() {
     eprintln!("SIGTERM to exit: {:?}", t.elapsed());
     assert!(server.log().contains("draining"), "{}", server.log());
 }
+
+/// The journal's native protocol: `NAME=value\n`, or `NAME\n` + u64 LE length + value + `\n`.
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.push((String::from_utf8_lossy(&line[..eq]).into(), String::from_utf8_lossy(&line[eq + 1..]).into()));
+            d = &d[nl + 1..];
+        } else {
+            let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
+            let value = &d[nl + 9..nl + 9 + len];
+            out.push((String::from_utf8_lossy(line).into(), String::from_utf8_lossy(value).into()));
+            d = &d[nl + 9 + len + 1..];
+        }
+    }
+    out
+}
+
+/// Under systemd (`JOURNAL_STREAM` set) the log records go to the journal socket with structured
+/// fields. The test owns that socket: the server runs in a private mount namespace whose /run is
+/// a directory of the test's (`unshare -rm`, unprivileged user namespaces).
+#[test]
+fn logs_go_to_the_journal_with_structured_fields() {
+    use std::os::unix::net::UnixDatagram;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let Some(gguf) = common::smollm2_gguf("logs_go_to_the_journal_with_structured_fields") else { return };
+    let userns = Command::new("unshare").args(["-rm", "true"]).stderr(Stdio::null()).status();
+    if !userns.is_ok_and(|s| s.success()) {
+        eprintln!("skipped logs_go_to_the_journal_with_structured_fields: `unshare -rm` (user + mount namespaces) is not available here");
+        return;
+    }
+    let _guard = lock();
+    let models = ModelsDir::for_gguf(&gguf);
+    let run = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(run.path().join("systemd/journal")).unwrap();
+    let journal = UnixDatagram::bind(run.path().join("systemd/journal/socket")).unwrap();
+    let port = common::free_port();
+    let mut child = Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount --bind \"$0\" /run && exec \"$@\""])
+        .arg(run.path())
+        .arg(common::BIN)
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--log", "info", "--models-dir"])
+        .arg(models.path())
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("ZOE_PYPI_INDEX", common::DEAD_INDEX)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("ZOE_FAULT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http().get(format!("http://127.0.0.1:{port}/")).send().is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "the server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let child = Kill(child);
+    let r = http()
+        .post(format!("http://127.0.0.1:{port}/api/generate"))
+        .header("x-request-id", "journal-test-1")
+        .json(&json!({ "model": "smollm2", "prompt": "Hi", "stream": false, "options": { "num_predict": 2 } }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    journal.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut records = Vec::new();
+    let found = loop {
+        let n = journal.recv(&mut buf).expect("a journal record within 5 s");
+        let fields = journal_fields(&buf[..n]);
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        if get("REQUEST_ID").as_deref() == Some("journal-test-1") && get("MESSAGE").as_deref() == Some("response") {
+            break fields;
+        }
+        records.push(fields);
+        assert!(records.len() < 500, "no access record for the request among {} records", records.len());
+    };
+    let get = |k: &str| found.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("MODEL"), Some("smollm2"), "{found:?}");
+    assert_eq!(get("PRIORITY"), Some("5"), "INFO is journald's notice: {found:?}");
+    assert_eq!(get("SYSLOG_IDENTIFIER"), Some("zoe-llm"));
+    assert_eq!(get("PATH"), Some("/api/generate"));
+    assert_eq!(get("STATUS"), Some("200"));
+    // The server's start-up records came before, at their levels too.
+    assert!(records.iter().any(|f| f.iter().any(|(k, v)| k == "PRIORITY" && v == "5")), "{records:?}");
+    drop(child);
+}

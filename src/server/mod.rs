@@ -331,7 +331,14 @@ async fn request_span(req: Request, next: Next) -> Response {
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let span = tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path());
+    // `model` is filled in once the body is read (server::proxy::dispatch).
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        model = tracing::field::Empty
+    );
     let start = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     span.in_scope(|| {

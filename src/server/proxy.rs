@@ -95,6 +95,9 @@ where
     let model = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .and_then(|v| v.get("model").or_else(|| v.get("name")).and_then(Value::as_str).map(str::to_owned));
+    if let Some(m) = &model {
+        tracing::Span::current().record("model", m.as_str());
+    }
     let chain = match &model {
         Some(m) if !m.trim().is_empty() => st.providers.chain(m, &st.registry),
         _ => Vec::new(),

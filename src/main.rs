@@ -41,6 +41,13 @@ enum Command {
     },
     /// List known models and whether they are present.
     List,
+    /// Show what a running server has loaded (its /api/ps) and the state of its engines and
+    /// upstreams (its /health).
+    Ps {
+        /// The server (default: $OLLAMA_HOST, else http://127.0.0.1:11434).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+    },
     /// Measure prompt-processing and decode throughput (llama-bench style).
     Bench(BenchArgs),
     /// Serve the Ollama and OpenAI APIs (default http://127.0.0.1:11434).
@@ -246,6 +253,54 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
+/// `zoe-llm ps`: `ollama ps`'s table from a running server, plus each engine's and upstream's state.
+fn ps(server: Option<String>) -> Result<()> {
+    let base = server
+        .or_else(|| std::env::var("OLLAMA_HOST").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "http://127.0.0.1:11434".into());
+    let base = if base.contains("://") { base } else { format!("http://{base}") };
+    let base = base.trim_end_matches('/').to_owned();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .context("HTTP client")?;
+    let get = |path: &str| -> Result<serde_json::Value> {
+        let r = client.get(format!("{base}{path}")).send().with_context(|| format!("cannot reach {base}"))?;
+        // /health answers JSON with 503 too: its body is what we want.
+        r.json().with_context(|| format!("{base}{path}: not JSON"))
+    };
+    let loaded = get("/api/ps")?;
+    let health = get("/health")?;
+    let models = loaded["models"].as_array().cloned().unwrap_or_default();
+    let states: Vec<serde_json::Value> = health["models"].as_array().cloned().unwrap_or_default();
+    println!("{:<28} {:>9} {:>8} {:<10} {:<20}", "NAME", "SIZE", "CONTEXT", "STATE", "UNTIL");
+    for m in &models {
+        let name = m["name"].as_str().unwrap_or("?");
+        let size = m["size"].as_u64().unwrap_or(0) as f64 / 1e9;
+        let state =
+            states.iter().find(|s| s["name"].as_str() == Some(name)).and_then(|s| s["state"].as_str()).unwrap_or("-");
+        let until = m["expires_at"].as_str().unwrap_or("");
+        let until = if until.starts_with("9999") { "forever (pinned)" } else { until };
+        println!(
+            "{name:<28} {:>7.2} GB {:>8} {state:<10} {until:<20}",
+            size,
+            m["context_length"].as_u64().unwrap_or(0)
+        );
+    }
+    for p in health["providers"].as_array().into_iter().flatten() {
+        println!(
+            "upstream {:<19} {:<8} breaker {:<6} {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["kind"].as_str().unwrap_or("?"),
+            p["breaker"].as_str().unwrap_or("?"),
+            p["url"].as_str().unwrap_or("")
+        );
+    }
+    println!("status: {}", health["status"].as_str().unwrap_or("unknown"));
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let store = Store::locate(cli.models_dir.as_deref())?;
     let registry = Registry::load(&store)?;
@@ -264,6 +319,7 @@ fn run(cli: Cli) -> Result<()> {
             list(&store, &registry);
             Ok(())
         }
+        Command::Ps { server } => ps(server),
         Command::Bench(args) => bench(&store, &registry, args),
         Command::Serve(args) => serve(store, registry, args),
         Command::Probe { root, json, config } => probe(&registry, root.as_deref(), json, config.as_deref()),

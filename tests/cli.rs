@@ -308,3 +308,11 @@ fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
     );
     assert!(stdout(&o).contains("plan:     cuda"), "{}", stdout(&o));
 }
+
+#[test]
+fn ps_without_a_server_says_which_it_could_not_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = zoe(dir.path(), &["ps", "--server", "127.0.0.1:9"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot reach http://127.0.0.1:9"), "{}", stderr(&o));
+}

@@ -115,6 +115,12 @@ fn a_killed_upstream_fails_over_and_comes_back() {
     let front = Server::start_with(models.path(), &["--config", cfg.to_str().unwrap()], &[]);
     let (who, _) = chat(&front, 4);
     assert_eq!(who, "pi");
+    // `zoe-llm ps`: the front's own engine, and its upstream's breaker.
+    let ps = Command::new(common::BIN).args(["ps", "--server", &front.url]).output().unwrap();
+    let text = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.status.success(), "{text}{}", String::from_utf8_lossy(&ps.stderr));
+    assert!(text.contains("smollm2:135m") && text.contains(" ready "), "{text}");
+    assert!(text.contains("upstream pi") && text.contains("breaker closed"), "{text}");
 
     // A long stream, the upstream killed after a few lines: the client gets a clean error line.
     let resp = http()

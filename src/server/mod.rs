@@ -504,6 +504,8 @@ pub fn health(state: &AppState) -> (StatusCode, serde_json::Value) {
         }
         models.push(serde_json::json!({
             "model": h.id,
+            // The name /api/ps and /api/tags list it under.
+            "name": state.registry.get(&h.id).map(ollama::listed_name),
             "pinned": is_pinned,
             "state": s.name(),
             "reason": s.reason(),

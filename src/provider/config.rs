@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::server::secs;
+
 /// The provider name routes use for this machine's own engines.
 pub const LOCAL: &str = "local";
 
@@ -169,23 +171,6 @@ pub fn validate(upstreams: &[UpstreamConfig], routes: &[RouteConfig]) -> Result<
         }
     }
     Ok(())
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = f64::deserialize(d)?;
-        if !(0.0..=1e9).contains(&s) {
-            return Err(serde::de::Error::custom(format!("{s}: expected seconds in [0, 1e9]")));
-        }
-        Ok(Duration::from_secs_f64(s))
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
 }
 
 #[cfg(test)]

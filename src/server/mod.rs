@@ -115,8 +115,9 @@ pub struct ServeConfig {
     pub routes: Vec<crate::provider::RouteConfig>,
 }
 
-mod secs {
-    use serde::{Deserialize, Deserializer};
+/// Durations written as seconds (`keep_alive = 300`, `connect_timeout = 0.5`) in config files.
+pub(crate) mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -125,6 +126,10 @@ mod secs {
             return Err(serde::de::Error::custom(format!("{s}: expected seconds in [0, 1e9]")));
         }
         Ok(Duration::from_secs_f64(s))
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
     }
 }
 

@@ -513,7 +513,7 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
     ) {
         let (kc, vc) = kv;
-        let (d, cols, kvw) = (layout.head_dim, qkv.cols, layout.kv_cols());
+        let (d, cols) = (layout.head_dim, qkv.cols);
         let group = layout.n_heads / layout.n_kv_heads;
         assert_eq!((out.rows, out.cols), (qkv.rows, layout.q_cols()));
         // Which sequence, and which position within it, each batch row is.
@@ -529,7 +529,7 @@ impl Backend for CpuBackend {
         if d.is_multiple_of(attn_simd::CHUNK) && dot::simd_available() {
             // One task per (row, KV head): the `group` query heads sharing a KV head are
             // contiguous in the row, and each cached K/V row is loaded once for all of them.
-            let gw = group * d;
+            let (gw, kvw) = (group * d, layout.kv_cols());
             out.data.par_chunks_mut(gw).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
                 let (r, g) = (idx / layout.n_kv_heads, idx % layout.n_kv_heads);
                 let (s, pos) = row_pos[r];

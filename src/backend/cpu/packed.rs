@@ -380,6 +380,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
     use crate::backend::cpu::dot::{quantize_row_q8, scalar_kernel};
     use crate::backend::cpu::test_util::{random_blocks, Lcg};
 

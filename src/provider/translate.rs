@@ -178,6 +178,18 @@ pub fn openai_embeddings_to_ollama(req: &Value, model: &str) -> Result<Value, Un
     }
 }
 
+/// Sampling fields with the same meaning in both dialects: (OpenAI/vLLM name, Ollama `options` name).
+const SAMPLING: &[(&str, &str)] = &[
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("min_p", "min_p"),
+    ("seed", "seed"),
+    ("presence_penalty", "presence_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("repetition_penalty", "repeat_penalty"),
+];
+
 /// Sampling, limits and streaming shared by chat and completions.
 fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Result<(), Untranslatable> {
     if req.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
@@ -187,16 +199,7 @@ fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Re
         return Err(bad("logprobs", "logprobs: not translated for an upstream Ollama"));
     }
     let mut options = Map::new();
-    for (from, to) in [
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        ("min_p", "min_p"),
-        ("seed", "seed"),
-        ("presence_penalty", "presence_penalty"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("repetition_penalty", "repeat_penalty"),
-    ] {
+    for &(from, to) in SAMPLING {
         if let Some(v) = req.get(from).filter(|v| !v.is_null()) {
             options.insert(to.into(), v.clone());
         }
@@ -332,17 +335,8 @@ pub fn ollama_embed_to_openai(req: &Value, model: &str) -> Result<Value, Untrans
 
 fn common_ollama(req: &Value, out: &mut Value) {
     let o = req.get("options").cloned().unwrap_or_else(|| json!({}));
-    for (from, to) in [
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        ("min_p", "min_p"),
-        ("seed", "seed"),
-        ("presence_penalty", "presence_penalty"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("repeat_penalty", "repetition_penalty"),
-        ("stop", "stop"),
-    ] {
+    // Ollama's `stop` is always a list, which OpenAI takes as is.
+    for &(to, from) in SAMPLING.iter().chain(&[("stop", "stop")]) {
         if let Some(v) = o.get(from).filter(|v| !v.is_null()) {
             out[to] = v.clone();
         }

@@ -53,7 +53,7 @@ pub enum Answer {
     Refused { status: u16, body: Bytes, content_type: Option<String> },
     /// A whole (non-streamed) 2xx body.
     Whole { body: Bytes, content_type: Option<String> },
-    /// A streamed 2xx body: its first piece and the rest to read with [`Upstream::next_chunk`].
+    /// A streamed 2xx body: its first piece and the rest (read within `idle_timeout`).
     Stream { first: Bytes, rest: reqwest::Response, content_type: Option<String> },
 }
 
@@ -91,12 +91,18 @@ impl Upstream {
         self.config.kind
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        let mut rb = self.client.post(format!("{}{path}", self.base));
-        if let Some(key) = &self.config.api_key {
-            rb = rb.bearer_auth(key);
+    /// A request to `path` with the key, if any.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.client.request(method, format!("{}{path}", self.base));
+        match &self.config.api_key {
+            Some(key) => rb.bearer_auth(key),
+            None => rb,
         }
-        rb
+    }
+
+    /// A short GET (probes, listings): within `connect_timeout × 2`.
+    fn quick_get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, path).timeout(self.config.connect_timeout * 2)
     }
 
     /// POSTs `body` to `path`, retrying before the first byte. `stream`: return at the first
@@ -113,7 +119,8 @@ impl Upstream {
                 tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
             }
             let try_once = async {
-                let resp = self.post(path).json(body).send().await.map_err(|e| describe(&e))?;
+                let resp =
+                    self.request(reqwest::Method::POST, path).json(body).send().await.map_err(|e| describe(&e))?;
                 let status = resp.status();
                 let content_type =
                     resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -155,25 +162,13 @@ impl Upstream {
         Err(SendError::Down(last))
     }
 
-    /// The next piece of a streamed answer within `idle_timeout`; `Ok(None)` at its end.
-    pub async fn next_chunk(&self, resp: &mut reqwest::Response) -> Result<Option<Bytes>, String> {
-        match tokio::time::timeout(self.config.idle_timeout, resp.chunk()).await {
-            Ok(r) => r.map_err(|e| format!("the stream broke off: {}", describe(&e))),
-            Err(_) => Err(format!("the stream stalled: nothing for {:?}", self.config.idle_timeout)),
-        }
-    }
-
     /// One health probe (`GET /api/version` or `/v1/models`); feeds the breaker.
     pub async fn probe(&self) -> Result<(), String> {
         let path = match self.kind() {
             UpstreamKind::Ollama => "/api/version",
             UpstreamKind::Openai => "/v1/models",
         };
-        let mut rb = self.client.get(format!("{}{path}", self.base)).timeout(self.config.connect_timeout * 2);
-        if let Some(key) = &self.config.api_key {
-            rb = rb.bearer_auth(key);
-        }
-        let result = match rb.send().await {
+        let result = match self.quick_get(path).send().await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("health probe: HTTP {}", r.status())),
             Err(e) => Err(format!("health probe: {}", describe(&e))),
@@ -189,11 +184,7 @@ impl Upstream {
 
     /// `GET path` as JSON, within `connect_timeout × 2` (listings: `/api/tags`, `/api/ps`, `/v1/models`).
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, String> {
-        let mut rb = self.client.get(format!("{}{path}", self.base)).timeout(self.config.connect_timeout * 2);
-        if let Some(k) = &self.config.api_key {
-            rb = rb.bearer_auth(k);
-        }
-        let resp = rb.send().await.map_err(|e| describe(&e))?;
+        let resp = self.quick_get(path).send().await.map_err(|e| describe(&e))?;
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }

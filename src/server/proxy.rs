@@ -455,26 +455,11 @@ fn streamed(
     dialect: Dialect,
     cut: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
-    struct State {
-        first: Option<Bytes>,
-        rest: reqwest::Response,
-        framer: Framer,
-        writer: Option<Writer>,
-        reader: OpenAiReader,
-        mode: Mode,
-        sent: String,
-        client: String,
-        idle: std::time::Duration,
-        name: String,
-        dialect: Dialect,
-        done: bool,
-        cut: tokio::sync::watch::Receiver<bool>,
-    }
     let writer = match &mode {
         Mode::Translate { shape, include_usage, .. } => Some(Writer::new(*shape, client_model, *include_usage)),
         _ => None,
     };
-    let st = State {
+    let st = Relay {
         first: Some(first),
         rest,
         framer: Framer::default(),
@@ -511,33 +496,13 @@ fn streamed(
                 },
             };
             match chunk {
-                Ok(Some(bytes)) => feed(
-                    &mut st.framer,
-                    &mut st.writer,
-                    &mut st.reader,
-                    &st.mode,
-                    &st.sent,
-                    &st.client,
-                    &bytes,
-                    &mut out,
-                    &mut st.done,
-                ),
+                Ok(Some(bytes)) => st.feed(&bytes, &mut out),
                 Ok(None) => {
                     // The end: a last unterminated line, then the close the upstream owed us.
                     if let Some(last) = st.framer.rest() {
                         let mut with_nl = last;
                         with_nl.push(b'\n');
-                        feed(
-                            &mut st.framer,
-                            &mut st.writer,
-                            &mut st.reader,
-                            &st.mode,
-                            &st.sent,
-                            &st.client,
-                            &with_nl,
-                            &mut out,
-                            &mut st.done,
-                        );
+                        st.feed(&with_nl, &mut out);
                     }
                     if !st.done {
                         match (&st.mode, st.writer.as_mut()) {
@@ -589,85 +554,95 @@ fn streamed(
     resp
 }
 
-/// One upstream piece into client bytes.
-#[allow(clippy::too_many_arguments)]
-fn feed(
-    framer: &mut Framer,
-    writer: &mut Option<Writer>,
-    reader: &mut OpenAiReader,
-    mode: &Mode,
-    sent: &str,
-    client: &str,
-    bytes: &[u8],
-    out: &mut Vec<u8>,
-    done: &mut bool,
-) {
-    match mode {
-        Mode::Pass { sse: false } => {
-            // Whole lines only, so a stream cut mid-line ends with a clean error line.
-            for l in framer.lines(bytes) {
-                if sent == client {
-                    out.extend_from_slice(&l);
+/// A streamed upstream answer on its way to the client.
+struct Relay {
+    first: Option<Bytes>,
+    rest: reqwest::Response,
+    framer: Framer,
+    writer: Option<Writer>,
+    reader: OpenAiReader,
+    mode: Mode,
+    sent: String,
+    client: String,
+    idle: std::time::Duration,
+    name: String,
+    dialect: Dialect,
+    done: bool,
+    cut: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Relay {
+    /// One upstream piece into client bytes.
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let Relay { framer, writer, reader, mode, sent, client, done, .. } = self;
+        let (sent, client) = (sent.as_str(), client.as_str());
+        match mode {
+            Mode::Pass { sse: false } => {
+                // Whole lines only, so a stream cut mid-line ends with a clean error line.
+                for l in framer.lines(bytes) {
+                    if sent == client {
+                        out.extend_from_slice(&l);
+                        out.push(b'\n');
+                        continue;
+                    }
+                    match serde_json::from_slice::<Value>(&l) {
+                        Ok(mut v) => {
+                            rename(&mut v, sent, client);
+                            out.extend_from_slice(v.to_string().as_bytes());
+                        }
+                        Err(_) => out.extend_from_slice(&l),
+                    }
                     out.push(b'\n');
-                    continue;
                 }
-                match serde_json::from_slice::<Value>(&l) {
-                    Ok(mut v) => {
-                        rename(&mut v, sent, client);
-                        out.extend_from_slice(v.to_string().as_bytes());
+            }
+            Mode::Pass { sse: true } => {
+                for data in framer.events(bytes) {
+                    if sent == client || data == "[DONE]" {
+                        out.extend_from_slice(format!("data: {data}\n\n").as_bytes());
+                        continue;
                     }
-                    Err(_) => out.extend_from_slice(&l),
-                }
-                out.push(b'\n');
-            }
-        }
-        Mode::Pass { sse: true } => {
-            for data in framer.events(bytes) {
-                if sent == client || data == "[DONE]" {
-                    out.extend_from_slice(format!("data: {data}\n\n").as_bytes());
-                    continue;
-                }
-                match serde_json::from_str::<Value>(&data) {
-                    Ok(mut v) => {
-                        rename(&mut v, sent, client);
-                        out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+                    match serde_json::from_str::<Value>(&data) {
+                        Ok(mut v) => {
+                            rename(&mut v, sent, client);
+                            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+                        }
+                        Err(_) => out.extend_from_slice(format!("data: {data}\n\n").as_bytes()),
                     }
-                    Err(_) => out.extend_from_slice(format!("data: {data}\n\n").as_bytes()),
                 }
             }
-        }
-        Mode::Translate { from, .. } => {
-            let Some(w) = writer.as_mut() else { return };
-            let steps: Vec<Step> = match from {
-                UpstreamKind::Ollama => framer
-                    .lines(bytes)
-                    .iter()
-                    .flat_map(|l| match serde_json::from_slice::<Value>(l) {
-                        Ok(v) => translate::read_ollama(&v),
-                        Err(e) => vec![Step::Error(format!("upstream sent a line that is not JSON: {e}"))],
-                    })
-                    .collect(),
-                UpstreamKind::Openai => framer
-                    .events(bytes)
-                    .iter()
-                    .flat_map(|d| {
-                        if d == "[DONE]" {
-                            return reader.finish();
-                        }
-                        match serde_json::from_str::<Value>(d) {
-                            Ok(v) => reader.read(&v),
-                            Err(e) => vec![Step::Error(format!("upstream sent an event that is not JSON: {e}"))],
-                        }
-                    })
-                    .collect(),
-            };
-            for s in steps {
-                if w.stream(s, out) {
-                    *done = true;
-                    return;
+            Mode::Translate { from, .. } => {
+                let Some(w) = writer.as_mut() else { return };
+                let steps: Vec<Step> = match from {
+                    UpstreamKind::Ollama => framer
+                        .lines(bytes)
+                        .iter()
+                        .flat_map(|l| match serde_json::from_slice::<Value>(l) {
+                            Ok(v) => translate::read_ollama(&v),
+                            Err(e) => vec![Step::Error(format!("upstream sent a line that is not JSON: {e}"))],
+                        })
+                        .collect(),
+                    UpstreamKind::Openai => framer
+                        .events(bytes)
+                        .iter()
+                        .flat_map(|d| {
+                            if d == "[DONE]" {
+                                return reader.finish();
+                            }
+                            match serde_json::from_str::<Value>(d) {
+                                Ok(v) => reader.read(&v),
+                                Err(e) => vec![Step::Error(format!("upstream sent an event that is not JSON: {e}"))],
+                            }
+                        })
+                        .collect(),
+                };
+                for s in steps {
+                    if w.stream(s, out) {
+                        *done = true;
+                        return;
+                    }
                 }
             }
+            Mode::Embeddings { .. } => out.extend_from_slice(bytes),
         }
-        Mode::Embeddings { .. } => out.extend_from_slice(bytes),
     }
 }

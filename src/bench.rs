@@ -479,11 +479,17 @@ pub fn test_jpeg_1080p() -> Vec<u8> {
         let edge = ((x / 97 + y / 61) % 3 == 0) as u8 * 90;
         image::Rgb([(x / 8) as u8 ^ edge, (y / 5) as u8, ((x + 2 * y) / 12) as u8 ^ (edge / 2)])
     });
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .encode_image(&img)
-        .expect("encoding an in-memory image");
-    out.into_inner()
+    // Baseline 4:2:0 Huffman, as cameras write (mozjpeg's own defaults would make it progressive).
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_fastest_defaults();
+    c.set_size(1920, 1080);
+    c.set_quality(90.0);
+    let encode = || -> std::io::Result<Vec<u8>> {
+        let mut started = c.start_compress(Vec::new())?;
+        started.write_scanlines(img.as_raw())?;
+        started.finish()
+    };
+    encode().expect("encoding an in-memory image")
 }
 
 /// Image preprocessing (a 1080p JPEG, default and Orin-sized pixel budgets) and the vision

@@ -11,6 +11,7 @@
 //! only PNG, JPEG and WebP decoders are compiled in, and every refusal is an [`ImageError`]
 //! that says what to change (the servers turn it into a 400).
 
+mod jpeg;
 mod preprocess;
 mod prompt;
 mod resample;

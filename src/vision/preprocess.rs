@@ -8,9 +8,11 @@
 //!    0, at most `max_source_pixels`: a 100-byte PNG can claim 30000×30000), and the target
 //!    size, so that an image smart_resize refuses is refused before it is decoded. The
 //!    decoder gets `image::Limits` as a second line.
-//! 2. Decode with the `image` crate, then orient as `image_utils.load_image` does with
-//!    Pillow's `exif_transpose`: the EXIF orientation tag, or when EXIF has none and the file
-//!    is a PNG, XMP's `tiff:Orientation` (Pillow 11 reads XMP orientation from PNGs only).
+//! 2. Decode — JPEG with libjpeg-turbo, the decoder inside Pillow, set up as Pillow sets it up
+//!    (`super::jpeg`); PNG and WebP with the `image` crate — then orient as
+//!    `image_utils.load_image` does with Pillow's `exif_transpose`: the EXIF orientation tag, or
+//!    when EXIF has none and the file is a PNG, XMP's `tiff:Orientation` (Pillow 11 reads XMP
+//!    orientation from PNGs only).
 //! 3. RGB as Pillow's `convert("RGB")`: gray is replicated, alpha is dropped (not composited:
 //!    transformers 4.46's `convert_to_rgb` and `load_image` both call `convert("RGB")`;
 //!    qwen-vl-utils, which composites on white, is not what the HF processor does), 16-bit
@@ -22,16 +24,13 @@
 //! 6. The frame repeated to `temporal_patch_size`, cut into 14×14 patches, rows in 2×2 merge
 //!    blocks (see [`preprocess`]).
 //!
-//! Exact vs approximate: PNG and WebP (lossy and lossless) decode to the same bytes as Pillow's
-//! libpng/libwebp (on every golden file), and everything after decoding is exact, so their
-//! `pixel_values` equal transformers' bit for bit (tests/vision_preprocess.rs). JPEG is the exception:
-//! the `image` crate decodes with zune-jpeg, whose IDCT, chroma upsampling and YCbCr→RGB
-//! rounding differ from libjpeg-turbo's, so decoded pixels differ by a few levels (up to ±4
-//! on 4:2:0 colour images, a fraction of a percent of ±1 on grayscale) before resizing; the
-//! difference is of the size of JPEG's own quantization noise. Other known departures, all
-//! on unusual files: 16-bit grayscale PNGs (Pillow clips them to 255, i.e. near-white; we
-//! keep the high byte), CMYK JPEGs (different CMYK→RGB formulas), and an EXIF block that
-//! follows the image data in a PNG (Pillow sees it, `image` does not).
+//! Exactness: PNG, WebP (lossy and lossless) and JPEG (baseline and progressive, every chroma
+//! subsampling, CMYK) decode to the same bytes as Pillow's libpng/libwebp/libjpeg-turbo (on
+//! every golden file), and everything after decoding is exact, so `pixel_values` equal
+//! transformers' bit for bit (tests/vision_preprocess.rs). Known departures, all on unusual
+//! files: 16-bit grayscale PNGs (Pillow clips them to 255, i.e. near-white; we keep the high
+//! byte), and an EXIF block that follows the image data in a PNG (Pillow sees it, `image`
+//! does not).
 
 use std::io::Cursor;
 
@@ -39,6 +38,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use sha2::{Digest, Sha256};
 
+use super::jpeg::Jpeg;
 use super::resample::resize_bicubic_rgb8;
 
 /// The formats [`preprocess`] accepts, for messages.
@@ -331,20 +331,14 @@ pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, Im
     let format = detect_format(bytes)?;
     let name = format.name();
     if format == ImageFormat::Jpeg {
-        // zune-jpeg fills a cut-off image with gray and succeeds; Pillow refuses it.
+        // libjpeg fills a cut-off image with gray and succeeds (with a warning); Pillow refuses it.
         check_jpeg_complete(bytes)?;
     }
     let hash: [u8; 32] = Sha256::digest(bytes).into();
 
-    let mut limits = Limits::default();
-    // Our pixel check below is the real bound; this caps the decoders' own allocations
-    // (8 bytes per pixel covers 16-bit RGBA; 16 MiB for metadata chunks).
-    limits.max_alloc = Some(cfg.max_source_pixels.saturating_mul(8).saturating_add(16 << 20));
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image());
-    reader.limits(limits);
-    // Reads the header only.
-    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
-    let (width, height) = decoder.dimensions();
+    // Header only: size and orientation, then the limits, then the pixels.
+    let source = Source::open(bytes, format, cfg)?;
+    let (width, height) = source.dimensions();
     if width == 0 || height == 0 {
         return Err(ImageError::ZeroSize { format: name, width, height });
     }
@@ -352,7 +346,7 @@ pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, Im
     if pixels > cfg.max_source_pixels {
         return Err(ImageError::TooManyPixels { width, height, pixels, limit: cfg.max_source_pixels });
     }
-    let orientation = orientation(&mut decoder, format);
+    let orientation = source.orientation();
     let (width, height) = (width as usize, height as usize);
     let (width, height) = match orientation {
         Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH => {
@@ -362,8 +356,7 @@ pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, Im
     };
     let (out_h, out_w) = smart_resize(height, width, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
 
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
-    let mut image = DynamicImage::ImageRgb8(to_rgb8(image));
+    let mut image = DynamicImage::ImageRgb8(source.decode_rgb8()?);
     image.apply_orientation(orientation);
     let rgb = image.into_rgb8();
     debug_assert_eq!((rgb.width() as usize, rgb.height() as usize), (width, height));
@@ -373,6 +366,54 @@ pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, Im
     let grid_thw = [1, out_h / cfg.patch_size, out_w / cfg.patch_size];
     let pixel_values = patchify(&resized, out_h, out_w, cfg);
     Ok(ImageInput { pixel_values, grid_thw, merge_size: cfg.merge_size, hash })
+}
+
+/// An image whose header has been read: JPEG by libjpeg-turbo (as Pillow decodes it), PNG and
+/// WebP by the `image` crate.
+enum Source<'a> {
+    Jpeg(Jpeg<'a>),
+    Other { decoder: Box<dyn ImageDecoder + 'a>, format: ImageFormat, orientation: Orientation },
+}
+
+impl<'a> Source<'a> {
+    fn open(bytes: &'a [u8], format: ImageFormat, cfg: &PreprocessConfig) -> Result<Self, ImageError> {
+        if format == ImageFormat::Jpeg {
+            return Jpeg::open(bytes).map(Source::Jpeg);
+        }
+        let mut limits = Limits::default();
+        // Our pixel check is the real bound; this caps the decoders' own allocations (8 bytes
+        // per pixel covers 16-bit RGBA; 16 MiB for metadata chunks).
+        limits.max_alloc = Some(cfg.max_source_pixels.saturating_mul(8).saturating_add(16 << 20));
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image());
+        reader.limits(limits);
+        let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+        let orientation = orientation(&mut decoder, format);
+        Ok(Source::Other { decoder: Box::new(decoder), format, orientation })
+    }
+
+    fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Source::Jpeg(j) => (j.width, j.height),
+            Source::Other { decoder, .. } => decoder.dimensions(),
+        }
+    }
+
+    fn orientation(&self) -> Orientation {
+        match self {
+            Source::Jpeg(j) => j.orientation,
+            Source::Other { orientation, .. } => *orientation,
+        }
+    }
+
+    /// The pixels as Pillow's `convert("RGB")` makes them, not yet oriented.
+    fn decode_rgb8(self) -> Result<RgbImage, ImageError> {
+        match self {
+            Source::Jpeg(j) => j.decode_rgb(),
+            Source::Other { decoder, format, .. } => {
+                DynamicImage::from_decoder(decoder).map(to_rgb8).map_err(|e| decode_error(format, e))
+            }
+        }
+    }
 }
 
 /// Normalizes an RGB8 image of `height × width` (multiples of patch_size·merge_size) and lays

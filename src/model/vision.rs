@@ -425,6 +425,17 @@ impl VisionTower {
     ///
     /// Panics when the input does not match the grids (see [`Self::check_input`]).
     pub fn forward(&self, pixel_values: &[f32], grid_thw: &[[usize; 3]]) -> Vec<f32> {
+        self.forward_until(pixel_values, grid_thw, &|| false).expect("never stopped")
+    }
+
+    /// [`Self::forward`], asking `stop` before each block (a 7B tower's block over a camera frame
+    /// takes a noticeable time): `None` once it says to stop, e.g. when the client has gone.
+    pub fn forward_until(
+        &self,
+        pixel_values: &[f32],
+        grid_thw: &[[usize; 3]],
+        stop: &dyn Fn() -> bool,
+    ) -> Option<Vec<f32>> {
         let out_rows = self.check_input(pixel_values.len(), grid_thw).unwrap_or_else(|e| panic!("{e}"));
         let c = &self.config;
         let (e, heads, d) = (c.embed_dim, c.num_heads, c.head_dim());
@@ -438,6 +449,9 @@ impl VisionTower {
 
         // 2. Blocks.
         for b in &self.blocks {
+            if stop() {
+                return None;
+            }
             let h = b.norm1.forward(&x);
             let mut qkv = b.qkv.forward(&h);
             ops::rope_from_angles(&mut qkv, 3 * e, 0, heads, d, &angles);
@@ -457,7 +471,7 @@ impl VisionTower {
         ops::gelu_erf(&mut m);
         let out = self.merge_fc2.forward(&m);
         debug_assert_eq!(out.len(), out_rows * c.out_hidden);
-        out
+        Some(out)
     }
 }
 

@@ -190,6 +190,10 @@ const SAMPLING: &[(&str, &str)] = &[
     ("repetition_penalty", "repeat_penalty"),
 ];
 
+/// The image pixel budget: vLLM's `mm_processor_kwargs` keys, which zoe-llm's Ollama dialect
+/// takes in `options` under the same names (a real Ollama ignores them).
+const PIXELS: &[&str] = &["min_pixels", "max_pixels"];
+
 /// Sampling, limits and streaming shared by chat and completions.
 fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Result<(), Untranslatable> {
     if req.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
@@ -202,6 +206,13 @@ fn common_openai(req: &Value, out: &mut Map<String, Value>, max_key: &str) -> Re
     for &(from, to) in SAMPLING {
         if let Some(v) = req.get(from).filter(|v| !v.is_null()) {
             options.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(kwargs) = req.get("mm_processor_kwargs") {
+        for &k in PIXELS {
+            if let Some(v) = kwargs.get(k).filter(|v| !v.is_null()) {
+                options.insert(k.into(), v.clone());
+            }
         }
     }
     if let Some(max) = req.get(max_key).or_else(|| req.get("max_tokens")).filter(|v| !v.is_null()) {
@@ -339,6 +350,11 @@ fn common_ollama(req: &Value, out: &mut Value) {
     for &(to, from) in SAMPLING.iter().chain(&[("stop", "stop")]) {
         if let Some(v) = o.get(from).filter(|v| !v.is_null()) {
             out[to] = v.clone();
+        }
+    }
+    for &k in PIXELS {
+        if let Some(v) = o.get(k).filter(|v| !v.is_null()) {
+            out["mm_processor_kwargs"][k] = v.clone();
         }
     }
     // -1 / -2: until a stop or the context is full, which is OpenAI's default.

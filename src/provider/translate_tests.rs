@@ -6,7 +6,7 @@ use super::*;
 fn openai_chat_request_to_ollama() {
     let req = json!({
         "model": "x", "stream": true, "temperature": 0.2, "max_tokens": 9, "stop": "END", "seed": 3,
-        "response_format": { "type": "json_object" },
+        "response_format": { "type": "json_object" }, "mm_processor_kwargs": { "max_pixels": 200704 },
         "messages": [
             { "role": "developer", "content": "be brief" },
             { "role": "user", "content": [ { "type": "text", "text": "what is this?" },
@@ -21,7 +21,10 @@ fn openai_chat_request_to_ollama() {
     assert_eq!(out["model"], "llava:7b");
     assert_eq!(out["stream"], true);
     assert_eq!(out["format"], "json");
-    assert_eq!(out["options"], json!({ "temperature": 0.2, "seed": 3, "num_predict": 9, "stop": ["END"] }));
+    assert_eq!(
+        out["options"],
+        json!({ "temperature": 0.2, "seed": 3, "num_predict": 9, "stop": ["END"], "max_pixels": 200704 })
+    );
     assert_eq!(out["messages"][0], json!({ "role": "system", "content": "be brief" }));
     assert_eq!(out["messages"][1], json!({ "role": "user", "content": "what is this?", "images": ["iVBORw0"] }));
     assert_eq!(out["messages"][2]["tool_calls"][0]["function"]["arguments"], json!({ "city": "Paris" }));
@@ -41,7 +44,8 @@ fn openai_chat_request_to_ollama() {
 #[test]
 fn ollama_chat_request_to_openai() {
     let req = json!({
-        "model": "x", "format": { "type": "object" }, "options": { "num_predict": -1, "repeat_penalty": 1.1, "top_k": 5 },
+        "model": "x", "format": { "type": "object" },
+        "options": { "num_predict": -1, "repeat_penalty": 1.1, "top_k": 5, "min_pixels": 3136 },
         "messages": [
             { "role": "user", "content": "look", "images": ["/9j/4AAQ"] },
             { "role": "assistant", "content": "", "tool_calls": [ { "function": { "name": "f", "arguments": { "a": 1 } } } ] },
@@ -53,6 +57,7 @@ fn ollama_chat_request_to_openai() {
     assert_eq!(out["stream_options"], json!({ "include_usage": true }));
     assert!(out.get("max_tokens").is_none());
     assert_eq!((out["repetition_penalty"].clone(), out["top_k"].clone()), (json!(1.1), json!(5)));
+    assert_eq!(out["mm_processor_kwargs"], json!({ "min_pixels": 3136 }));
     assert_eq!(out["response_format"]["json_schema"]["schema"], json!({ "type": "object" }));
     assert_eq!(out["messages"][0]["content"][0]["image_url"]["url"], "data:image/jpeg;base64,/9j/4AAQ");
     assert_eq!(out["messages"][0]["content"][1], json!({ "type": "text", "text": "look" }));

@@ -20,6 +20,7 @@ use crate::engine::service::{EmbedError, Event, ModelHandle, SubmitError, Summar
 use crate::hub::Manifest;
 use crate::model::llama::MmPrompt;
 use crate::model::tokenizer::Tokenizer;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// What to generate from.
@@ -148,6 +149,56 @@ pub struct InferenceRequest {
     pub format: Option<(&'static str, OutputFormat)>,
     /// Images, in the order of their slots in `input` (a chat; vision models only).
     pub images: Vec<ImageBytes>,
+    /// The request's own pixel budget for its images.
+    pub pixels: PixelBudget,
+}
+
+/// A request's `min_pixels`/`max_pixels` for its images (Ollama `options`, OpenAI
+/// `mm_processor_kwargs` as vLLM takes them), each with the field it came from. A smaller
+/// `max_pixels` is fewer image tokens: a faster first token for a coarser look.
+#[derive(Clone, Debug, Default)]
+pub struct PixelBudget {
+    pub min: Option<(String, i64)>,
+    pub max: Option<(String, i64)>,
+}
+
+impl PixelBudget {
+    /// The model's preprocessing `base` with this budget, or a 400 naming the field: each value
+    /// at least one merged patch block (`factor²` pixels) and at most the model's `max_pixels`,
+    /// and the minimum not above the maximum.
+    pub fn apply(&self, base: &crate::vision::PreprocessConfig) -> Result<crate::vision::PreprocessConfig, ApiError> {
+        let mut cfg = base.clone();
+        let floor = base.factor() * base.factor();
+        let check = |(field, v): &(String, i64)| -> Result<usize, ApiError> {
+            if *v < floor as i64 {
+                return Err(ApiError::bad_field(
+                    field,
+                    format!("{field} = {v} is less than {floor} pixels, one {f}×{f} block", f = base.factor()),
+                ));
+            }
+            if *v as u64 > base.max_pixels as u64 {
+                return Err(ApiError::bad_field(
+                    field,
+                    format!("{field} = {v} is more than the model's max_pixels of {}", base.max_pixels),
+                ));
+            }
+            Ok(*v as usize)
+        };
+        if let Some(m) = &self.max {
+            cfg.max_pixels = check(m)?;
+        }
+        if let Some(m) = &self.min {
+            cfg.min_pixels = check(m)?;
+        }
+        if cfg.min_pixels > cfg.max_pixels {
+            let field = self.min.as_ref().or(self.max.as_ref()).map(|(f, _)| f.as_str()).unwrap_or("min_pixels");
+            return Err(ApiError::bad_field(
+                field,
+                format!("min_pixels {} is more than max_pixels {}", cfg.min_pixels, cfg.max_pixels),
+            ));
+        }
+        Ok(cfg)
+    }
 }
 
 /// A request ready for the engine.
@@ -172,15 +223,31 @@ pub async fn prepare(
     // its token trie) are CPU work: off the async workers.
     let forced = req.tools.as_ref().is_some_and(|t| t.choice != crate::chat::tools::ToolChoice::Auto);
     if req.images.is_empty() && req.format.is_none() && !forced {
-        return prepare_now(handle, manifest, req);
+        return prepare_now(handle, manifest, req, &|| false);
     }
+    // When the client goes, the server drops this future: the guard raises `gone`, and the
+    // vision tower, which asks between blocks, stops instead of finishing for nobody.
+    struct RaiseOnDrop(Arc<AtomicBool>);
+    impl Drop for RaiseOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let gone = Arc::new(AtomicBool::new(false));
+    let _guard = RaiseOnDrop(gone.clone());
     let (h, m, r) = (handle.clone(), manifest.clone(), req.clone());
-    tokio::task::spawn_blocking(move || prepare_now(&h, &m, &r))
+    tokio::task::spawn_blocking(move || prepare_now(&h, &m, &r, &|| gone.load(Ordering::Relaxed)))
         .await
         .map_err(|e| ApiError::Internal(format!("preparing the images failed: {e}")))?
 }
 
-fn prepare_now(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest) -> Result<Prepared, ApiError> {
+/// [`prepare`] on this thread; `stop` says that the client has gone (see [`crate::vision::Vision::attach`]).
+fn prepare_now(
+    handle: &ModelHandle,
+    manifest: &Manifest,
+    req: &InferenceRequest,
+    stop: &dyn Fn() -> bool,
+) -> Result<Prepared, ApiError> {
     let tok = &handle.tokenizer;
     let constraint = constraint(tok, req)?;
     let mut prompt_ids = match &req.input {
@@ -230,7 +297,7 @@ fn prepare_now(handle: &ModelHandle, manifest: &Manifest, req: &InferenceRequest
     let mm = if req.images.is_empty() {
         None
     } else {
-        let (ids, mm) = attach_images(handle, &prompt_ids, &req.images, context_len)?;
+        let (ids, mm) = attach_images(handle, &prompt_ids, &req.images, &req.pixels, context_len, stop)?;
         prompt_ids = ids;
         Some(Arc::new(mm))
     };
@@ -290,7 +357,9 @@ fn attach_images(
     handle: &ModelHandle,
     prompt: &[u32],
     images: &[ImageBytes],
+    pixels: &PixelBudget,
     context: usize,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(Vec<u32>, MmPrompt), ApiError> {
     let vision = handle.vision.as_ref().ok_or_else(|| {
         ApiError::bad_field(
@@ -304,16 +373,17 @@ fn attach_images(
             format!("{} images in one request: at most {MAX_IMAGES} are allowed", images.len()),
         ));
     }
+    let cfg = pixels.apply(&vision.preprocess)?;
     let inputs = images
         .iter()
         .map(|img| {
-            crate::vision::preprocess(&img.bytes, &vision.preprocess).map_err(|e| match e {
+            crate::vision::preprocess(&img.bytes, &cfg).map_err(|e| match e {
                 crate::vision::ImageError::Config(_) => ApiError::Internal(format!("the model's image settings: {e}")),
                 _ => ApiError::bad_field(&img.field, format!("{}: {e}", img.field)),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    vision.attach(prompt, &inputs, context).map_err(|e| ApiError::bad(format!("images: {e}")))
+    vision.attach(prompt, &inputs, context, stop).map_err(|e| ApiError::bad(format!("images: {e}")))
 }
 
 /// Most images one request may carry: each is a vision-tower run before the first token.

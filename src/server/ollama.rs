@@ -97,6 +97,9 @@ pub struct Options {
     pub main_gpu: Option<i64>,
     pub num_thread: Option<i64>,
     pub use_mmap: Option<bool>,
+    /// zoe-llm: the pixel budget of this request's images (vision models).
+    pub min_pixels: Option<i64>,
+    pub max_pixels: Option<i64>,
     #[serde(flatten)]
     #[schemars(skip)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -513,6 +516,10 @@ async fn run(st: &Shared, plan: Plan, input: Input, kind: Kind, start: Instant) 
         tools: plan.tools,
         format: plan.format.map(|f| ("format", f)),
         images: plan.images,
+        pixels: infer::PixelBudget {
+            min: plan.options.min_pixels.map(|v| ("options.min_pixels".to_owned(), v)),
+            max: plan.options.max_pixels.map(|v| ("options.max_pixels".to_owned(), v)),
+        },
     };
     let prepared = infer::prepare(&handle, &plan.manifest, &ireq).await?;
     let rx = infer::submit(&handle, &prepared)?;

@@ -211,6 +211,33 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<serde_json::Value>,
     pub tools: Option<Vec<serde_json::Value>>,
     pub tool_choice: Option<serde_json::Value>,
+    /// vLLM's per-request image-processor arguments: `min_pixels` and `max_pixels` here.
+    pub mm_processor_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `mm_processor_kwargs` as a pixel budget; other keys, or values that are not integers, are
+/// 400s naming them.
+fn pixel_budget(kwargs: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<infer::PixelBudget> {
+    let mut budget = infer::PixelBudget::default();
+    for (key, value) in kwargs.into_iter().flatten() {
+        let field = format!("mm_processor_kwargs.{key}");
+        let slot = match key.as_str() {
+            "min_pixels" => &mut budget.min,
+            "max_pixels" => &mut budget.max,
+            _ => {
+                return Err(ApiError::bad_field(
+                    &field,
+                    format!("{field} is not supported: mm_processor_kwargs takes min_pixels and max_pixels"),
+                )
+                .into())
+            }
+        };
+        let Some(v) = value.as_i64() else {
+            return Err(ApiError::bad_field(&field, format!("{field} must be an integer, not {value}")).into());
+        };
+        *slot = Some((field, v));
+    }
+    Ok(budget)
 }
 
 /// The shared fields of both request types (written out in each, not `flatten`ed: flattening
@@ -711,6 +738,7 @@ async fn chat_completions_local(st: Shared, body: axum::body::Bytes) -> Result<R
     let logprobs = (req.logprobs == Some(true)).then_some(top as usize);
     let tools = wire::tool_set(&manifest, req.tools.as_deref(), req.tool_choice.as_ref())?;
     let format = wire::response_format(req.response_format.as_ref())?.map(|f| ("response_format", f));
+    let pixels = pixel_budget(req.mm_processor_kwargs.as_ref())?;
     let (messages, mut images) = chat_messages(&manifest, &req.messages, st.config.image_url_fetch)?;
     infer::fetch_images(&mut images, crate::vision::PreprocessConfig::default().max_file_bytes).await?;
     let (handle, _) = st.engines.get(&manifest, &model_name, None).await?;
@@ -725,6 +753,7 @@ async fn chat_completions_local(st: Shared, body: axum::body::Bytes) -> Result<R
         tools,
         format,
         images,
+        pixels,
     };
     let prepared = infer::prepare(&handle, &manifest, &ireq).await?;
     let rx = infer::submit(&handle, &prepared)?;
@@ -836,6 +865,7 @@ async fn completions_local(st: Shared, body: axum::body::Bytes) -> Result<Respon
         tools: None,
         format: None,
         images: Vec::new(),
+        pixels: infer::PixelBudget::default(),
     };
     let mut prepared = infer::prepare(&handle, &manifest, &ireq).await?;
     if let Some(ids) = token_prompt {

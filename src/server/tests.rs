@@ -75,6 +75,23 @@ primary = true
 context_length = 512
 "#;
 
+/// [`TINY_VL`] with a deep synthetic vision tower ([`slow_vl`]): an image takes the tower seconds.
+pub(super) const SLOW_VL: &str = r#"
+id = "slow-vl"
+roles = ["vision"]
+format = "gguf"
+architecture = "qwen2"
+[source]
+kind = "huggingface"
+repo = "test/slow-vl"
+[[files]]
+name = "slow-vl.gguf"
+sha256 = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"
+primary = true
+[defaults]
+context_length = 512
+"#;
+
 const ABSENT: &str = r#"
 id = "absent"
 format = "gguf"
@@ -124,7 +141,7 @@ impl TestSource {
 impl ModelSource for TestSource {
     fn present(&self, m: &Manifest) -> bool {
         match m.id.as_str() {
-            "tiny" | "tiny2" | "tiny-tools" | "tiny-vl" => self.tiny_present.load(Ordering::SeqCst),
+            "tiny" | "tiny2" | "tiny-tools" | "tiny-vl" | "slow-vl" => self.tiny_present.load(Ordering::SeqCst),
             "big-awq" => true,
             _ => false,
         }
@@ -145,6 +162,9 @@ impl ModelSource for TestSource {
         }
         if m.id == "tiny-vl" {
             return Ok(tiny_vl().into());
+        }
+        if m.id == "slow-vl" {
+            return Ok(slow_vl().into());
         }
         let mut w = test_model::writer(3);
         w.kv("tokenizer.chat_template", MetaValue::String(CHATML.into()));
@@ -179,6 +199,19 @@ impl ModelSource for TestSource {
         self.tiny_present.store(false, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// [`tiny_vl`] whose vision tower is synthetic, 64 blocks deep: a 448×448 image (1024 patches)
+/// keeps it busy for seconds, long enough to hang up in the middle.
+fn slow_vl() -> LoadedModel<CpuBackend> {
+    use crate::model::vision::{VisionConfig, VisionTower};
+    let mut m = tiny_vl();
+    let v = m.vision.take().expect("tiny-vl has vision");
+    let config = VisionConfig { depth: 64, embed_dim: 32, num_heads: 2, mlp_hidden: 128, ..v.tower.config.clone() };
+    let tower = VisionTower::synthetic(config, 7);
+    m.vision = Some(Arc::new(crate::vision::Vision::new(tower, v.tokens, v.preprocess.clone())));
+    m.id = "slow-vl".into();
+    m
 }
 
 /// The tiny Qwen2-VL checkpoint with the test model's byte-level vocabulary, padded to the

@@ -1,7 +1,7 @@
 //! Images through both dialects on the tiny transformers-made Qwen2-VL (tests/fixtures/
 //! qwen2_vl_tiny) with a byte-level test tokenizer whose vision tokens sit at the checkpoint's
-//! ids: requests with images answer, bad images are 400s that say what is wrong, and the same
-//! image again reuses its prefix-cached blocks.
+//! ids: requests with images answer, bad images are 400s that say what is wrong, the same image
+//! again skips the vision tower, and a client that hangs up stops the tower.
 
 use std::io::Cursor;
 
@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::tests::{post, state_from, TestSource, TINY, TINY_VL};
+use super::tests::{post, state_from, TestSource, SLOW_VL, TINY, TINY_VL};
 use super::ServeConfig;
 
 fn b64(bytes: &[u8]) -> String {
@@ -116,6 +116,137 @@ async fn image_requests_answer_in_both_dialects() {
     .await
     .json();
     assert_eq!((g["response"].as_str(), g["prompt_eval_count"].as_u64()), (Some(answer.as_str()), Some(with_image)));
+}
+
+#[tokio::test]
+async fn the_same_image_again_skips_the_tower() {
+    let st = state();
+    let ask = |images: Vec<String>| {
+        json!({"model": "tiny-vl", "stream": false, "options": {"temperature": 0, "num_predict": 3},
+               "messages": [{"role": "user", "content": "what is this?", "images": images}]})
+    };
+    let image = b64(&png(56, 84));
+    let first = post(&st, "/api/chat", ask(vec![image.clone()])).await.json();
+    let handle = st.engines.handle("tiny-vl").expect("loaded");
+    let vision = handle.vision.as_ref().expect("a vision model");
+    let (_, entries, hits, misses) = vision.cache_stats();
+    assert_eq!((entries, hits, misses), (1, 0, 1));
+
+    // The next turn of the conversation resends the image: same answer, no tower run.
+    let again = post(&st, "/api/chat", ask(vec![image.clone()])).await.json();
+    assert_eq!(again["message"], first["message"]);
+    let (_, entries, hits, misses) = vision.cache_stats();
+    assert_eq!((entries, hits, misses), (1, 1, 1));
+
+    // Another image is another entry.
+    post(&st, "/api/chat", ask(vec![b64(&png(84, 56)), image.clone()])).await.json();
+    let (_, entries, hits, misses) = vision.cache_stats();
+    assert_eq!((entries, hits, misses), (2, 2, 2));
+}
+
+#[tokio::test]
+async fn a_request_sets_its_own_pixel_budget() {
+    let st = state();
+    let image = b64(&png(224, 224)); // 16×16 patches: 64 image tokens at the model's budget
+    let ollama = |options: Value| json!({"model": "tiny-vl", "prompt": "x", "images": [image], "stream": false, "options": options});
+    let openai = |kwargs: Option<Value>| {
+        let mut body = json!({"model": "tiny-vl", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{image}")}}]}]});
+        if let Some(k) = kwargs {
+            body["mm_processor_kwargs"] = k;
+        }
+        body
+    };
+    let tokens = |v: &Value| v["prompt_eval_count"].as_u64().or(v["usage"]["prompt_tokens"].as_u64()).unwrap();
+
+    let full = post(&st, "/api/generate", ollama(json!({"num_predict": 1}))).await.json();
+    // max_pixels 3136 = 56×56: a 4×4 patch grid, 4 image tokens instead of 64.
+    let small = post(&st, "/api/generate", ollama(json!({"num_predict": 1, "max_pixels": 3136}))).await.json();
+    assert_eq!(tokens(&full) - tokens(&small), 60, "{full}\n{small}");
+    // min_pixels enlarges: 448×448 = 1024 patches, 256 tokens.
+    let large = post(&st, "/api/generate", ollama(json!({"num_predict": 1, "min_pixels": 448 * 448}))).await.json();
+    assert_eq!(tokens(&large) - tokens(&full), 192, "{large}");
+    let full = post(&st, "/v1/chat/completions", openai(None)).await.json();
+    let small = post(&st, "/v1/chat/completions", openai(Some(json!({"max_pixels": 3136})))).await.json();
+    assert_eq!(tokens(&full) - tokens(&small), 60, "{full}\n{small}");
+    // Each size is its own tower output: the cache holds three.
+    let vision = st.engines.handle("tiny-vl").unwrap().vision.clone().unwrap();
+    assert_eq!(vision.cache_stats().1, 3);
+
+    let refused: [(&str, Value, &str); 6] = [
+        ("/api/generate", ollama(json!({"max_pixels": 100})), "options.max_pixels = 100 is less than 784 pixels"),
+        (
+            "/api/generate",
+            ollama(json!({"max_pixels": 99_999_999})),
+            "options.max_pixels = 99999999 is more than the model's max_pixels of 12845056",
+        ),
+        (
+            "/api/generate",
+            ollama(json!({"min_pixels": 10_000, "max_pixels": 5_000})),
+            "min_pixels 10000 is more than max_pixels 5000",
+        ),
+        (
+            "/v1/chat/completions",
+            openai(Some(json!({"fps": 2}))),
+            "mm_processor_kwargs.fps is not supported: mm_processor_kwargs takes min_pixels and max_pixels",
+        ),
+        (
+            "/v1/chat/completions",
+            openai(Some(json!({"max_pixels": "big"}))),
+            "mm_processor_kwargs.max_pixels must be an integer",
+        ),
+        (
+            "/v1/chat/completions",
+            openai(Some(json!({"min_pixels": 10}))),
+            "mm_processor_kwargs.min_pixels = 10 is less than",
+        ),
+    ];
+    for (path, body, want) in refused {
+        let r = post(&st, path, body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert!(r.error().contains(want), "{path}: {:?} lacks {want:?}", r.error());
+    }
+}
+
+/// A client that hangs up while its image is in the vision tower stops the tower at its next
+/// block: the request's future is dropped, and the run is abandoned (nothing is cached, where a
+/// finished run would have been).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_while_the_tower_runs_stops_it() {
+    use tokio::io::AsyncWriteExt;
+    let st = state_from(ServeConfig::default(), &[TINY, SLOW_VL], TestSource::new(1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = super::router(st.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let body = json!({"model": "slow-vl", "prompt": "what is this?", "images": [b64(&png(448, 448))], "stream": false})
+        .to_string();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let vision = loop {
+        if let Some(v) = st.engines.handle("slow-vl").and_then(|h| h.vision.clone()) {
+            if v.encoding() == 1 {
+                break v;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the tower never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    drop(conn);
+    while vision.encoding() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the tower is still running 30 s after the hang-up");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (_, entries, _, _) = vision.cache_stats();
+    assert_eq!(entries, 0, "the tower ran to the end for a client that had gone");
+    server.abort();
 }
 
 #[tokio::test]

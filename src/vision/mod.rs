@@ -11,12 +11,14 @@
 //! only PNG, JPEG and WebP decoders are compiled in, and every refusal is an [`ImageError`]
 //! that says what to change (the servers turn it into a 400).
 
+mod cache;
 mod jpeg;
 mod preprocess;
 mod prompt;
 mod resample;
 
-pub use prompt::{AttachError, Vision};
+pub use cache::{EmbedCache, ImageKey};
+pub use prompt::{AttachError, Vision, EMBED_CACHE_BYTES};
 
 pub use preprocess::{
     detect_format, preprocess, smart_resize, ImageError, ImageFormat, ImageInput, PreprocessConfig, MAX_ASPECT_RATIO,

@@ -12,6 +12,7 @@
 //! that says what to change (the servers turn it into a 400).
 
 mod cache;
+mod decode;
 mod jpeg;
 mod preprocess;
 mod prompt;

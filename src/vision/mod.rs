@@ -18,8 +18,7 @@ mod preprocess;
 mod prompt;
 mod resample;
 
-pub use cache::{EmbedCache, ImageKey};
-pub use prompt::{AttachError, Vision, EMBED_CACHE_BYTES};
+pub use prompt::{AttachError, Vision};
 
 pub use preprocess::{
     detect_format, preprocess, smart_resize, ImageError, ImageFormat, ImageInput, PreprocessConfig, MAX_ASPECT_RATIO,

@@ -7,8 +7,15 @@
 //                  (v_cache the same), kvh = h / (n_heads / n_kv_heads)
 //   output         out[r*out_stride + h*D + d]                        (f32)
 // Scores are (q . k) * scale, softmax in fp32 relative to the running max, fp32 accumulation.
-// D is 64 or 128 (template; both instantiated). kv_cols % 8 == 0 (it is n_kv_heads * D), so every
-// K/V head row is 16-byte aligned and read with 128-bit loads.
+// D is a template parameter: decode is instantiated for 64 and 128 (the decoders' head dims),
+// prefill also for 16 and 80 (the vision towers': Qwen2-VL-7B's is 80, the tiny test model's 16).
+// kv_cols % 8 == 0 (it is n_kv_heads * D), so every K/V head row is 16-byte aligned and read with
+// 128-bit loads.
+//
+// The prefill kernel is also the vision tower's bidirectional attention: a row whose visible
+// positions are its whole span (row_ctx = span length, slots = the span's rows) attends without
+// a causal mask, and every row of a tile must then share the span (see attention_spans in
+// src/backend/cuda).
 //
 // Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"):
 // a stream of scores keeps (m = running max, l = sum exp(s - m), acc = sum exp(s - m) v); a new
@@ -222,7 +229,7 @@ __device__ __forceinline__ void attention_reduce(const float* __restrict__ part_
 // chunk 8 positions at a time (each thread reads K/V as float4; the 4 threads of a row read 4
 // consecutive float4, every row the same ones: broadcast, no bank conflicts), masks positions at
 // or past its own row_ctx, and folds them into its online softmax.
-// Shared memory: 2 * PREFILL_CHUNK * D * 4 bytes, static (32 KiB for D = 128, 16 KiB for 64).
+// Shared memory: 2 * PREFILL_CHUNK * D * 4 bytes, static (32 KiB for D = 128, 20 KiB for 80, 16 KiB for 64).
 template <int D>
 __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv, int qkv_stride,
                                                   const __half* __restrict__ k_cache,
@@ -238,7 +245,7 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
     constexpr int C = PREFILL_CHUNK;
     constexpr int SUB = 8;                                         // positions scored at once
     constexpr int ROW8 = D / 8;                                    // 16-byte pieces per K/V row
-    static_assert(TPR == 4 && C % SUB == 0 && (C * ROW8) % ATTN_PREFILL_THREADS == 0, "tile shape");
+    static_assert(TPR == 4 && C % SUB == 0 && D % 16 == 0, "tile shape");
     __shared__ float4 ks[C][D / 4];
     __shared__ float4 vs[C][D / 4];
 
@@ -268,9 +275,9 @@ __device__ __forceinline__ void attention_prefill(const float* __restrict__ qkv,
 
     for (int c0 = 0; c0 < cmax; c0 += C) {
         // Stage positions c0 .. c0+C (zeros past cmax) as f32.
-#pragma unroll
-        for (int it = 0; it < C * ROW8 / ATTN_PREFILL_THREADS; ++it) {
-            const int idx = threadIdx.x + it * ATTN_PREFILL_THREADS;
+        // C * ROW8 pieces: a whole number of passes for D = 64 and 128, a partial last pass for
+        // 80 (320 pieces), fewer pieces than threads for 16.
+        for (int idx = threadIdx.x; idx < C * ROW8; idx += ATTN_PREFILL_THREADS) {
             const int pp = idx / ROW8, c8 = idx % ROW8;
             const int p = c0 + pp;
             float kf[8], vf[8];
@@ -386,5 +393,7 @@ ZOE_ATTN_DECODE(64)
 ZOE_ATTN_DECODE(128)
 ZOE_ATTN_REDUCE(64)
 ZOE_ATTN_REDUCE(128)
+ZOE_ATTN_PREFILL(16)
 ZOE_ATTN_PREFILL(64)
+ZOE_ATTN_PREFILL(80)
 ZOE_ATTN_PREFILL(128)

@@ -125,3 +125,13 @@ extern "C" __global__ void __launch_bounds__(ELEMWISE_THREADS)
         v_cache[dst + c] = __float2half_rn(src[v_off + c]);
     }
 }
+
+// x[i] = gelu(x[i]) in place: kind 0 is quick GELU, x * sigmoid(1.702 x) (transformers'
+// quick_gelu, written as the CPU writes it), kind 1 the exact x/2 * (1 + erf(x / sqrt 2)) with
+// fp32 erff (the CPU evaluates erf in f64: the two differ by an ulp or two). Grid-stride over n.
+extern "C" __global__ void __launch_bounds__(ELEMWISE_THREADS) gelu_f32(float* x, int n, int kind) {
+    for (size_t i = zoe::grid_start(); i < (size_t)n; i += zoe::grid_stride()) {
+        const float v = x[i];
+        x[i] = kind == 0 ? v * (1.0f / (1.0f + expf(-1.702f * v))) : 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+}

@@ -97,3 +97,27 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
         for (int i = threadIdx.x; i < cols; i += NORM_THREADS) orow[i] = rr[i] * scale * w[i];
     }
 }
+
+// LayerNorm (Ba et al. 2016, the vision tower's): out = (x - mean) * (1 / sqrt(var + eps)) * w + b
+// with the biased variance mean((x - mean)^2), two block reductions (sum, then the centred sum of
+// squares, which does not lose precision the way E[x^2] - mean^2 does), fp32 throughout, the
+// CPU's expression order. In-place calls (out == x) are fine for the same reason as above. Same
+// launch as rms_norm_f32: grid = rows, block NORM_THREADS.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    layer_norm_f32(const float* x, const float* __restrict__ w, const float* __restrict__ b, float* out, int cols,
+                   float eps) {
+    __shared__ float scratch[32];
+    const size_t base = (size_t)blockIdx.x * cols;
+    const float* xr = x + base;
+    float* orow = out + base;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += NORM_THREADS) s += xr[i];
+    const float mean = zoe::block_sum<NORM_THREADS>(s, scratch) / (float)cols;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += NORM_THREADS) {
+        const float d = xr[i] - mean;
+        ss += d * d;
+    }
+    const float inv = 1.0f / sqrtf(zoe::block_sum<NORM_THREADS>(ss, scratch) / (float)cols + eps);
+    for (int i = threadIdx.x; i < cols; i += NORM_THREADS) orow[i] = (xr[i] - mean) * inv * w[i] + b[i];
+}

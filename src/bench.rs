@@ -493,10 +493,11 @@ pub fn test_jpeg_1080p() -> Vec<u8> {
 }
 
 /// Image preprocessing (a 1080p JPEG, default and Orin-sized pixel budgets) and the vision
-/// tower of Qwen2-VL-7B's shapes (synthetic weights, f32 on the CPU) at `sides` (square images,
-/// pixels): median of `reps` after one warm-up each.
-pub fn vision(reps: usize, sides: &[usize]) -> anyhow::Result<Vec<VisionResult>> {
-    use crate::model::vision::{VisionConfig, VisionTower};
+/// tower of Qwen2-VL-7B's shapes (synthetic fp16 weights) at `sides` (square images, pixels) on
+/// the CPU with `threads` workers and, in a `cuda` build with a device, on the GPU: median of
+/// `reps` after one warm-up each.
+pub fn vision(reps: usize, sides: &[usize], threads: usize) -> anyhow::Result<Vec<VisionResult>> {
+    use crate::model::vision::{ImageEncoder, VisionConfig, VisionTower};
     use crate::vision::{preprocess, PreprocessConfig};
     let reps = reps.max(1);
     let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
@@ -518,21 +519,39 @@ pub fn vision(reps: usize, sides: &[usize]) -> anyhow::Result<Vec<VisionResult>>
         let test = format!("preprocess 1920x1080 JPEG, max_pixels {max_pixels} -> grid {grid:?}");
         out.push(VisionResult { test, ms, gflop: None });
     }
+    if sides.is_empty() {
+        return Ok(out);
+    }
     let config = VisionConfig::qwen2_vl_7b();
-    let tower = VisionTower::synthetic(config.clone(), 1);
-    for &side in sides {
-        let g = side / config.patch_size;
-        let grid = [1, g - g % 2, g - g % 2];
-        let rows = grid.iter().product::<usize>();
-        let pixels: Vec<f32> =
-            (0..rows * config.patch_cols()).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
-        let ms = time(&mut || {
-            tower.forward(&pixels, &[grid]);
-            Ok(())
-        })?;
-        let gflop = config.flops(&[grid]) / 1e9;
-        let test = format!("vision tower (Qwen2-VL-7B shapes) {side}x{side}: {rows} patches, {} tokens", rows / 4);
-        out.push(VisionResult { test, ms, gflop: Some(gflop) });
+    let mut towers: Vec<(String, Box<dyn ImageEncoder>)> = Vec::new();
+    #[cfg(feature = "cuda")]
+    match crate::backend::cuda::CudaBackend::new(0) {
+        Ok(be) => {
+            let name = format!("CUDA {}", be.device());
+            towers.push((name, Box::new(VisionTower::synthetic(be, config.clone(), 1))));
+        }
+        Err(e) => tracing::warn!("vision tower on the GPU not measured: {e}"),
+    }
+    let cpu = crate::backend::cpu::CpuBackend::new(threads);
+    towers.push((format!("CPU, {threads} threads"), Box::new(VisionTower::synthetic(cpu, config.clone(), 1))));
+    for (name, tower) in &towers {
+        for &side in sides {
+            let g = side / config.patch_size;
+            let grid = [1, g - g % 2, g - g % 2];
+            let rows = grid.iter().product::<usize>();
+            let pixels: Vec<f32> =
+                (0..rows * config.patch_cols()).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
+            let ms = time(&mut || {
+                tower.forward(&pixels, &[grid]);
+                Ok(())
+            })?;
+            let gflop = config.flops(&[grid]) / 1e9;
+            let test = format!(
+                "vision tower (Qwen2-VL-7B shapes, fp16 weights, {name}) {side}x{side}: {rows} patches, {} tokens",
+                rows / 4
+            );
+            out.push(VisionResult { test, ms, gflop: Some(gflop) });
+        }
     }
     Ok(out)
 }

@@ -207,7 +207,8 @@ struct BenchArgs {
     #[arg(long, value_name = "URL", value_parser = zoe_llm::bench::parse_server_url)]
     server: Option<reqwest::Url>,
     /// Measure image preprocessing (a 1080p JPEG) and the vision tower of Qwen2-VL-7B's shapes
-    /// (synthetic weights, CPU) at these square image sides, instead of a language model.
+    /// (synthetic fp16 weights; on the CPU, and on the GPU in a cuda build with a device) at these
+    /// square image sides, instead of a language model.
     #[arg(long, value_delimiter = ',', value_name = "SIDES", num_args = 0.., default_missing_value = "224")]
     vision: Option<Vec<usize>>,
     /// Also measure constrained decoding's cost: the generation loop under a JSON Schema
@@ -716,7 +717,7 @@ fn bench(store: &Store, registry: &Registry, args: BenchArgs) -> Result<()> {
         }
         println!("| test | ms per image | GFLOP | GFLOP/s |");
         println!("| --- | --- | --- | --- |");
-        for r in zoe_llm::bench::vision(args.reps, sides)? {
+        for r in zoe_llm::bench::vision(args.reps, sides, threads(&args.engine)?)? {
             let (g, rate) =
                 r.gflop.map_or(("-".into(), "-".into()), |g| (format!("{g:.0}"), format!("{:.1}", g / r.ms * 1e3)));
             println!("| {} | {:.1} | {g} | {rate} |", r.test, r.ms);

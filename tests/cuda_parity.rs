@@ -11,7 +11,7 @@ mod common;
 
 use zoe_llm::backend::cpu::{CpuBackend, Precision};
 use zoe_llm::backend::cuda::CudaBackend;
-use zoe_llm::backend::{AttnSeq, Backend, GgmlType, QkvLayout, Rope, RopeStyle};
+use zoe_llm::backend::{AttnSeq, Backend, Gelu, GgmlType, QkvLayout, Rope, RopeStyle};
 use zoe_llm::model::llama::Llama;
 use zoe_llm::model::loaded::LoadedModel;
 use zoe_llm::model::paged_kv::PagedKvCache;
@@ -81,6 +81,12 @@ mod tol {
     /// Whole-model logits: the device rounds activations to fp16 for prefill GEMMs and into the
     /// KV cache at every layer; the CPU (Precision::F32) does not.
     pub const LOGITS: (f32, f32) = (5e-2, 5e-2);
+    /// A whole vision tower (2 blocks and the merger): the device rounds every prefill-sized
+    /// linear's input and attention's K/V to fp16 (2^-11 relative each), about 3e-4 relative per
+    /// linear after averaging over the dot product, compounding over ~14 of them. An estimate,
+    /// not yet measured on a GPU; tight enough that the smallest real defect the CPU golden test
+    /// lists (the blocks' QuickGELU swapped for erf GELU, 1.1e-2) fails it.
+    pub const TOWER: (f32, f32) = (5e-3, 5e-3);
 }
 
 fn awq_weight(rng: &mut Rng, n: usize, k: usize, group: usize) -> AwqMatrix {
@@ -448,4 +454,77 @@ fn smollm2_decodes_like_the_cpu_engine() {
     let mg = Llama::from_gguf(&file, &g).unwrap();
     let prompt: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 2, 198, 1, 4093, 198];
     compare_decoding("smollm2", (&mc, &c), (&mg, &g), &[prompt]);
+}
+
+/// The vision-tower ops: LayerNorm (also on a large offset and an odd width), both GELUs,
+/// bidirectional attention within spans (head dims 16 and 80; spans longer than a tile, ragged
+/// tiles, a one-row span) and reshape.
+#[test]
+fn vision_ops_match_cpu() {
+    let Some(g) = gpu("vision_ops_match_cpu") else { return };
+    let c = cpu();
+    let mut rng = Rng(5);
+    let up = |data: &[f32], r, cc| (c.upload(data, r, cc), g.upload(data, r, cc));
+    for (cols, offset) in [(1280usize, 0.0f32), (32, 50.0), (3, -2.0)] {
+        let rows = 7;
+        let x: Vec<f32> = rng.vec(rows * cols, 3.0).into_iter().map(|v| v + offset).collect();
+        let ((xc, xg), (wc, wg), (bc, bg)) =
+            (up(&x, rows, cols), up(&rng.vec(cols, 1.0), 1, cols), up(&rng.vec(cols, 1.0), 1, cols));
+        let (mut oc, mut og) = (c.zeros(rows, cols), g.zeros(rows, cols));
+        c.layer_norm(&xc, &wc, &bc, 1e-6, &mut oc);
+        g.layer_norm(&xg, &wg, &bg, 1e-6, &mut og);
+        assert_close(&format!("layer_norm {cols}"), &g.download(&og), &c.download(&oc), tol::NORM.0, tol::NORM.1);
+    }
+    let x = rng.vec(4 * 1001, 6.0);
+    for kind in [Gelu::Quick, Gelu::Erf] {
+        let (mut xc, mut xg) = up(&x, 4, 1001);
+        c.gelu(&mut xc, kind);
+        g.gelu(&mut xg, kind);
+        assert_close(&format!("{kind:?}"), &g.download(&xg), &c.download(&xc), tol::ELEMENTWISE.0, tol::ELEMENTWISE.1);
+    }
+    for (heads, d) in [(16usize, 80usize), (2, 16)] {
+        let layout = QkvLayout { n_heads: heads, n_kv_heads: heads, head_dim: d };
+        let spans = [0..45, 45..46, 46..146];
+        // fp16-exact, so the device's fp16 K/V equal the CPU's f32 ones.
+        let qkv = rng.vec16(146 * layout.total_cols(), 1.0);
+        let (qc, qg) = up(&qkv, 146, layout.total_cols());
+        let (mut oc, mut og) = (c.zeros(146, layout.q_cols()), g.zeros(146, layout.q_cols()));
+        c.attention_spans(&qc, layout, &spans, &mut oc);
+        g.attention_spans(&qg, layout, &spans, &mut og);
+        let what = format!("attention_spans d={d}");
+        assert_close(&what, &g.download(&og), &c.download(&oc), tol::ATTENTION.0, tol::ATTENTION.1);
+        let r = g.reshape(og, 73, 2 * layout.q_cols());
+        assert_eq!(g.shape(&r), (73, 2 * layout.q_cols()));
+        assert_eq!(g.download(&r), c.download(&oc), "reshape keeps the values");
+    }
+}
+
+/// The vision tower on the device against the CPU, two images in one call: the tiny checkpoint
+/// written by transformers (head dim 16) and a synthetic tower with Qwen2-VL-7B's widths (head
+/// dim 80) cut to 2 blocks.
+#[test]
+fn vision_tower_matches_cpu() {
+    use zoe_llm::model::vision::{VisionConfig, VisionTower};
+    use zoe_llm::model::weights::safetensors::SafetensorsDir;
+    let Some(g) = gpu("vision_tower_matches_cpu") else { return };
+    let pixels = |rows: usize, cols: usize| -> Vec<f32> {
+        (0..rows * cols).map(|i| ((i * 7919 + 13) % 255) as f32 / 128.0 - 1.0).collect()
+    };
+    let grids = [[1, 4, 6], [1, 2, 2]];
+    let rows: usize = grids.iter().map(|g| g.iter().product::<usize>()).sum();
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_vl_tiny");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let vc = VisionConfig::from_hf_json(&config).unwrap();
+    let st = SafetensorsDir::open(&dir).unwrap();
+    let tc = VisionTower::from_safetensors(cpu(), &st, vc.clone()).unwrap();
+    let tg = VisionTower::from_safetensors(g.sibling().unwrap(), &st, vc.clone()).unwrap();
+    let px = pixels(rows, vc.patch_cols());
+    assert_close("tiny tower", &tg.forward(&px, &grids), &tc.forward(&px, &grids), tol::TOWER.0, tol::TOWER.1);
+
+    let big = VisionConfig { depth: 2, ..VisionConfig::qwen2_vl_7b() };
+    assert_eq!(big.head_dim(), 80);
+    let (tc, tg) = (VisionTower::synthetic(cpu(), big.clone(), 9), VisionTower::synthetic(g, big.clone(), 9));
+    let px = pixels(rows, big.patch_cols());
+    assert_close("7B-shaped tower", &tg.forward(&px, &grids), &tc.forward(&px, &grids), tol::TOWER.0, tol::TOWER.1);
 }

@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
+use zoe_llm::backend::cpu::CpuBackend;
 use zoe_llm::model::vision::{mrope_positions, VisionConfig, VisionTokenIds, VisionTower};
 use zoe_llm::model::weights::safetensors::SafetensorsDir;
 
@@ -68,12 +69,12 @@ fn grids(g: &Value) -> Vec<[usize; 3]> {
     g["vision"].as_array().unwrap().iter().map(|v| usizes(&v["grid_thw"]).try_into().unwrap()).collect()
 }
 
-fn load() -> VisionTower {
+fn load() -> VisionTower<CpuBackend> {
     let cfg = VisionConfig::from_hf_json(&config()).unwrap();
     assert_eq!((cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden, cfg.out_hidden), (2, 32, 2, 128, 64));
     assert_eq!((cfg.patch_cols(), cfg.spatial_merge_size), (1176, 2));
     let st = SafetensorsDir::open(&fixture_dir()).unwrap();
-    VisionTower::from_safetensors(&st, cfg).unwrap()
+    VisionTower::from_safetensors(CpuBackend::new(2), &st, cfg).unwrap()
 }
 
 /// The reference is transformers' tower in f32 on the stored fp16 weights (what we compute), so
@@ -264,8 +265,9 @@ fn decoder_with_images_matches_transformers() {
 #[test]
 fn vision_loads_only_for_the_matching_language_model_width() {
     let st = SafetensorsDir::open(&fixture_dir()).unwrap();
-    let v = zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 64).unwrap().unwrap();
+    let v =
+        zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 64, || Ok(CpuBackend::new(2))).unwrap().unwrap();
     assert_eq!(v.tokens.image_pad, goldens()["prompt"]["image_token_id"].as_u64().unwrap() as u32);
-    let e = zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 96).unwrap_err();
+    let e = zoe_llm::vision::Vision::load(&fixture_dir(), &config(), &st, 96, || Ok(CpuBackend::new(2))).unwrap_err();
     assert!(e.contains("vision_config.hidden_size 64") && e.contains("96"), "{e}");
 }

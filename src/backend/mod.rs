@@ -1,8 +1,9 @@
 //! The op surface models are written against, and its implementations.
 //!
-//! A model (see `model::llama`) is written once over [`Backend`]; each backend decides how tensors
-//! live (host `Vec<f32>` on the CPU, device buffers on CUDA) and how each op runs. The op list is
-//! the subset a Llama-family decoder needs; an op is added only when a model needs it. The CPU
+//! A model (see `model::llama`, `model::vision`) is written once over [`Backend`]; each backend
+//! decides how tensors live (host `Vec<f32>` on the CPU, device buffers on CUDA) and how each op
+//! runs. The op list is what a Llama-family decoder and the Qwen2-VL vision tower need; an op is
+//! added only when a model needs it. The CPU
 //! backend is the oracle: every fast path (and later every CUDA kernel) is tested against the plain
 //! CPU loops in `cpu::reference`.
 //!
@@ -27,6 +28,17 @@ pub enum BackendError {
     BadWeight { name: String, reason: String },
     #[error("out of memory allocating {what}: {bytes} bytes")]
     OutOfMemory { what: String, bytes: usize },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// The GELU variants of [`Backend::gelu`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x · sigmoid(1.702 · x)` (transformers' `quick_gelu`: CLIP-style vision MLPs).
+    Quick,
+    /// The exact `x · Φ(x) = x/2 · (1 + erf(x/√2))` (torch `nn.GELU()`).
+    Erf,
 }
 
 /// Checks raw weight bytes against their claimed shape and type (every backend's `weight` starts
@@ -146,6 +158,13 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// Another handle on the same device for work that runs beside this one's (the vision tower
+    /// encodes a request's images on the request's thread while the engine thread decodes):
+    /// its own CPU worker pool, or its own CUDA stream and cuBLAS handle on the same context.
+    fn sibling(&self) -> Result<Self, BackendError>
+    where
+        Self: Sized;
+
     /// Runs `f` where this backend's ops are cheapest to call (the CPU backend enters its thread
     /// pool once per forward pass instead of once per op). Ops called outside `run` are correct
     /// but, on the CPU, use rayon's global pool instead of the backend's physical-core pool.
@@ -233,4 +252,40 @@ pub trait Backend: Send + Sync + 'static {
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
     /// `x[rows[i]] = values[i·cols..(i+1)·cols]` (image embeddings into a prompt's embeddings).
     fn set_rows(&self, x: &mut Self::Tensor, rows: &[usize], values: &[f32]);
+
+    // Vision-tower ops (Qwen2-VL: pre-norm blocks with LayerNorm, bidirectional attention, GELU).
+    /// `out = (x − mean) / sqrt(var + eps) · weight + bias` per row (biased variance, f32).
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: &Self::Tensor,
+        eps: f32,
+        out: &mut Self::Tensor,
+    );
+    /// `x = gelu(x)` element-wise, in place.
+    fn gelu(&self, x: &mut Self::Tensor, kind: Gelu);
+    /// Bidirectional attention within spans of rows, K and V taken from `qkv` itself (no cache):
+    /// a row attends to every row of its span and to no other, scale 1/sqrt(d), softmax in f32.
+    /// The spans tile `0..rows` in order (one per image frame of a vision tower's input). `out`
+    /// is `[rows, n_heads·head_dim]`.
+    fn attention_spans(
+        &self,
+        qkv: &Self::Tensor,
+        layout: QkvLayout,
+        spans: &[std::ops::Range<usize>],
+        out: &mut Self::Tensor,
+    );
+    /// The same values read as `[rows, cols]` (`rows · cols` must equal the tensor's size).
+    fn reshape(&self, x: Self::Tensor, rows: usize, cols: usize) -> Self::Tensor;
+}
+
+/// Checks that `spans` tile `0..rows` in order (the [`Backend::attention_spans`] contract).
+pub fn check_spans(spans: &[std::ops::Range<usize>], rows: usize) {
+    let mut at = 0;
+    for s in spans {
+        assert!(s.start == at && s.end > s.start, "attention spans must tile the rows in order: {spans:?}");
+        at = s.end;
+    }
+    assert_eq!(at, rows, "attention spans must tile the {rows} rows: {spans:?}");
 }

@@ -94,8 +94,10 @@ impl<B: Backend> LoadedModel<B> {
             .map_err(|source| LoadError::Safetensors { path: dir.display().to_string(), source })?;
         let model = Llama::from_safetensors(&st, cfg, awq.as_ref(), &backend)
             .map_err(|source| LoadError::Model { path: dir.display().to_string(), source })?;
-        // The vision tower runs on the CPU in f32 (its CUDA port is not built yet).
-        let vision = crate::vision::Vision::load(dir, &json, &st, model.config.hidden_size)
+        // The vision tower runs on the decoder's device, through a sibling handle (its own CPU
+        // pool or CUDA stream): it encodes on the request's thread while the engine decodes.
+        let sibling = || backend.sibling().map_err(|e| format!("the vision tower's backend: {e}"));
+        let vision = crate::vision::Vision::load(dir, &json, &st, model.config.hidden_size, sibling)
             .map_err(|reason| LoadError::Config { path: dir.display().to_string(), reason })?
             .map(std::sync::Arc::new);
         let context_length = context_limit.map_or(model.config.context_length, |l| l.min(model.config.context_length));

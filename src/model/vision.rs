@@ -1,12 +1,13 @@
-//! Qwen2-VL's vision tower (`visual.*`) in plain f32 on the CPU, and the multimodal rotary
-//! positions of a prompt that holds images (transformers' `get_rope_index`).
+//! Qwen2-VL's vision tower (`visual.*`) over the backend ops, and the multimodal rotary positions
+//! of a prompt that holds images (transformers' `get_rope_index`).
 //!
-//! This is the oracle for a later backend version: every step is one of the small functions in
-//! [`ops`] (linear, LayerNorm, rotary from an angle table, attention within spans, QuickGELU, erf
-//! GELU, add), each a candidate backend op, and [`VisionTower::forward`] only strings them
-//! together. Semantics follow transformers 4.46.3 `modeling_qwen2_vl.py` (summarized in the
-//! shared model-formats reference §3.1 and §3.4), checked by `tests/qwen2_vl_golden.rs` against
-//! a tiny checkpoint written by transformers.
+//! The tower is written once over [`Backend`] (as the decoder is): LayerNorm, linear with bias,
+//! the backend's M-RoPE as the 2-D rotary embedding ([`vision_rope`]), bidirectional attention
+//! within spans, GELU, add. On the CPU backend it is the oracle; on CUDA the same code runs on
+//! the device (fp16 weights, f32 activations, fp16 K/V inside attention). Semantics follow
+//! transformers 4.46.3 `modeling_qwen2_vl.py` (summarized in the shared model-formats reference
+//! §3.1 and §3.4), checked by `tests/qwen2_vl_golden.rs` against a tiny checkpoint written by
+//! transformers, and CUDA against the CPU by `tests/cuda_parity.rs`.
 //!
 //! The tower, for `pixel_values` `[Σ t·h·w, C·T·P·P]` (rows in 2×2-merge-block order, as the image
 //! processor emits them) and the images' patch grids `(t, h, w)`:
@@ -25,7 +26,7 @@ use safetensors::Dtype;
 use serde_json::Value;
 
 use crate::backend::cpu::blocks::dequantize_row;
-use crate::backend::GgmlType;
+use crate::backend::{Backend, BackendError, Gelu, GgmlType, QkvLayout, Rope, RopeStyle};
 use crate::model::config::ConfigError;
 use crate::model::weights::safetensors::SafetensorsDir;
 
@@ -46,6 +47,8 @@ pub enum VisionError {
     Dtype { name: String, dtype: String },
     #[error("image input: {0}")]
     Input(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// The `vision_config` block of a Qwen2-VL config.json.
@@ -224,63 +227,71 @@ impl VisionTokenIds {
 }
 
 /// A linear layer `y = x · Wᵀ + b`, `w` is `[out, inp]`.
-struct Linear {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    out: usize,
-    inp: usize,
+struct Linear<B: Backend> {
+    w: B::Weight,
+    b: B::Tensor,
 }
 
-impl Linear {
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        ops::linear(x, self.inp, &self.w, self.out, Some(&self.b))
-    }
+struct LayerNorm<B: Backend> {
+    w: B::Tensor,
+    b: B::Tensor,
 }
 
-struct LayerNorm {
-    w: Vec<f32>,
-    b: Vec<f32>,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &[f32]) -> Vec<f32> {
-        ops::layer_norm(x, self.w.len(), &self.w, &self.b, VISION_LN_EPS)
-    }
-}
-
-struct Block {
-    norm1: LayerNorm,
-    norm2: LayerNorm,
+struct Block<B: Backend> {
+    norm1: LayerNorm<B>,
+    norm2: LayerNorm<B>,
     /// `[3·embed, embed]`: output columns are q (heads-major), then k, then v.
-    qkv: Linear,
-    proj: Linear,
-    fc1: Linear,
-    fc2: Linear,
+    qkv: Linear<B>,
+    proj: Linear<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
 }
 
-/// The Qwen2-VL vision encoder with f32 weights.
-pub struct VisionTower {
+/// The Qwen2-VL vision encoder on a backend: weights in the checkpoint's float type (fp16 for
+/// the published checkpoints; the CUDA backend keeps fp16, the CPU computes in f32 from it),
+/// activations f32.
+pub struct VisionTower<B: Backend> {
     pub config: VisionConfig,
+    backend: B,
     /// The Conv3d weight `[embed, C, T, P, P]` viewed as `[embed, C·T·P·P]` (no bias).
-    patch_embed: Vec<f32>,
-    blocks: Vec<Block>,
-    ln_q: LayerNorm,
+    patch_embed: B::Weight,
+    blocks: Vec<Block<B>>,
+    ln_q: LayerNorm<B>,
     /// `merger.mlp.0`: `[4·embed, 4·embed]`.
-    merge_fc1: Linear,
+    merge_fc1: Linear<B>,
     /// `merger.mlp.2`: `[out_hidden, 4·embed]`.
-    merge_fc2: Linear,
-    /// `head_dim / 4` inverse frequencies shared by the row and column halves.
-    inv_freq: Vec<f32>,
+    merge_fc2: Linear<B>,
+    /// The 2-D rotary embedding as the backend's M-RoPE: see [`vision_rope`].
+    rope: Rope,
 }
 
-/// Reads tensors below one name prefix, checking shapes, as f32.
-struct Loader<'a> {
+/// The tower's 2-D rotary embedding (transformers' `VisionRotaryEmbedding(head_dim / 2)` with
+/// `apply_rotary_pos_emb_vision`): dimension `i < head_dim/2` of a head pairs with `i + head_dim/2`
+/// (rotate half) and turns by `h·f[i]` for `i < head_dim/4`, by `w·f[i − head_dim/4]` above, with
+/// `f[j] = θ^(−4j/head_dim)`. That is the backend's multimodal RoPE with sections
+/// `(0, head_dim/4, head_dim/4)`, the frequency table repeated for the two halves, and positions
+/// `(0, h, w)` per patch row.
+pub fn vision_rope(head_dim: usize) -> Rope {
+    let dim = head_dim / 2;
+    let f: Vec<f32> = (0..dim / 2).map(|j| 1.0 / VISION_ROPE_THETA.powf((2 * j) as f32 / dim as f32)).collect();
+    Rope {
+        style: RopeStyle::Neox,
+        head_dim,
+        inv_freq: [f.as_slice(), f.as_slice()].concat(),
+        mrope_section: Some([0, dim / 2, dim / 2]),
+    }
+}
+
+/// Reads tensors below one name prefix, checking shapes.
+struct Loader<'a, B: Backend> {
     st: &'a SafetensorsDir,
     prefix: &'static str,
+    be: &'a B,
 }
 
-impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, VisionError> {
+impl<B: Backend> Loader<'_, B> {
+    /// The tensor's bytes and float type, after checking its shape.
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(String, GgmlType, &[u8]), VisionError> {
         let full = format!("{}{name}", self.prefix);
         let t = self.st.tensor(&full).ok_or_else(|| VisionError::MissingTensor(full.clone()))?;
         if t.shape != shape {
@@ -292,39 +303,91 @@ impl Loader<'_> {
             Dtype::F32 => GgmlType::F32,
             other => return Err(VisionError::Dtype { name: full, dtype: format!("{other:?}") }),
         };
-        let mut out = vec![0.0; t.n_elements()];
-        dequantize_row(dtype, self.st.data(t), &mut out);
-        Ok(out)
+        Ok((full, dtype, self.st.data(t)))
     }
 
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear, VisionError> {
+    /// A vector (norm weights, biases) as a `[1, n]` activation in f32.
+    fn vector(&self, name: &str, n: usize) -> Result<B::Tensor, VisionError> {
+        let (_, dtype, bytes) = self.raw(name, &[n])?;
+        let mut v = vec![0.0; n];
+        dequantize_row(dtype, bytes, &mut v);
+        Ok(self.be.upload(&v, 1, n))
+    }
+
+    /// A matrix `[shape[0], Π shape[1..]]` in its stored type.
+    fn matrix(&self, name: &str, shape: &[usize]) -> Result<B::Weight, VisionError> {
+        let (full, dtype, bytes) = self.raw(name, shape)?;
+        Ok(self.be.weight(&full, dtype, shape[0], shape[1..].iter().product(), bytes)?)
+    }
+
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear<B>, VisionError> {
         Ok(Linear {
-            w: self.get(&format!("{name}.weight"), &[out, inp])?,
-            b: self.get(&format!("{name}.bias"), &[out])?,
-            out,
-            inp,
+            w: self.matrix(&format!("{name}.weight"), &[out, inp])?,
+            b: self.vector(&format!("{name}.bias"), out)?,
         })
     }
 
-    fn layer_norm(&self, name: &str, n: usize) -> Result<LayerNorm, VisionError> {
-        Ok(LayerNorm { w: self.get(&format!("{name}.weight"), &[n])?, b: self.get(&format!("{name}.bias"), &[n])? })
+    fn layer_norm(&self, name: &str, n: usize) -> Result<LayerNorm<B>, VisionError> {
+        Ok(LayerNorm { w: self.vector(&format!("{name}.weight"), n)?, b: self.vector(&format!("{name}.bias"), n)? })
     }
 }
 
-impl VisionTower {
-    /// Loads the tower from a Qwen2-VL checkpoint: tensors `visual.*` (the published checkpoints,
-    /// transformers 4.46's `save_pretrained`) or `model.visual.*` (later transformers versions
-    /// nest the tower under `model.`), F16, BF16 or F32, converted to f32.
-    pub fn from_safetensors(st: &SafetensorsDir, config: VisionConfig) -> Result<Self, VisionError> {
+/// A vision tower whatever its backend: what a loaded model's [`crate::vision::Vision`] holds.
+pub trait ImageEncoder: Send + Sync {
+    fn config(&self) -> &VisionConfig;
+    /// The backend it runs on (`cpu`, `cuda`).
+    fn backend_name(&self) -> &'static str;
+    /// See [`VisionTower::forward_until`].
+    fn forward_until(&self, pixel_values: &[f32], grid_thw: &[[usize; 3]], stop: &dyn Fn() -> bool)
+        -> Option<Vec<f32>>;
+    /// See [`VisionTower::forward`].
+    fn forward(&self, pixel_values: &[f32], grid_thw: &[[usize; 3]]) -> Vec<f32> {
+        self.forward_until(pixel_values, grid_thw, &|| false).expect("never stopped")
+    }
+}
+
+impl<B: Backend> ImageEncoder for VisionTower<B> {
+    fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+    fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+    fn forward_until(
+        &self,
+        pixel_values: &[f32],
+        grid_thw: &[[usize; 3]],
+        stop: &dyn Fn() -> bool,
+    ) -> Option<Vec<f32>> {
+        VisionTower::forward_until(self, pixel_values, grid_thw, stop)
+    }
+}
+
+/// The activations one forward pass reuses from block to block.
+struct Scratch<T> {
+    h: T,
+    qkv: T,
+    attn: T,
+    mlp: T,
+    out: T,
+}
+
+impl<B: Backend> VisionTower<B> {
+    /// Loads the tower onto `backend` from a Qwen2-VL checkpoint: tensors `visual.*` (the
+    /// published checkpoints, transformers 4.46's `save_pretrained`) or `model.visual.*` (later
+    /// transformers versions nest the tower under `model.`), F16, BF16 or F32.
+    pub fn from_safetensors(backend: B, st: &SafetensorsDir, config: VisionConfig) -> Result<Self, VisionError> {
         let prefix = ["visual.", "model.visual."]
             .into_iter()
             .find(|p| st.tensor(&format!("{p}patch_embed.proj.weight")).is_some())
             .ok_or_else(|| VisionError::MissingTensor("visual.patch_embed.proj.weight".into()))?;
-        let l = Loader { st, prefix };
+        let l = Loader { st, prefix, be: &backend };
         let c = &config;
         let e = c.embed_dim;
-        let patch_embed =
-            l.get("patch_embed.proj.weight", &[e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size])?;
+        let patch_embed = l.matrix(
+            "patch_embed.proj.weight",
+            &[e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size],
+        )?;
         let blocks = (0..c.depth)
             .map(|i| {
                 let b = format!("blocks.{i}");
@@ -342,15 +405,13 @@ impl VisionTower {
         let ln_q = l.layer_norm("merger.ln_q", e)?;
         let merge_fc1 = l.linear("merger.mlp.0", merged, merged)?;
         let merge_fc2 = l.linear("merger.mlp.2", c.out_hidden, merged)?;
-        // VisionRotaryEmbedding(dim = head_dim / 2): inv_freq[j] = θ^(−2j/dim), j < dim/2.
-        let dim = c.head_dim() / 2;
-        let inv_freq = (0..dim / 2).map(|j| 1.0 / VISION_ROPE_THETA.powf((2 * j) as f32 / dim as f32)).collect();
-        Ok(Self { config, patch_embed, blocks, ln_q, merge_fc1, merge_fc2, inv_freq })
+        let rope = vision_rope(c.head_dim());
+        Ok(Self { config, backend, patch_embed, blocks, ln_q, merge_fc1, merge_fc2, rope })
     }
 
-    /// A tower of `config`'s shapes with pseudo-random weights (`seed`), for benchmarks of
-    /// shapes whose checkpoint is not at hand.
-    pub fn synthetic(config: VisionConfig, seed: u64) -> Self {
+    /// A tower of `config`'s shapes with pseudo-random fp16 weights (`seed`) on `backend`, for
+    /// benchmarks of shapes whose checkpoint is not at hand.
+    pub fn synthetic(backend: B, config: VisionConfig, seed: u64) -> Self {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut vec = |n: usize, scale: f32| -> Vec<f32> {
             (0..n)
@@ -362,15 +423,18 @@ impl VisionTower {
                 })
                 .collect()
         };
+        let be = &backend;
+        let mut linear = |out: usize, inp: usize| {
+            let bytes: Vec<u8> = vec(out * inp, 2.0 / (inp as f32).sqrt())
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            let w = be.weight("synthetic", GgmlType::F16, out, inp, &bytes).expect("synthetic weight");
+            Linear { w, b: be.upload(&vec(out, 0.02), 1, out) }
+        };
         let c = &config;
         let e = c.embed_dim;
-        let mut linear = |out: usize, inp: usize| Linear {
-            w: vec(out * inp, 2.0 / (inp as f32).sqrt()),
-            b: vec(out, 0.02),
-            out,
-            inp,
-        };
-        let ln = |n: usize| LayerNorm { w: vec![1.0; n], b: vec![0.0; n] };
+        let ln = |n: usize| LayerNorm { w: be.upload(&vec![1.0; n], 1, n), b: be.zeros(1, n) };
         let blocks = (0..c.depth)
             .map(|_| Block {
                 norm1: ln(e),
@@ -384,9 +448,9 @@ impl VisionTower {
         let merged = e * c.merge_unit();
         let (merge_fc1, merge_fc2) = (linear(merged, merged), linear(c.out_hidden, merged));
         let patch_embed = linear(e, c.patch_cols()).w;
-        let dim = c.head_dim() / 2;
-        let inv_freq = (0..dim / 2).map(|j| 1.0 / VISION_ROPE_THETA.powf((2 * j) as f32 / dim as f32)).collect();
-        Self { config, patch_embed, blocks, ln_q: ln(e), merge_fc1, merge_fc2, inv_freq }
+        let ln_q = ln(e);
+        let rope = vision_rope(c.head_dim());
+        Self { config, backend, patch_embed, blocks, ln_q, merge_fc1, merge_fc2, rope }
     }
 
     /// Checks `pixel_values` (length) against the grids; returns the output rows
@@ -437,41 +501,79 @@ impl VisionTower {
         stop: &dyn Fn() -> bool,
     ) -> Option<Vec<f32>> {
         let out_rows = self.check_input(pixel_values.len(), grid_thw).unwrap_or_else(|e| panic!("{e}"));
-        let c = &self.config;
-        let (e, heads, d) = (c.embed_dim, c.num_heads, c.head_dim());
+        let (be, c) = (&self.backend, &self.config);
+        let (e, n) = (c.embed_dim, out_rows * c.merge_unit());
+        let layout = QkvLayout { n_heads: c.num_heads, n_kv_heads: c.num_heads, head_dim: c.head_dim() };
+        // Each patch row's (0, h, w) rotary positions and the attention spans (one per frame).
+        let positions: Vec<u32> =
+            patch_positions(grid_thw, c.spatial_merge_size).iter().flat_map(|&[h, w]| [0, h, w]).collect();
+        let spans = frame_spans(grid_thw);
 
         // 1. Patch embedding.
-        let mut x = ops::linear(pixel_values, c.patch_cols(), &self.patch_embed, e, None);
-
-        // Rotary angles per patch row (shared by every block and head) and attention spans.
-        let angles = rope_angles(&patch_positions(grid_thw, c.spatial_merge_size), &self.inv_freq);
-        let spans = frame_spans(grid_thw);
+        let (mut x, mut s) = be.run(|| {
+            let px = be.upload(pixel_values, n, c.patch_cols());
+            let mut x = be.zeros(n, e);
+            be.linear(&px, &self.patch_embed, None, &mut x, 0);
+            let s = Scratch {
+                h: be.zeros(n, e),
+                qkv: be.zeros(n, layout.total_cols()),
+                attn: be.zeros(n, e),
+                mlp: be.zeros(n, c.mlp_hidden),
+                out: be.zeros(n, e),
+            };
+            (x, s)
+        });
 
         // 2. Blocks.
         for b in &self.blocks {
             if stop() {
                 return None;
             }
-            let h = b.norm1.forward(&x);
-            let mut qkv = b.qkv.forward(&h);
-            ops::rope_from_angles(&mut qkv, 3 * e, 0, heads, d, &angles);
-            ops::rope_from_angles(&mut qkv, 3 * e, e, heads, d, &angles);
-            let attn = ops::attention_spans(&qkv, heads, d, &spans);
-            ops::add(&mut x, &b.proj.forward(&attn));
-            let h = b.norm2.forward(&x);
-            let mut m = b.fc1.forward(&h);
-            ops::quick_gelu(&mut m);
-            ops::add(&mut x, &b.fc2.forward(&m));
+            be.run(|| self.block(b, &mut x, &mut s, &positions, &spans, layout));
         }
+        drop(s);
 
         // 3. Merger: the 4 rows of each block are consecutive, so the [rows, e] matrix read as
         // [rows/4, 4e] is the merged input.
-        let h = self.ln_q.forward(&x);
-        let mut m = self.merge_fc1.forward(&h);
-        ops::gelu_erf(&mut m);
-        let out = self.merge_fc2.forward(&m);
+        let out = be.run(|| {
+            let mut h = be.zeros(n, e);
+            be.layer_norm(&x, &self.ln_q.w, &self.ln_q.b, VISION_LN_EPS, &mut h);
+            drop(x);
+            let h = be.reshape(h, out_rows, e * c.merge_unit());
+            let mut m = be.zeros(out_rows, e * c.merge_unit());
+            be.linear(&h, &self.merge_fc1.w, Some(&self.merge_fc1.b), &mut m, 0);
+            be.gelu(&mut m, Gelu::Erf);
+            let mut y = be.zeros(out_rows, c.out_hidden);
+            be.linear(&m, &self.merge_fc2.w, Some(&self.merge_fc2.b), &mut y, 0);
+            be.download(&y)
+        });
         debug_assert_eq!(out.len(), out_rows * c.out_hidden);
         Some(out)
+    }
+
+    /// One pre-norm block: `x += proj(attn(LN1(x)))`, `x += fc2(quick_gelu(fc1(LN2(x))))`.
+    fn block(
+        &self,
+        b: &Block<B>,
+        x: &mut B::Tensor,
+        s: &mut Scratch<B::Tensor>,
+        positions: &[u32],
+        spans: &[Range<usize>],
+        layout: QkvLayout,
+    ) {
+        let be = &self.backend;
+        be.layer_norm(x, &b.norm1.w, &b.norm1.b, VISION_LN_EPS, &mut s.h);
+        be.linear(&s.h, &b.qkv.w, Some(&b.qkv.b), &mut s.qkv, 0);
+        // q and k are the first 2·heads heads of each row.
+        be.rope(&mut s.qkv, 2 * layout.n_heads, positions, &self.rope);
+        be.attention_spans(&s.qkv, layout, spans, &mut s.attn);
+        be.linear(&s.attn, &b.proj.w, Some(&b.proj.b), &mut s.out, 0);
+        be.add(x, &s.out);
+        be.layer_norm(x, &b.norm2.w, &b.norm2.b, VISION_LN_EPS, &mut s.h);
+        be.linear(&s.h, &b.fc1.w, Some(&b.fc1.b), &mut s.mlp, 0);
+        be.gelu(&mut s.mlp, Gelu::Quick);
+        be.linear(&s.mlp, &b.fc2.w, Some(&b.fc2.b), &mut s.out, 0);
+        be.add(x, &s.out);
     }
 }
 
@@ -494,17 +596,6 @@ pub fn patch_positions(grid_thw: &[[usize; 3]], merge: usize) -> Vec<[u32; 2]> {
         }
     }
     pos
-}
-
-/// Rotary angles `[rows, 2·inv_freq.len()]`: a row at `(h, w)` gets `h·f_j` then `w·f_j` (f32 product,
-/// as transformers computes its `freqs` table).
-pub fn rope_angles(positions: &[[u32; 2]], inv_freq: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(positions.len() * 2 * inv_freq.len());
-    for &[h, w] in positions {
-        out.extend(inv_freq.iter().map(|f| h as f32 * f));
-        out.extend(inv_freq.iter().map(|f| w as f32 * f));
-    }
-    out
 }
 
 /// Attention spans (`cu_seqlens`): one per frame of each image, `h·w` rows each.
@@ -606,131 +697,6 @@ pub fn mrope_positions(
     Ok((pos, delta))
 }
 
-/// The tower's ops, plain f32 loops (rows in parallel), each the semantics of a backend op.
-/// Activations are row-major `[rows, cols]`.
-pub mod ops {
-    use std::ops::Range;
-
-    use rayon::prelude::*;
-
-    use crate::backend::cpu::dot;
-
-    /// `x [n, k] · w[m, k]ᵀ (+ b)` → `[n, m]`.
-    pub fn linear(x: &[f32], k: usize, w: &[f32], m: usize, b: Option<&[f32]>) -> Vec<f32> {
-        assert!(k > 0 && x.len().is_multiple_of(k) && w.len() == m * k && b.is_none_or(|b| b.len() == m));
-        let n = x.len() / k;
-        let mut out = vec![0.0; n * m];
-        out.par_chunks_mut(m).zip(x.par_chunks(k)).for_each(|(o, xr)| {
-            for (j, (oj, wr)) in o.iter_mut().zip(w.chunks_exact(k)).enumerate() {
-                *oj = dot(xr, wr) + b.map_or(0.0, |b| b[j]);
-            }
-        });
-        out
-    }
-
-    /// LayerNorm over each row: `(x − mean) / sqrt(var + eps) · w + b` (biased variance).
-    pub fn layer_norm(x: &[f32], cols: usize, w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-        assert!(w.len() == cols && b.len() == cols && x.len().is_multiple_of(cols));
-        let mut out = vec![0.0; x.len()];
-        out.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(o, xr)| {
-            let mean = xr.iter().sum::<f32>() / cols as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for i in 0..cols {
-                o[i] = (xr[i] - mean) * inv * w[i] + b[i];
-            }
-        });
-        out
-    }
-
-    /// Rotate-half rotary embedding of `n_heads` heads of `head_dim` starting at column `col0` of
-    /// each row (row length `cols`), with explicit angles `[rows, head_dim/2]`: dimension `i` and
-    /// `i + head_dim/2` of a head turn by `angles[row][i]`. (Covers 1-D, the vision 2-D and M-RoPE
-    /// alike: they differ only in how the angle table is filled.)
-    pub fn rope_from_angles(x: &mut [f32], cols: usize, col0: usize, n_heads: usize, head_dim: usize, angles: &[f32]) {
-        let half = head_dim / 2;
-        assert!(
-            x.len().is_multiple_of(cols) && col0 + n_heads * head_dim <= cols && angles.len() == x.len() / cols * half
-        );
-        x.par_chunks_mut(cols).zip(angles.par_chunks(half)).for_each(|(row, ang)| {
-            let (cos, sin): (Vec<f32>, Vec<f32>) = ang.iter().map(|a| (a.cos(), a.sin())).unzip();
-            for h in 0..n_heads {
-                let head = &mut row[col0 + h * head_dim..col0 + (h + 1) * head_dim];
-                for i in 0..half {
-                    let (x0, x1) = (head[i], head[i + half]);
-                    head[i] = x0 * cos[i] - x1 * sin[i];
-                    head[i + half] = x1 * cos[i] + x0 * sin[i];
-                }
-            }
-        });
-    }
-
-    /// Bidirectional multi-head attention within spans of rows. `qkv` rows are `[q | k | v]`,
-    /// each `n_heads · head_dim` wide, heads-major; a row attends to every row of its span (and
-    /// only those), scale `1/sqrt(head_dim)`, softmax in f32. Returns `[rows, n_heads·head_dim]`;
-    /// the spans must tile `0..rows`.
-    pub fn attention_spans(qkv: &[f32], n_heads: usize, head_dim: usize, spans: &[Range<usize>]) -> Vec<f32> {
-        let e = n_heads * head_dim;
-        let rows = qkv.len() / (3 * e);
-        assert!(qkv.len() == rows * 3 * e);
-        let mut span_of = vec![usize::MAX; rows];
-        let mut at = 0;
-        for (s, r) in spans.iter().enumerate() {
-            assert_eq!(r.start, at, "spans must tile the rows");
-            span_of[r.clone()].fill(s);
-            at = r.end;
-        }
-        assert_eq!(at, rows, "spans must tile the rows");
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut out = vec![0.0; rows * e];
-        out.par_chunks_mut(e).enumerate().for_each(|(r, o)| {
-            let span = spans[span_of[r]].clone();
-            let mut scores = vec![0.0f32; span.len()];
-            for h in 0..n_heads {
-                let q = &qkv[r * 3 * e + h * head_dim..][..head_dim];
-                for (s, p) in scores.iter_mut().zip(span.clone()) {
-                    let k = &qkv[p * 3 * e + e + h * head_dim..][..head_dim];
-                    *s = dot(q, k) * scale;
-                }
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let oh = &mut o[h * head_dim..(h + 1) * head_dim];
-                for (s, p) in scores.iter().zip(span.clone()) {
-                    let v = &qkv[p * 3 * e + 2 * e + h * head_dim..][..head_dim];
-                    let wgt = s / sum;
-                    for j in 0..head_dim {
-                        oh[j] += wgt * v[j];
-                    }
-                }
-            }
-        });
-        out
-    }
-
-    /// `x · sigmoid(1.702 · x)` in place (transformers' `quick_gelu`).
-    pub fn quick_gelu(x: &mut [f32]) {
-        x.par_iter_mut().for_each(|v| *v *= 1.0 / (1.0 + (-1.702 * *v).exp()));
-    }
-
-    /// Exact GELU `x · Φ(x) = x/2 · (1 + erf(x/√2))` in place (torch `nn.GELU()`); erf in f64.
-    pub fn gelu_erf(x: &mut [f32]) {
-        x.par_iter_mut().for_each(|v| {
-            let xd = *v as f64;
-            *v = (0.5 * xd * (1.0 + libm::erf(xd * std::f64::consts::FRAC_1_SQRT_2))) as f32;
-        });
-    }
-
-    /// `acc += x`.
-    pub fn add(acc: &mut [f32], x: &[f32]) {
-        assert_eq!(acc.len(), x.len());
-        acc.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += b);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,7 +713,7 @@ mod tests {
         assert!(((all - attn) / 1e12 - 6.2).abs() < 0.1, "linears {} TFLOP", (all - attn) / 1e12);
         // A tiny synthetic tower runs and has the right output shape.
         let tiny = VisionConfig { depth: 1, embed_dim: 32, num_heads: 2, mlp_hidden: 64, out_hidden: 16, ..c };
-        let t = VisionTower::synthetic(tiny, 3);
+        let t = VisionTower::synthetic(crate::backend::cpu::CpuBackend::new(1), tiny, 3);
         let out = t.forward(&vec![0.5; 16 * t.config.patch_cols()], &[[1, 4, 4]]);
         assert_eq!(out.len(), 4 * 16);
         assert!(out.iter().all(|v| v.is_finite()));
@@ -906,61 +872,27 @@ mod tests {
     }
 
     #[test]
-    fn ops_match_their_definitions() {
-        // GELU and QuickGELU at known points.
-        let mut g = vec![-1.0f32, 0.0, 1.0, 3.0];
-        ops::gelu_erf(&mut g);
-        for (a, b) in g.iter().zip([-0.158_655_25f32, 0.0, 0.841_344_8, 2.995_950_5]) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    fn vision_rope_turns_the_first_half_with_the_patch_row_and_the_second_with_the_column() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::backend::Backend;
+        // transformers: freqs = cat(h·f, w·f) (head_dim/2 angles), each turning dims (i, i + d/2).
+        let d = 16;
+        let rope = vision_rope(d);
+        let f: Vec<f32> = (0..d / 4).map(|j| 1.0 / 10000f32.powf((2 * j) as f32 / (d / 2) as f32)).collect();
+        let (h, w) = (3u32, 5u32);
+        let angles: Vec<f32> = f.iter().map(|x| h as f32 * x).chain(f.iter().map(|x| w as f32 * x)).collect();
+        let x: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.7).sin()).collect();
+        let be = CpuBackend::new(1);
+        let mut t = be.upload(&x, 1, 2 * d);
+        be.rope(&mut t, 2, &[0, h, w], &rope);
+        for head in 0..2 {
+            for i in 0..d / 2 {
+                let (a, b) = (x[head * d + i], x[head * d + i + d / 2]);
+                let (sn, cs) = angles[i].sin_cos();
+                let want = [a * cs - b * sn, b * cs + a * sn];
+                let got = [t.data[head * d + i], t.data[head * d + i + d / 2]];
+                assert!((got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6, "head {head} pair {i}");
+            }
         }
-        let mut q = vec![1.0f32];
-        ops::quick_gelu(&mut q);
-        assert!((q[0] - 1.0 / (1.0 + (-1.702f32).exp())).abs() < 1e-7);
-        // LayerNorm of [1, 2, 3, 4]: mean 2.5, var 1.25.
-        let y = ops::layer_norm(&[1.0, 2.0, 3.0, 4.0], 4, &[1.0, 2.0, 1.0, 1.0], &[0.0, 0.0, 0.5, 0.0], 0.0);
-        let s = 1.25f32.sqrt();
-        for (a, b) in y.iter().zip([-1.5 / s, -1.0 / s, 0.5 / s + 0.5, 1.5 / s]) {
-            assert!((a - b).abs() < 1e-6);
-        }
-        // Linear against the plain reference.
-        let x: Vec<f32> = (0..15).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<f32> = (0..20).map(|i| (i as f32 * 0.11).cos()).collect();
-        let b = [0.1, -0.2, 0.3, 0.0];
-        let ours = ops::linear(&x, 5, &w, 4, Some(&b));
-        let want = crate::backend::cpu::reference::linear(&x, 3, 5, &w, 4, Some(&b));
-        assert!(ours.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
-    }
-
-    #[test]
-    fn rope_from_angles_pairs_each_dimension_with_the_one_half_a_head_away() {
-        // One row, one head of 4: dims (0, 2) turn by a0 = π/2, dims (1, 3) by a1 = 0.
-        let mut x = vec![9.0, 1.0, 2.0, 3.0, 4.0];
-        ops::rope_from_angles(&mut x, 5, 1, 1, 4, &[std::f32::consts::FRAC_PI_2, 0.0]);
-        let want = [9.0, -3.0, 2.0, 1.0, 4.0];
-        assert!(x.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{x:?}");
-    }
-
-    #[test]
-    fn attention_stays_within_spans() {
-        // 3 rows, 1 head of 2; spans {0, 1} and {2}. Row 2 alone sees only its own v.
-        let row = |q: [f32; 2], k: [f32; 2], v: [f32; 2]| [q, k, v].concat();
-        let mut qkv = [
-            row([1.0, 0.0], [1.0, 0.0], [1.0, 2.0]),
-            row([0.0, 1.0], [0.0, 3.0], [5.0, 6.0]),
-            row([1.0, 1.0], [1.0, 1.0], [7.0, 8.0]),
-        ]
-        .concat();
-        let out = ops::attention_spans(&qkv, 1, 2, &[0..2, 2..3]);
-        assert_eq!(&out[4..], &[7.0, 8.0]);
-        // Row 0: scores (1, 0)/√2 over rows 0, 1.
-        let s = 1.0f32 / 2f32.sqrt();
-        let (e0, e1) = (s.exp(), 1.0f32);
-        let w0 = e0 / (e0 + e1);
-        assert!((out[0] - (w0 * 1.0 + (1.0 - w0) * 5.0)).abs() < 1e-6);
-        // Changing row 2 changes nothing in the first span.
-        qkv[2 * 6 + 4] = 100.0;
-        qkv[2 * 6 + 2] = 100.0;
-        let out2 = ops::attention_spans(&qkv, 1, 2, &[0..2, 2..3]);
-        assert_eq!(&out[..4], &out2[..4]);
     }
 }

@@ -207,9 +207,9 @@ fn slow_vl() -> LoadedModel<CpuBackend> {
     use crate::model::vision::{VisionConfig, VisionTower};
     let mut m = tiny_vl();
     let v = m.vision.take().expect("tiny-vl has vision");
-    let config = VisionConfig { depth: 64, embed_dim: 32, num_heads: 2, mlp_hidden: 128, ..v.tower.config.clone() };
-    let tower = VisionTower::synthetic(config, 7);
-    m.vision = Some(Arc::new(crate::vision::Vision::new(tower, v.tokens, v.preprocess.clone())));
+    let config = VisionConfig { depth: 64, embed_dim: 32, num_heads: 2, mlp_hidden: 128, ..v.tower.config().clone() };
+    let tower = VisionTower::synthetic(CpuBackend::new(1), config, 7);
+    m.vision = Some(Arc::new(crate::vision::Vision::new(Box::new(tower), v.tokens, v.preprocess.clone())));
     m.id = "slow-vl".into();
     m
 }
@@ -253,7 +253,7 @@ fn tiny_vl() -> LoadedModel<CpuBackend> {
     let st = crate::model::weights::safetensors::SafetensorsDir::open(&dir).unwrap();
     let (cfg, _) = crate::model::config::ModelConfig::from_hf_json(&config).unwrap();
     let model = Llama::from_safetensors(&st, cfg, None, &backend).unwrap();
-    let vision = crate::vision::Vision::load(&dir, &config, &st, 64).unwrap().map(Arc::new);
+    let vision = crate::vision::Vision::load(&dir, &config, &st, 64, || Ok(CpuBackend::new(1))).unwrap().map(Arc::new);
     assert!(vision.is_some());
     LoadedModel { id: "tiny-vl".into(), backend, model, tokenizer, context_length: 512, vision }
 }

@@ -13,8 +13,9 @@ use serde_json::Value;
 
 use super::cache::{EmbedCache, ImageKey};
 use super::{ImageInput, PreprocessConfig};
+use crate::backend::Backend;
 use crate::model::llama::MmPrompt;
-use crate::model::vision::{mrope_positions, VisionConfig, VisionTokenIds, VisionTower};
+use crate::model::vision::{mrope_positions, ImageEncoder, VisionConfig, VisionTokenIds, VisionTower};
 use crate::model::weights::safetensors::SafetensorsDir;
 
 /// Bytes of tower output kept per model for images seen again ([`EmbedCache`]): three camera
@@ -23,7 +24,8 @@ pub const EMBED_CACHE_BYTES: usize = 64 << 20;
 
 /// The vision part of a loaded model.
 pub struct Vision {
-    pub tower: VisionTower,
+    /// The tower, on the backend of the model's decoder (its own CPU pool or CUDA stream).
+    pub tower: Box<dyn ImageEncoder>,
     pub tokens: VisionTokenIds,
     pub preprocess: PreprocessConfig,
     cache: Mutex<EmbedCache>,
@@ -58,8 +60,15 @@ impl Vision {
     /// The vision part of the Hugging Face checkpoint in `dir` (`config` is its config.json),
     /// or `None` when it has no `vision_config`. `preprocessor_config.json`, when present,
     /// overrides the pixel budget and normalization.
-    /// `llm_hidden` is the language model's width, which the tower's output must have.
-    pub fn load(dir: &Path, config: &Value, st: &SafetensorsDir, llm_hidden: usize) -> Result<Option<Self>, String> {
+    /// `llm_hidden` is the language model's width, which the tower's output must have; the
+    /// tower's weights go onto `backend`.
+    pub fn load<B: Backend>(
+        dir: &Path,
+        config: &Value,
+        st: &SafetensorsDir,
+        llm_hidden: usize,
+        backend: impl FnOnce() -> Result<B, String>,
+    ) -> Result<Option<Self>, String> {
         if config.get("vision_config").is_none() {
             return Ok(None);
         }
@@ -84,12 +93,12 @@ impl Vision {
             apply_preprocessor_config(&mut preprocess, &v).map_err(|e| format!("{}: {e}", pp.display()))?;
         }
         preprocess.validate().map_err(|e| e.to_string())?;
-        let tower = VisionTower::from_safetensors(st, vc).map_err(|e| e.to_string())?;
-        Ok(Some(Self::new(tower, tokens, preprocess)))
+        let tower = VisionTower::from_safetensors(backend()?, st, vc).map_err(|e| e.to_string())?;
+        Ok(Some(Self::new(Box::new(tower), tokens, preprocess)))
     }
 
     /// A vision part from its pieces, with an empty embedding cache of [`EMBED_CACHE_BYTES`].
-    pub fn new(tower: VisionTower, tokens: VisionTokenIds, preprocess: PreprocessConfig) -> Self {
+    pub fn new(tower: Box<dyn ImageEncoder>, tokens: VisionTokenIds, preprocess: PreprocessConfig) -> Self {
         let cache = Mutex::new(EmbedCache::new(EMBED_CACHE_BYTES));
         Self { tower, tokens, preprocess, cache, encoding: AtomicUsize::new(0) }
     }
@@ -149,10 +158,10 @@ impl Vision {
         }
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let (positions, rope_delta) =
-            mrope_positions(&ids, &grids, pad, self.tokens.vision_start, self.tower.config.spatial_merge_size)
+            mrope_positions(&ids, &grids, pad, self.tokens.vision_start, self.tower.config().spatial_merge_size)
                 .map_err(|e| AttachError::Positions(e.to_string()))?;
         let embeds = self.embed(images, stop)?;
-        debug_assert_eq!(embeds.len(), embed_rows.len() * self.tower.config.out_hidden);
+        debug_assert_eq!(embeds.len(), embed_rows.len() * self.tower.config().out_hidden);
         Ok((ids, MmPrompt { positions, rope_delta, embed_rows, embeds, key_ids }))
     }
 }
@@ -194,7 +203,7 @@ impl Vision {
             let out = self.tower.forward_until(&pixels, &grids, stop);
             drop(running);
             let out = out.ok_or(AttachError::Cancelled)?;
-            let hidden = self.tower.config.out_hidden;
+            let hidden = self.tower.config().out_hidden;
             let mut rest = out.as_slice();
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for image in todo {
@@ -247,7 +256,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_vl_tiny");
         let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let st = SafetensorsDir::open(&dir).unwrap();
-        Vision::load(&dir, &config, &st, 64).unwrap().expect("a vision checkpoint")
+        let be = || Ok(crate::backend::cpu::CpuBackend::new(2));
+        Vision::load(&dir, &config, &st, 64, be).unwrap().expect("a vision checkpoint")
     }
 
     /// A 2×4-patch image (2 merged tokens) whose pixels follow `seed`.

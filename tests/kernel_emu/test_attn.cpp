@@ -1,6 +1,7 @@
 // attention.cu: split-K decode + reduce (D = 64/128, GQA, ctx 0/1/odd, one or many splits, empty
-// splits' partials, output stride) and tiled prefill (prefixes, ragged tiles) over shuffled paged-KV
-// slots, against a double-precision softmax(QK^T/sqrt(D))V.
+// splits' partials, output stride) and tiled prefill (prefixes, ragged tiles; D = 16/64/80/128)
+// over shuffled paged-KV slots, and the prefill kernel as the vision tower's bidirectional
+// attention within spans, against a double-precision softmax(QK^T/sqrt(D))V.
 #include "emu.h"
 #include "../../kernels/attention.cu"
 #include <random>
@@ -56,6 +57,31 @@ void decode(int D, std::vector<uint32_t> ctx, int split_len) {
     }
     for (int r = 0; r < R; ++r) for (int c = nh * D; c < ostride; ++c) if (out[r * ostride + c] != 555.f) { printf("FAIL decode wrote outside\n"); ++fails; }
 }
+decltype(&attention_prefill_d64_f16) prefill_kernel(int D) {
+    switch (D) { case 16: return attention_prefill_d16_f16; case 64: return attention_prefill_d64_f16;
+                 case 80: return attention_prefill_d80_f16; default: return attention_prefill_d128_f16; }
+}
+// Bidirectional spans (the vision tower): every row of a span sees the whole span, tiles are cut
+// within spans, and the slot list is the rows themselves (as the CUDA backend's attention_spans
+// lays it out after writing K/V row r to slot r).
+void spans(int D, std::vector<int> lens) {
+    int nh = 3, nkv = 3, rows = 0; for (int l : lens) rows += l;
+    std::vector<uint32_t> ctx, off, t0, tr; int at = 0;
+    for (int l : lens) {
+        for (int i = 0; i < l; ++i) { ctx.push_back(l); off.push_back(at); }
+        for (int i = 0; i < l; i += PREFILL_TILE_ROWS) { t0.push_back(at + i); tr.push_back(std::min(PREFILL_TILE_ROWS, l - i)); }
+        at += l;
+    }
+    Setup s = make(D, nh, nkv, ctx, off, rows);
+    for (int i = 0; i < rows; ++i) s.slots[i] = i;
+    int ostride = nh * D; std::vector<float> out(rows * ostride, 555.f);
+    auto pk = prefill_kernel(D);
+    emu_launch(dim3(t0.size(), nh), dim3(ATTN_PREFILL_THREADS), [&] { pk(s.qkv.data(), s.qkv_stride, s.kc.data(), s.vc.data(), s.kv_cols, s.slots.data(), s.off.data(), s.ctx.data(), t0.data(), tr.data(), nh, nkv, 1 / std::sqrt((float)D), out.data(), ostride); });
+    for (int r = 0; r < rows; ++r) for (int h = 0; h < nh; ++h) {
+        auto o = ref(s, r, h);
+        for (int d = 0; d < D; ++d) { snprintf(buf, 256, "spans D=%d r=%d h=%d d=%d", D, r, h, d); check(buf, out[r * ostride + h * D + d], o[d], 2e-5); }
+    }
+}
 // prefill: sequences given as (prefix, new_rows); rows of all sequences concatenated
 void prefill(int D, std::vector<std::pair<int,int>> seqs) {
     int nh = 6, nkv = 2;
@@ -67,7 +93,7 @@ void prefill(int D, std::vector<std::pair<int,int>> seqs) {
     }
     Setup s = make(D, nh, nkv, ctx, off, tot);
     int ostride = nh * D; std::vector<float> out(ctx.size() * ostride, 555.f);
-    auto pk = D == 64 ? attention_prefill_d64_f16 : attention_prefill_d128_f16;
+    auto pk = prefill_kernel(D);
     emu_launch(dim3(t0.size(), nh), dim3(ATTN_PREFILL_THREADS), [&] { pk(s.qkv.data(), s.qkv_stride, s.kc.data(), s.vc.data(), s.kv_cols, s.slots.data(), s.off.data(), s.ctx.data(), t0.data(), tr.data(), nh, nkv, 1 / std::sqrt((float)D), out.data(), ostride); });
     for (size_t r = 0; r < ctx.size(); ++r) for (int h = 0; h < nh; ++h) {
         auto o = ref(s, r, h);
@@ -82,6 +108,8 @@ int main() {
         decode(D, {129}, 16);
         prefill(D, {{0, 5}, {10, 45}, {0, 33}, {70, 1}});
     }
+    for (int D : {16, 80}) prefill(D, {{0, 5}, {10, 45}, {70, 1}});
+    for (int D : {16, 80}) spans(D, {24, 4, 70});
     printf(fails ? "attn: %d FAILURES\n" : "attn: all ok\n", fails);
     return fails != 0;
 }

@@ -105,6 +105,33 @@ void elem() {
       int untouched = 0; for (int s = 0; s < slots_n; ++s) if (s != 7 && s != 2 && s != 9) for (int c = 0; c < kvc; ++c) untouched += kc[s * kvc + c].x == 0x7e00;
       if (untouched != 7 * kvc) { printf("FAIL kv wrote other slots\n"); ++fails; } }
 }
+// layer_norm_f32 against a double-precision LayerNorm (with a large offset: the centred second
+// pass must not lose the variance), in place too.
+void layer_norm(int rows, int cols, float offset) {
+    std::vector<float> x(rows * cols), w(cols), b(cols), out(rows * cols);
+    for (auto& v : x) v = urand() * 3 + offset; for (auto& v : w) v = urand(); for (auto& v : b) v = urand();
+    emu_launch(dim3(rows), dim3(NORM_THREADS), [&] { layer_norm_f32(x.data(), w.data(), b.data(), out.data(), cols, 1e-6f); });
+    for (int r = 0; r < rows; ++r) {
+        double m = 0, v = 0; for (int c = 0; c < cols; ++c) m += x[r * cols + c]; m /= cols;
+        for (int c = 0; c < cols; ++c) v += (x[r * cols + c] - m) * (x[r * cols + c] - m); v /= cols;
+        for (int c = 0; c < cols; ++c) { snprintf(buf, 256, "layer_norm cols=%d r=%d c=%d", cols, r, c);
+            check(buf, out[r * cols + c], (x[r * cols + c] - m) / std::sqrt(v + 1e-6) * w[c] + b[c], 2e-5); }
+    }
+    std::vector<float> xi = x;
+    emu_launch(dim3(rows), dim3(NORM_THREADS), [&] { layer_norm_f32(xi.data(), w.data(), b.data(), xi.data(), cols, 1e-6f); });
+    for (int i = 0; i < rows * cols; ++i) check("layer_norm in place", xi[i], out[i], 0);
+}
+void gelu() {
+    std::vector<float> x(1001); for (auto& v : x) v = urand() * 6;
+    for (int kind : {0, 1}) {
+        auto y = x;
+        emu_launch(dim3(2), dim3(ELEMWISE_THREADS), [&] { gelu_f32(y.data(), 1000, kind); });
+        for (int i = 0; i < 1001; ++i) {
+            double v = x[i], want = i == 1000 ? v : kind == 0 ? v / (1 + std::exp(-1.702 * v)) : 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+            snprintf(buf, 256, "gelu kind=%d i=%d", kind, i); check(buf, y[i], want, 1e-6);
+        }
+    }
+}
 int main() {
     for (int M : {1, 2, 3, 4, 5, 7, 8, 10}) lin(M, 64, 35, M % 2, M % 3, false);
     lin(1, 3584 / 4, 16, true, 0, false);
@@ -116,6 +143,8 @@ int main() {
     rope(3, 70, 2, 32); rope(2, 300, 3, 80); rope(1, 128, 1, 128);
     rope(3, 140, 4, 32, 3, 4, 10); rope(2, 256, 2, 128, 3, 16, 40);  // M-RoPE: Qwen2-VL's 16/24/24
     elem();
+    layer_norm(3, 1280, 0); layer_norm(2, 32, 100); layer_norm(1, 3, -2);
+    gelu();
     printf(fails ? "misc: %d FAILURES\n" : "misc: all ok\n", fails);
     return fails != 0;
 }

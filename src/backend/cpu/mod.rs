@@ -13,13 +13,14 @@ pub mod packed;
 pub mod reference;
 #[cfg(test)]
 pub(crate) mod test_util;
+mod tower;
 
 use rayon::prelude::*;
 
 use self::blocks::dequantize_row;
 use self::dot::{dot_q8_kernel, dot_q8_x4_kernel, quantize_row_q8, uses_q8_activations, BlockQ8, QK};
 use self::packed::Packed;
-use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
+use super::{AttnSeq, Backend, BackendError, Gelu, GgmlType, QkvLayout, Rope, RopeStyle};
 use crate::model::weights::awq::AwqMatrix;
 
 /// A host activation matrix.
@@ -163,6 +164,10 @@ impl CpuBackend {
 /// Output rows handed to one task in `linear`: enough work to amortize scheduling, few enough
 /// that both cores of a small model's 192-row projections get work.
 const ROWS_PER_TASK: usize = 16;
+/// Tokens one weight row is dotted with before the next row (the f32 path): a tile of the
+/// activations stays in cache while the task's weight rows stream past it (a vision tower's
+/// thousands of rows would otherwise be re-read from memory for every weight row).
+const TOKEN_TILE: usize = 32;
 
 /// Shares a raw output pointer across tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -213,6 +218,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn sibling(&self) -> Result<Self, BackendError> {
+        Ok(Self::with_precision(self.threads(), self.precision))
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -412,14 +421,17 @@ impl Backend for CpuBackend {
             });
         } else {
             // f32 activations: one weight row at a time is dequantized into a task-local buffer
-            // and dotted with every token (never the whole matrix).
+            // and dotted with a tile of tokens (never the whole matrix).
             (0..tasks).into_par_iter().for_each(|c| {
                 let mut row = vec![0.0f32; k];
-                for j in c * rows_per_task..((c + 1) * rows_per_task).min(m) {
-                    w.dequantize_row(j, &mut row);
-                    let b = bias.map_or(0.0, |b| b[j]);
-                    for (t, xr) in x.data.chunks_exact(k).enumerate() {
-                        store(t, j, dot(&row, xr) + b);
+                for t0 in (0..n).step_by(TOKEN_TILE) {
+                    let tile = &x.data[t0 * k..(t0 + TOKEN_TILE).min(n) * k];
+                    for j in c * rows_per_task..((c + 1) * rows_per_task).min(m) {
+                        w.dequantize_row(j, &mut row);
+                        let b = bias.map_or(0.0, |b| b[j]);
+                        for (t, xr) in (t0..).zip(tile.chunks_exact(k)) {
+                            store(t, j, dot(&row, xr) + b);
+                        }
                     }
                 }
             });
@@ -595,6 +607,31 @@ impl Backend for CpuBackend {
         for (&r, v) in rows.iter().zip(values.chunks_exact(x.cols)) {
             x.data[r * x.cols..(r + 1) * x.cols].copy_from_slice(v);
         }
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, weight: &CpuTensor, bias: &CpuTensor, eps: f32, out: &mut CpuTensor) {
+        assert_eq!((out.rows, out.cols), (x.rows, x.cols));
+        tower::layer_norm(&x.data, x.cols, &weight.data, &bias.data, eps, &mut out.data);
+    }
+
+    fn gelu(&self, x: &mut CpuTensor, kind: Gelu) {
+        tower::gelu(&mut x.data, kind);
+    }
+
+    fn attention_spans(
+        &self,
+        qkv: &CpuTensor,
+        layout: QkvLayout,
+        spans: &[std::ops::Range<usize>],
+        out: &mut CpuTensor,
+    ) {
+        assert_eq!((qkv.cols, out.rows, out.cols), (layout.total_cols(), qkv.rows, layout.q_cols()));
+        tower::attention_spans(&qkv.data, layout, spans, &mut out.data);
+    }
+
+    fn reshape(&self, x: CpuTensor, rows: usize, cols: usize) -> CpuTensor {
+        assert_eq!(rows * cols, x.data.len(), "reshape: {}x{} is not {rows}x{cols}", x.rows, x.cols);
+        CpuTensor { data: x.data, rows, cols }
     }
 }
 

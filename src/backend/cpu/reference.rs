@@ -114,3 +114,62 @@ pub fn attention(qkv: &[f32], k_cache: &[f32], v_cache: &[f32], layout: QkvLayou
     }
     out
 }
+
+/// LayerNorm over each row: `(x − mean) / sqrt(var + eps) · w + b` (biased variance).
+pub fn layer_norm(x: &[f32], cols: usize, w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for (xr, or) in x.chunks(cols).zip(out.chunks_mut(cols)) {
+        let mean = xr.iter().sum::<f32>() / cols as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in 0..cols {
+            or[i] = (xr[i] - mean) * inv * w[i] + b[i];
+        }
+    }
+    out
+}
+
+/// GELU of each value (erf evaluated in f64).
+pub fn gelu(x: &[f32], kind: crate::backend::Gelu) -> Vec<f32> {
+    x.iter()
+        .map(|&v| match kind {
+            crate::backend::Gelu::Quick => v * (1.0 / (1.0 + (-1.702 * v).exp())),
+            crate::backend::Gelu::Erf => {
+                let xd = v as f64;
+                (0.5 * xd * (1.0 + libm::erf(xd * std::f64::consts::FRAC_1_SQRT_2))) as f32
+            }
+        })
+        .collect()
+}
+
+/// Bidirectional attention within spans, K/V from `qkv` (see `Backend::attention_spans`).
+pub fn attention_spans(qkv: &[f32], layout: QkvLayout, spans: &[std::ops::Range<usize>]) -> Vec<f32> {
+    let cols = layout.total_cols();
+    let d = layout.head_dim;
+    let group = layout.n_heads / layout.n_kv_heads;
+    let rows = qkv.len() / cols;
+    let mut out = vec![0.0; rows * layout.q_cols()];
+    let scale = 1.0 / (d as f32).sqrt();
+    for span in spans {
+        for r in span.clone() {
+            for h in 0..layout.n_heads {
+                let kvh = h / group;
+                let q = &qkv[r * cols + h * d..][..d];
+                let k = |p: usize| &qkv[p * cols + layout.k_offset() + kvh * d..][..d];
+                let v = |p: usize| &qkv[p * cols + layout.v_offset() + kvh * d..][..d];
+                let scores: Vec<f32> =
+                    span.clone().map(|p| q.iter().zip(k(p)).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                let o = &mut out[r * layout.q_cols() + h * d..][..d];
+                for (e, p) in exps.iter().zip(span.clone()) {
+                    for (oj, vj) in o.iter_mut().zip(v(p)) {
+                        *oj += e / sum * vj;
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -20,6 +20,8 @@ pub struct Kernels {
     pub linear_f16: CudaFunction,
     pub rms_norm: CudaFunction,
     pub add_rms_norm: CudaFunction,
+    pub layer_norm: CudaFunction,
+    pub gelu: CudaFunction,
     pub rope: CudaFunction,
     pub silu_mul: CudaFunction,
     pub add: CudaFunction,
@@ -32,17 +34,20 @@ pub struct Kernels {
     pub sample: CudaFunction,
     decode: [CudaFunction; 2],
     reduce: [CudaFunction; 2],
-    prefill: [CudaFunction; 2],
+    /// Head dims 16, 64, 80, 128 (the vision towers' 16 and 80 too).
+    prefill: [CudaFunction; 4],
     source: &'static str,
 }
 
 /// Every kernel the backend launches, by its `extern "C"` name (kernels/README.md).
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 25] = [
     "awq_gemv_f32",
     "awq_dequant_f16",
     "linear_f16_f32",
     "rms_norm_f32",
     "add_rms_norm_f32",
+    "layer_norm_f32",
+    "gelu_f32",
     "rope_f32",
     "silu_mul_f32",
     "add_f32",
@@ -57,7 +62,9 @@ pub const NAMES: [&str; 21] = [
     "attention_decode_d128_f16",
     "attention_reduce_d64_f32",
     "attention_reduce_d128_f32",
+    "attention_prefill_d16_f16",
     "attention_prefill_d64_f16",
+    "attention_prefill_d80_f16",
     "attention_prefill_d128_f16",
 ];
 
@@ -101,6 +108,8 @@ impl Kernels {
             linear_f16: get("linear_f16_f32")?,
             rms_norm: get("rms_norm_f32")?,
             add_rms_norm: get("add_rms_norm_f32")?,
+            layer_norm: get("layer_norm_f32")?,
+            gelu: get("gelu_f32")?,
             rope: get("rope_f32")?,
             silu_mul: get("silu_mul_f32")?,
             add: get("add_f32")?,
@@ -113,7 +122,12 @@ impl Kernels {
             sample: get("sample_f32")?,
             decode: [get("attention_decode_d64_f16")?, get("attention_decode_d128_f16")?],
             reduce: [get("attention_reduce_d64_f32")?, get("attention_reduce_d128_f32")?],
-            prefill: [get("attention_prefill_d64_f16")?, get("attention_prefill_d128_f16")?],
+            prefill: [
+                get("attention_prefill_d16_f16")?,
+                get("attention_prefill_d64_f16")?,
+                get("attention_prefill_d80_f16")?,
+                get("attention_prefill_d128_f16")?,
+            ],
             source,
         })
     }
@@ -138,7 +152,18 @@ impl Kernels {
         Self::by_dim(&self.reduce, d)
     }
     pub fn attention_prefill(&self, d: usize) -> &CudaFunction {
-        Self::by_dim(&self.prefill, d)
+        match d {
+            16 => &self.prefill[0],
+            64 => &self.prefill[1],
+            80 => &self.prefill[2],
+            128 => &self.prefill[3],
+            _ => panic!("no prefill attention kernel for head dim {d}"),
+        }
+    }
+
+    /// Whether [`Self::attention_prefill`] has a kernel for head dim `d`.
+    pub fn has_prefill(d: usize) -> bool {
+        matches!(d, 16 | 64 | 80 | 128)
     }
 }
 

@@ -22,7 +22,7 @@ use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{AttnSeq, Backend, BackendError, GgmlType, QkvLayout, Rope, RopeStyle};
+use super::{AttnSeq, Backend, BackendError, Gelu, GgmlType, QkvLayout, Rope, RopeStyle};
 use crate::model::weights::awq::AwqMatrix;
 
 pub use kernels::Kernels;
@@ -296,6 +296,16 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn sibling(&self) -> Result<Self, BackendError> {
+        let dev = |e: &dyn std::fmt::Display| BackendError::Device(format!("CUDA: {e}"));
+        let ctx = self.stream.context();
+        let stream = ctx.new_stream().map_err(|e| dev(&e))?;
+        let cc = ctx.compute_capability().map_err(|e| dev(&e))?;
+        let k = Kernels::load(ctx, cc).map_err(|e| dev(&e))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| dev(&format!("cuBLAS: {e}")))?;
+        Ok(Self { stream, blas, k, device: self.device.clone(), scratch: Mutex::new(Scratch::default()) })
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
@@ -656,5 +666,80 @@ impl Backend for CudaBackend {
             self.stream.memcpy_htod(&values[i * c..j * c], &mut dst).unwrap_or_else(fail("set_rows"));
             i = j;
         }
+    }
+
+    fn layer_norm(&self, x: &CudaTensor, weight: &CudaTensor, bias: &CudaTensor, eps: f32, out: &mut CudaTensor) {
+        assert_eq!((out.rows, out.cols), (x.rows, x.cols));
+        assert_eq!((weight.rows * weight.cols, bias.rows * bias.cols), (x.cols, x.cols));
+        let c = i(x.cols);
+        let mut l = self.stream.launch_builder(&self.k.layer_norm);
+        l.arg(&x.buf).arg(&weight.buf).arg(&bias.buf).arg(&mut out.buf).arg(&c).arg(&eps);
+        // SAFETY: matches layer_norm_f32.
+        unsafe { l.launch(cfg((x.rows, 1, 1), kernels::NORM_THREADS)) }.unwrap_or_else(fail("layer_norm"));
+    }
+
+    fn gelu(&self, x: &mut CudaTensor, kind: Gelu) {
+        let n = x.rows * x.cols;
+        let (ni, k) = (
+            i(n),
+            match kind {
+                Gelu::Quick => 0i32,
+                Gelu::Erf => 1,
+            },
+        );
+        let mut l = self.stream.launch_builder(&self.k.gelu);
+        l.arg(&mut x.buf).arg(&ni).arg(&k);
+        // SAFETY: matches gelu_f32.
+        unsafe { l.launch(cfg((n.div_ceil(256).clamp(1, 65535), 1, 1), 256)) }.unwrap_or_else(fail("gelu"));
+    }
+
+    /// K and V go to fp16 scratch rows (`write_kv` with row r at slot r), then the prefill
+    /// kernel runs with every row of a span seeing the whole span: `row_ctx` = the span's length,
+    /// its slot list = the span's rows, tiles cut within spans.
+    fn attention_spans(
+        &self,
+        qkv: &CudaTensor,
+        layout: QkvLayout,
+        spans: &[std::ops::Range<usize>],
+        out: &mut CudaTensor,
+    ) {
+        let rows = qkv.rows;
+        assert_eq!((qkv.cols, out.rows, out.cols), (layout.total_cols(), rows, layout.q_cols()));
+        super::check_spans(spans, rows);
+        let d = layout.head_dim;
+        assert!(Kernels::has_prefill(d), "CUDA attention_spans has head dims 16, 64, 80 and 128, not {d}");
+        assert!(layout.n_kv_heads > 0 && layout.n_heads.is_multiple_of(layout.n_kv_heads));
+        let kv_cols = layout.kv_cols();
+        let mut kc =
+            CudaKv { buf: self.stream.alloc_zeros::<f16>(rows * kv_cols).unwrap_or_else(fail("alloc")), cols: kv_cols };
+        let mut vc =
+            CudaKv { buf: self.stream.alloc_zeros::<f16>(rows * kv_cols).unwrap_or_else(fail("alloc")), cols: kv_cols };
+        let identity: Vec<u32> = (0..rows as u32).collect();
+        self.write_kv((&mut kc, &mut vc), qkv, layout, &identity);
+        let (mut row_off, mut row_ctx) = (vec![0u32; rows], vec![0u32; rows]);
+        let (mut t0, mut tn) = (Vec::new(), Vec::new());
+        for s in spans {
+            row_off[s.clone()].fill(s.start as u32);
+            row_ctx[s.clone()].fill(s.len() as u32);
+            for r0 in s.clone().step_by(PREFILL_TILE_ROWS) {
+                t0.push(r0 as u32);
+                tn.push((s.end - r0).min(PREFILL_TILE_ROWS) as u32);
+            }
+        }
+        let (slots_d, off_d, ctx_d) = (self.u32s(&identity), self.u32s(&row_off), self.u32s(&row_ctx));
+        let (t0_d, tn_d) = (self.u32s(&t0), self.u32s(&tn));
+        let scale = 1.0 / (d as f32).sqrt();
+        let (nh, nkv, stride, kvc, oc) =
+            (i(layout.n_heads), i(layout.n_kv_heads), i(qkv.cols), i(kv_cols), i(out.cols));
+        let mut l = self.stream.launch_builder(self.k.attention_prefill(d));
+        l.arg(&qkv.buf).arg(&stride).arg(&kc.buf).arg(&vc.buf).arg(&kvc).arg(&slots_d).arg(&off_d).arg(&ctx_d);
+        l.arg(&t0_d).arg(&tn_d).arg(&nh).arg(&nkv).arg(&scale).arg(&mut out.buf).arg(&oc);
+        // SAFETY: matches attention_prefill_d{16,64,80,128}_f16; every slot is < rows.
+        unsafe { l.launch(cfg((t0.len(), layout.n_heads, 1), 128)) }.unwrap_or_else(fail("attention_spans"));
+    }
+
+    fn reshape(&self, x: CudaTensor, rows: usize, cols: usize) -> CudaTensor {
+        assert_eq!(rows * cols, x.rows * x.cols, "reshape: {}x{} is not {rows}x{cols}", x.rows, x.cols);
+        CudaTensor { buf: x.buf, rows, cols }
     }
 }

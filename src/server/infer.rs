@@ -374,13 +374,20 @@ fn attach_images(
         ));
     }
     let cfg = pixels.apply(&vision.preprocess)?;
+    // Each image's header first (every refusal that needs no pixels); an image whose tower
+    // output the model still has (clients resend every image with every turn) is not decoded.
     let inputs = images
         .iter()
         .map(|img| {
-            crate::vision::preprocess(&img.bytes, &cfg).map_err(|e| match e {
+            let err = |e: crate::vision::ImageError| match e {
                 crate::vision::ImageError::Config(_) => ApiError::Internal(format!("the model's image settings: {e}")),
                 _ => ApiError::bad_field(&img.field, format!("{}: {e}", img.field)),
-            })
+            };
+            let probed = crate::vision::probe(&img.bytes, &cfg).map_err(err)?;
+            match vision.cached(probed.hash(), probed.grid_thw()) {
+                Some(embeds) => Ok(probed.cached(embeds)),
+                None => probed.decode().map_err(err),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     vision.attach(prompt, &inputs, context, stop).map_err(|e| ApiError::bad(format!("images: {e}")))

@@ -28,21 +28,29 @@ impl EmbedCache {
         Self { budget: budget_bytes, used: 0, entries: VecDeque::new(), hits: 0, misses: 0 }
     }
 
-    /// The embeddings of `key`, now the most recently used, or `None`.
+    /// The embeddings of `key`, now the most recently used, or `None`; counted as a hit or a miss.
     pub fn get(&mut self, key: &ImageKey) -> Option<Arc<[f32]>> {
-        match self.entries.iter().position(|(k, _)| k == key) {
-            Some(i) => {
-                let entry = self.entries.remove(i).expect("found above");
-                let v = entry.1.clone();
-                self.entries.push_back(entry);
-                self.hits += 1;
-                Some(v)
-            }
-            None => {
-                self.misses += 1;
-                None
-            }
+        let v = self.peek(key);
+        match v {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
         }
+        v
+    }
+
+    /// [`Self::get`] without counting (the request path looks before decoding an image; the
+    /// tower's bookkeeping counts the image once, with [`Self::record_hit`] when it was found).
+    pub fn peek(&mut self, key: &ImageKey) -> Option<Arc<[f32]>> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        let entry = self.entries.remove(i).expect("found above");
+        let v = entry.1.clone();
+        self.entries.push_back(entry);
+        Some(v)
+    }
+
+    /// Counts a hit found earlier by [`Self::peek`].
+    pub fn record_hit(&mut self) {
+        self.hits += 1;
     }
 
     /// Keeps `embeds` for `key`, evicting the least recently used entries to stay within the

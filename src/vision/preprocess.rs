@@ -32,6 +32,8 @@
 //! byte), and an EXIF block that follows the image data in a PNG (Pillow sees it, `image`
 //! does not).
 
+use std::sync::Arc;
+
 use image::metadata::Orientation;
 use image::DynamicImage;
 use sha2::{Digest, Sha256};
@@ -129,7 +131,9 @@ pub struct ImageInput {
     pub merge_size: usize,
     /// SHA-256 of the image bytes: a prefix-cache key for the image's tokens, valid as long
     /// as the preprocessing config is the same.
-    pub hash: [u8; 32],
+    pub hash: [u8; 32],    /// The tower's output for this image when the model had it cached (then `pixel_values` is
+    /// empty and the tower does not run for it).
+    pub embeds: Option<Arc<[f32]>>,
 }
 
 impl std::fmt::Debug for ImageInput {
@@ -322,6 +326,25 @@ pub fn smart_resize(
 /// `((c·T + t)·14 + py)·14 + px` holds channel `c` of pixel `(py, px)` of the patch in frame
 /// `t` (T = temporal_patch_size; a still image repeats its one frame).
 pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, ImageError> {
+    probe(bytes, cfg)?.decode()
+}
+
+/// An image whose header has been read and checked against the limits: its hash and patch grid
+/// are known, its pixels not decoded yet. A model that still has the image's tower output cached
+/// needs nothing more ([`Probed::cached`]); otherwise [`Probed::decode`] finishes the work.
+pub struct Probed<'a> {
+    source: Source<'a>,
+    orientation: Orientation,
+    /// Size after orientation, and the resized size.
+    size: (usize, usize),
+    out: (usize, usize),
+    hash: [u8; 32],
+    cfg: &'a PreprocessConfig,
+}
+
+/// The first half of [`preprocess`]: format, completeness (JPEG), SHA-256, header, size limits,
+/// orientation and the resized size — every refusal that does not need the pixels.
+pub fn probe<'a>(bytes: &'a [u8], cfg: &'a PreprocessConfig) -> Result<Probed<'a>, ImageError> {
     cfg.validate()?;
     if bytes.len() > cfg.max_file_bytes {
         return Err(ImageError::FileTooLarge { size: bytes.len(), limit: cfg.max_file_bytes });
@@ -353,17 +376,41 @@ pub fn preprocess(bytes: &[u8], cfg: &PreprocessConfig) -> Result<ImageInput, Im
         _ => (width, height),
     };
     let (out_h, out_w) = smart_resize(height, width, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
+    Ok(Probed { source, orientation, size: (width, height), out: (out_w, out_h), hash, cfg })
+}
 
-    let mut image = DynamicImage::ImageRgb8(source.decode_rgb8()?);
-    image.apply_orientation(orientation);
-    let rgb = image.into_rgb8();
-    debug_assert_eq!((rgb.width() as usize, rgb.height() as usize), (width, height));
-    let resized = resize_bicubic_rgb8(rgb.as_raw(), width, height, out_w, out_h);
-    drop(rgb);
+impl Probed<'_> {
+    /// SHA-256 of the file.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
 
-    let grid_thw = [1, out_h / cfg.patch_size, out_w / cfg.patch_size];
-    let pixel_values = patchify(&resized, out_h, out_w, cfg);
-    Ok(ImageInput { pixel_values, grid_thw, merge_size: cfg.merge_size, hash })
+    /// The patch grid `(1, h, w)` the image will have.
+    pub fn grid_thw(&self) -> [usize; 3] {
+        let (out_w, out_h) = self.out;
+        [1, out_h / self.cfg.patch_size, out_w / self.cfg.patch_size]
+    }
+
+    /// Decodes, orients, resizes and lays out the pixels: the rest of [`preprocess`].
+    pub fn decode(self) -> Result<ImageInput, ImageError> {
+        let ((width, height), (out_w, out_h), cfg) = (self.size, self.out, self.cfg);
+        let grid_thw = self.grid_thw();
+        let mut image = DynamicImage::ImageRgb8(self.source.decode_rgb8()?);
+        image.apply_orientation(self.orientation);
+        let rgb = image.into_rgb8();
+        debug_assert_eq!((rgb.width() as usize, rgb.height() as usize), (width, height));
+        let resized = resize_bicubic_rgb8(rgb.as_raw(), width, height, out_w, out_h);
+        drop(rgb);
+        let pixel_values = patchify(&resized, out_h, out_w, cfg);
+        Ok(ImageInput { pixel_values, grid_thw, merge_size: cfg.merge_size, hash: self.hash, embeds: None })
+    }
+
+    /// The image as the tower already encoded it (`embeds`, this image's rows from the model's
+    /// cache, for the same hash and grid): no pixels are decoded.
+    pub fn cached(self, embeds: Arc<[f32]>) -> ImageInput {
+        let grid_thw = self.grid_thw();
+        ImageInput { pixel_values: Vec::new(), grid_thw, merge_size: self.cfg.merge_size, hash: self.hash, embeds: Some(embeds) }
+    }
 }
 
 /// Normalizes an RGB8 image of `height × width` (multiples of patch_size·merge_size) and lays
@@ -611,6 +658,25 @@ mod tests {
             assert!(row[784..].iter().all(|&v| v == norm(128, 2)));
         }
         assert_eq!(img.hash, <[u8; 32]>::from(Sha256::digest(&data)));
+    }
+
+    /// `probe` gives the hash and grid `preprocess` gives, from the header alone: a file whose
+    /// pixel data is garbage probes fine (and only fails to decode).
+    #[test]
+    fn probing_reads_hash_and_grid_from_the_header_alone() {
+        let data = rgb_png(120, 60, |x, y| [x as u8, y as u8, 9]);
+        let full = preprocess(&data, &cfg()).unwrap();
+        let c = cfg();
+        let p = probe(&data, &c).unwrap();
+        assert_eq!((p.hash(), p.grid_thw()), (full.hash, full.grid_thw));
+        assert_eq!(p.decode().unwrap(), full);
+        let garbage = png(120, 60, 8, 2, &[1, 2, 3]);
+        let p = probe(&garbage, &c).unwrap();
+        assert_eq!(p.grid_thw(), [1, 4, 8]);
+        assert!(p.decode().is_err());
+        let cached = probe(&data, &c).unwrap().cached(vec![0.5; 8 * 4].into());
+        assert_eq!((cached.hash, cached.grid_thw, cached.llm_tokens()), (full.hash, full.grid_thw, 8));
+        assert!(cached.pixel_values.is_empty() && cached.embeds.is_some());
     }
 
     #[test]

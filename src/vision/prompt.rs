@@ -108,6 +108,14 @@ impl Vision {
         self.encoding.load(Ordering::Relaxed)
     }
 
+    /// This model's tower output for an image (file SHA-256 and grid, as [`crate::vision::probe`]
+    /// gives them before decoding), when it is still cached: the caller then skips decoding and
+    /// passes it on in [`ImageInput::embeds`]. The returned rows stay valid even if the entry is
+    /// evicted meanwhile.
+    pub fn cached(&self, hash: [u8; 32], grid_thw: [usize; 3]) -> Option<Arc<[f32]>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).peek(&(hash, grid_thw))
+    }
+
     /// The embedding cache's bytes, entries, hits and misses.
     pub fn cache_stats(&self) -> (usize, usize, u64, u64) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).stats()
@@ -179,6 +187,11 @@ impl Vision {
             for image in images {
                 let k = key(image);
                 if found.contains_key(&k) || todo.iter().any(|t| key(t) == k) {
+                    continue;
+                }
+                if let Some(e) = &image.embeds {
+                    cache.record_hit();
+                    found.insert(k, e.clone());
                     continue;
                 }
                 match cache.get(&k) {
@@ -265,7 +278,7 @@ mod tests {
         let grid_thw = [1, 2, 4];
         let pixel_values =
             (0..8 * 1176).map(|i| ((i * 31 + usize::from(seed) * 17) % 97) as f32 / 48.0 - 1.0).collect();
-        ImageInput { pixel_values, grid_thw, merge_size: 2, hash: [seed; 32] }
+        ImageInput { pixel_values, grid_thw, merge_size: 2, hash: [seed; 32], embeds: None }
     }
 
     /// A prompt with one `<|vision_start|><|image_pad|><|vision_end|>` per image.
@@ -312,6 +325,25 @@ mod tests {
         assert_eq!(blocks.get(), 6);
         let n = twice.embeds.len() / 2;
         assert_eq!(twice.embeds[..n], twice.embeds[n..]);
+    }
+
+    /// The request path looks an image up before decoding it: what `cached` returns, passed on
+    /// without pixels, gives the same prompt as the pixels did, without the tower, counted once.
+    #[test]
+    fn a_cached_image_needs_no_pixels() {
+        let v = tiny();
+        let a = image(1);
+        assert!(v.cached(a.hash, a.grid_thw).is_none());
+        let (ids, first) = v.attach(&prompt(&v, 1), std::slice::from_ref(&a), 512, &|| false).unwrap();
+        let rows = v.cached(a.hash, a.grid_thw).expect("cached after the first run");
+        assert_eq!(&rows[..], &first.embeds[..]);
+        assert!(v.cached(a.hash, [1, 4, 2]).is_none(), "another grid is another entry");
+        let no_pixels = ImageInput { pixel_values: Vec::new(), embeds: Some(rows), ..a.clone() };
+        let (ids2, again) =
+            v.attach(&prompt(&v, 1), &[no_pixels], 512, &|| panic!("the tower must not run")).unwrap();
+        assert_eq!((ids2, again.embeds, again.key_ids), (ids, first.embeds, first.key_ids));
+        let (_, entries, hits, misses) = v.cache_stats();
+        assert_eq!((entries, hits, misses), (1, 1, 1));
     }
 
     #[test]

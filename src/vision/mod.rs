@@ -21,7 +21,7 @@ mod resample;
 pub use prompt::{AttachError, Vision};
 
 pub use preprocess::{
-    detect_format, preprocess, probe, smart_resize, ImageError, ImageFormat, ImageInput, PreprocessConfig, Probed, MAX_ASPECT_RATIO,
-    SUPPORTED_FORMATS,
+    detect_format, preprocess, probe, smart_resize, ImageError, ImageFormat, ImageInput, PreprocessConfig, Probed,
+    MAX_ASPECT_RATIO, SUPPORTED_FORMATS,
 };
 pub use resample::resize_bicubic_rgb8;

@@ -131,7 +131,8 @@ pub struct ImageInput {
     pub merge_size: usize,
     /// SHA-256 of the image bytes: a prefix-cache key for the image's tokens, valid as long
     /// as the preprocessing config is the same.
-    pub hash: [u8; 32],    /// The tower's output for this image when the model had it cached (then `pixel_values` is
+    pub hash: [u8; 32],
+    /// The tower's output for this image when the model had it cached (then `pixel_values` is
     /// empty and the tower does not run for it).
     pub embeds: Option<Arc<[f32]>>,
 }
@@ -409,7 +410,13 @@ impl Probed<'_> {
     /// cache, for the same hash and grid): no pixels are decoded.
     pub fn cached(self, embeds: Arc<[f32]>) -> ImageInput {
         let grid_thw = self.grid_thw();
-        ImageInput { pixel_values: Vec::new(), grid_thw, merge_size: self.cfg.merge_size, hash: self.hash, embeds: Some(embeds) }
+        ImageInput {
+            pixel_values: Vec::new(),
+            grid_thw,
+            merge_size: self.cfg.merge_size,
+            hash: self.hash,
+            embeds: Some(embeds),
+        }
     }
 }
 

@@ -339,8 +339,7 @@ mod tests {
         assert_eq!(&rows[..], &first.embeds[..]);
         assert!(v.cached(a.hash, [1, 4, 2]).is_none(), "another grid is another entry");
         let no_pixels = ImageInput { pixel_values: Vec::new(), embeds: Some(rows), ..a.clone() };
-        let (ids2, again) =
-            v.attach(&prompt(&v, 1), &[no_pixels], 512, &|| panic!("the tower must not run")).unwrap();
+        let (ids2, again) = v.attach(&prompt(&v, 1), &[no_pixels], 512, &|| panic!("the tower must not run")).unwrap();
         assert_eq!((ids2, again.embeds, again.key_ids), (ids, first.embeds, first.key_ids));
         let (_, entries, hits, misses) = v.cache_stats();
         assert_eq!((entries, hits, misses), (1, 1, 1));

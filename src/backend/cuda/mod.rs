@@ -710,10 +710,8 @@ impl Backend for CudaBackend {
         assert!(Kernels::has_prefill(d), "CUDA attention_spans has head dims 16, 64, 80 and 128, not {d}");
         assert!(layout.n_kv_heads > 0 && layout.n_heads.is_multiple_of(layout.n_kv_heads));
         let kv_cols = layout.kv_cols();
-        let mut kc =
-            CudaKv { buf: self.stream.alloc_zeros::<f16>(rows * kv_cols).unwrap_or_else(fail("alloc")), cols: kv_cols };
-        let mut vc =
-            CudaKv { buf: self.stream.alloc_zeros::<f16>(rows * kv_cols).unwrap_or_else(fail("alloc")), cols: kv_cols };
+        let layer = || self.kv_layer(rows, kv_cols).unwrap_or_else(fail("attention_spans K/V"));
+        let (mut kc, mut vc) = (layer(), layer());
         let identity: Vec<u32> = (0..rows as u32).collect();
         self.write_kv((&mut kc, &mut vc), qkv, layout, &identity);
         let (mut row_off, mut row_ctx) = (vec![0u32; rows], vec![0u32; rows]);

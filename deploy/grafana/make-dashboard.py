@@ -179,6 +179,21 @@ layout([
     ], desc="zoe_model_resident: 1 loaded, 0 in the store only. zoe_model_load_seconds: load and warm-up.")),
 ], 8)
 
+row("Vision")
+layout([
+    (8, timeseries("Image cache hit rate", [
+        (f"sum by (model_name) (rate(zoe_vision_cache_hits_total{{{M}}}[{RI}])) / (sum by (model_name) (rate(zoe_vision_cache_hits_total{{{M}}}[{RI}])) + sum by (model_name) (rate(zoe_vision_cache_misses_total{{{M}}}[{RI}])))",
+         "{{model_name}}"),
+    ], unit="percentunit", maxv=1, desc="Images whose vision-tower output was cached (clients resend every image with every turn) / images in requests.")),
+    (8, timeseries("Image cache size", [
+        (f"max by (model_name) (zoe_vision_cache_bytes{{{M}}})", "bytes {{model_name}}"),
+        (f"max by (model_name) (zoe_vision_cache_entries{{{M}}})", "images {{model_name}}"),
+    ], desc="Tower output the cache holds (64 MiB at most per model).")),
+    (8, timeseries("Images being encoded", [
+        (f"sum by (model_name) (zoe_vision_encoding{{{M}}})", "{{model_name}}"),
+    ], desc="Vision-tower runs in progress.")),
+], 8)
+
 row("Upstreams")
 layout([
     (8, timeseries("Upstream up", [

@@ -106,6 +106,30 @@ pub fn render(state: &Shared) -> String {
             get(h).render(name, &format!("model_name=\"{}\"", h.id), &mut out);
         }
     }
+    // Vision-language models: the tower's output cache (images resent with every turn) and the
+    // tower runs in progress.
+    type VisionSeries = (&'static str, &'static str, &'static str, fn(&crate::vision::Vision) -> f64);
+    let vision: [VisionSeries; 5] = [
+        ("zoe_vision_cache_hits_total", "counter", "Images whose tower output was found in the cache.", |v| {
+            v.cache_stats().2 as f64
+        }),
+        ("zoe_vision_cache_misses_total", "counter", "Images the vision tower had to encode.", |v| {
+            v.cache_stats().3 as f64
+        }),
+        ("zoe_vision_cache_entries", "gauge", "Images whose tower output the cache holds.", |v| {
+            v.cache_stats().1 as f64
+        }),
+        ("zoe_vision_cache_bytes", "gauge", "Bytes of tower output the cache holds.", |v| v.cache_stats().0 as f64),
+        ("zoe_vision_encoding", "gauge", "Vision-tower runs in progress.", |v| v.encoding() as f64),
+    ];
+    for (name, kind, help, get) in vision {
+        head(&mut out, name, kind, help);
+        for (h, _) in &resident {
+            if let Some(v) = &h.vision {
+                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", h.id, get(v));
+            }
+        }
+    }
     // Every model the registry knows and the store holds: resident or not.
     head(&mut out, "zoe_model_resident", "gauge", "1 when the model is loaded, else 0.");
     for m in state.registry.manifests() {

@@ -142,6 +142,24 @@ async fn the_same_image_again_skips_the_tower() {
     post(&st, "/api/chat", ask(vec![b64(&png(84, 56)), image.clone()])).await.json();
     let (_, entries, hits, misses) = vision.cache_stats();
     assert_eq!((entries, hits, misses), (2, 2, 2));
+
+    // /metrics shows the same counts for the vision model, and no vision series for the text one.
+    let text = json!({"model": "tiny", "stream": false, "options": {"num_predict": 1},
+                      "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&st, "/api/chat", text).await.json()["done"], true);
+    let metrics = super::metrics::render(&st);
+    for line in [
+        "zoe_vision_cache_hits_total{model_name=\"tiny-vl\"} 2",
+        "zoe_vision_cache_misses_total{model_name=\"tiny-vl\"} 2",
+        "zoe_vision_cache_entries{model_name=\"tiny-vl\"} 2",
+        "zoe_vision_encoding{model_name=\"tiny-vl\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from:\n{metrics}");
+    }
+    let bytes = metrics.lines().find_map(|l| l.strip_prefix("zoe_vision_cache_bytes{model_name=\"tiny-vl\"} "));
+    assert!(bytes.is_some_and(|b| b.parse::<u64>().unwrap() > 0), "{metrics}");
+    assert!(metrics.contains("zoe_engine_alive{model_name=\"tiny\"} 1"), "{metrics}");
+    assert!(!metrics.contains("zoe_vision_cache_hits_total{model_name=\"tiny\"}"), "{metrics}");
 }
 
 #[tokio::test]

@@ -30,10 +30,12 @@ fn embed_manifests() {
     let mut out = String::from("/// (file name, contents) of each `models/*.toml`, sorted by name.\n");
     out.push_str("pub(crate) const EMBEDDED: &[(&str, &str)] = &[\n");
     for p in &paths {
-        let path = p.to_str().unwrap_or_else(|| panic!("{} is not UTF-8", p.display()));
-        let name = p.file_name().and_then(|n| n.to_str()).expect("UTF-8 file name");
-        // `{:?}` writes a Rust string literal with escapes, safe for any UTF-8 path.
-        out.push_str(&format!("    ({name:?}, include_str!({path:?})),\n"));
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_else(|| panic!("{} is not UTF-8", p.display()));
+        // Relative to the package, not an absolute path, so the generated file stays right when
+        // the checkout moves (a target dir reused by another clone). `{:?}` writes a string
+        // literal with escapes, safe for any UTF-8 name.
+        let rel = format!("/models/{name}");
+        out.push_str(&format!("    ({name:?}, include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {rel:?}))),\n"));
     }
     out.push_str("];\n");
     write_out("embedded_manifests.rs", &out);
@@ -114,9 +116,10 @@ mod cuda {
         );
         for src in &sources {
             let stem = src.file_stem().and_then(|s| s.to_str()).expect("UTF-8");
-            let p = |suffix: &str| out.join(format!("{stem}.{suffix}")).to_str().expect("UTF-8 OUT_DIR").to_owned();
+            // Relative to OUT_DIR, like the manifests: the target dir may move.
+            let p = |suffix: &str| format!("concat!(env!(\"OUT_DIR\"), {:?})", format!("/{stem}.{suffix}"));
             rs.push_str(&format!(
-                "    ({stem:?}, include_str!({:?}), include_bytes!({:?}), include_bytes!({:?})),\n",
+                "    ({stem:?}, include_str!({}), include_bytes!({}), include_bytes!({})),\n",
                 p("ptx"),
                 p("sm87.cubin"),
                 p("sm90.cubin")

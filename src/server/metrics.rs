@@ -107,27 +107,26 @@ pub fn render(state: &Shared) -> String {
         }
     }
     // Vision-language models: the tower's output cache (images resent with every turn) and the
-    // tower runs in progress.
-    type VisionSeries = (&'static str, &'static str, &'static str, fn(&crate::vision::Vision) -> f64);
-    let vision: [VisionSeries; 5] = [
-        ("zoe_vision_cache_hits_total", "counter", "Images whose tower output was found in the cache.", |v| {
-            v.cache_stats().2 as f64
-        }),
-        ("zoe_vision_cache_misses_total", "counter", "Images the vision tower had to encode.", |v| {
-            v.cache_stats().3 as f64
-        }),
-        ("zoe_vision_cache_entries", "gauge", "Images whose tower output the cache holds.", |v| {
-            v.cache_stats().1 as f64
-        }),
-        ("zoe_vision_cache_bytes", "gauge", "Bytes of tower output the cache holds.", |v| v.cache_stats().0 as f64),
-        ("zoe_vision_encoding", "gauge", "Vision-tower runs in progress.", |v| v.encoding() as f64),
+    // tower runs in progress. One cache snapshot per model, so a scrape's series agree.
+    const VISION: [(&str, &str, &str); 5] = [
+        ("zoe_vision_cache_hits_total", "counter", "Images whose tower output was found in the cache."),
+        ("zoe_vision_cache_misses_total", "counter", "Images the vision tower had to encode."),
+        ("zoe_vision_cache_entries", "gauge", "Images whose tower output the cache holds."),
+        ("zoe_vision_cache_bytes", "gauge", "Bytes of tower output the cache holds."),
+        ("zoe_vision_encoding", "gauge", "Vision-tower runs in progress."),
     ];
-    for (name, kind, help, get) in vision {
+    let vision: Vec<(&str, [u64; 5])> = resident
+        .iter()
+        .filter_map(|(h, _)| {
+            let v = h.vision.as_ref()?;
+            let (bytes, entries, hits, misses) = v.cache_stats();
+            Some((h.id.as_str(), [hits, misses, entries as u64, bytes as u64, v.encoding() as u64]))
+        })
+        .collect();
+    for (i, (name, kind, help)) in VISION.iter().enumerate() {
         head(&mut out, name, kind, help);
-        for (h, _) in &resident {
-            if let Some(v) = &h.vision {
-                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", h.id, get(v));
-            }
+        for (id, values) in &vision {
+            let _ = writeln!(out, "{name}{{model_name=\"{id}\"}} {}", values[i]);
         }
     }
     // Every model the registry knows and the store holds: resident or not.
